@@ -1,0 +1,282 @@
+"""The CPU backend: OpenSSL (through ``cryptography``) and numpy.
+
+It is both the fallback when no GPU works and the oracle that the GPU
+backend is tested against.
+
+AES-XTS has two implementations, chosen with ``xts_impl``:
+
+- ``"ecb"`` (default, fast): XTS built from its definition. The tweak
+  input of every unit is encrypted with K2 in one OpenSSL ECB call per key
+  slot, the per-block tweaks T_j = T_0 * alpha^j are derived with numpy,
+  and the data goes through one OpenSSL ECB call per slot between two
+  XORs with the tweaks. This batches thousands of units per OpenSSL call.
+- ``"openssl-xts"`` (the oracle): one ``modes.XTS`` context per data unit,
+  i.e. OpenSSL's own XTS. Slow (a Python call per unit) but independent
+  of this package's tweak arithmetic. OpenSSL refuses keys whose two
+  halves are equal, so this implementation raises ValueError for them.
+
+RAID6 runs on numpy uint64 words: P is an XOR reduction, Q uses Horner's
+rule with a branch-free multiply-by-2 on eight bytes at once, and the
+recovery constants multiply through 256-byte lookup tables.
+"""
+
+import os
+import platform
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from kgpu_helper.services import gf256
+from kgpu_helper.services.interface import (Backend, XtsRequest,
+                                             check_raid6_gen,
+                                             check_raid6_recover)
+
+_HI = np.uint64(0x8080808080808080)
+_LO7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_POLY = np.uint64(0x1D)
+_ONE = np.uint64(1)
+_SH7 = np.uint64(7)
+_SH63 = np.uint64(63)
+_GF128 = np.uint64(0x87)
+
+# Bytes of each member processed per step: big enough for numpy to be
+# efficient, small enough that k rows stay in the cache.
+_RAID_STEP = 64 * 1024
+
+
+def cpu_name():
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mul2(q):
+    """Multiply every byte of a uint64 array by g = 2, in place."""
+    hi = q & _HI
+    q &= _LO7
+    q <<= _ONE
+    hi >>= _SH7
+    hi *= _POLY
+    q ^= hi
+    return q
+
+
+class CpuBackend(Backend):
+    """numpy / OpenSSL backend. ``threads`` > 1 splits each call over a
+    thread pool (OpenSSL and numpy release the GIL on large buffers)."""
+
+    name = "cpu"
+
+    def __init__(self, threads=1, xts_impl="ecb"):
+        if xts_impl not in ("ecb", "openssl-xts"):
+            raise ValueError(f"xts_impl must be 'ecb' or 'openssl-xts', got "
+                             f"{xts_impl!r}")
+        self.threads = max(1, int(threads or os.cpu_count() or 1))
+        self.xts_impl = xts_impl
+        self._pool = (ThreadPoolExecutor(self.threads)
+                      if self.threads > 1 else None)
+
+    def device_name(self):
+        return cpu_name()
+
+    # ---------------------------------------------------------------- XTS
+
+    def xts_encrypt(self, keys, data, sectors=None, slots=None, *,
+                    unit_size=512, iv_mode="plain64", ivs=None, out=None):
+        return self._xts(False, keys, data, sectors, slots, unit_size,
+                         iv_mode, ivs, out)
+
+    def xts_decrypt(self, keys, data, sectors=None, slots=None, *,
+                    unit_size=512, iv_mode="plain64", ivs=None, out=None):
+        return self._xts(True, keys, data, sectors, slots, unit_size,
+                         iv_mode, ivs, out)
+
+    def _xts(self, decrypt, keys, data, sectors, slots, unit_size, iv_mode,
+             ivs, out):
+        req = XtsRequest(keys, data, sectors, slots, unit_size, iv_mode, ivs)
+        if out is None:
+            out = np.empty_like(data)
+        elif (out.dtype != np.uint8 or out.size != data.size
+              or not out.flags.c_contiguous):
+            raise ValueError("out must be a C-contiguous uint8 array of the "
+                             "size of data")
+        n = req.n_units
+        if n == 0:
+            return out
+        src = data.reshape(n, unit_size)
+        dst = out.reshape(n, unit_size)
+        iv16 = self._iv_bytes(req)
+        if req.slots is None:
+            groups = [(0, None)]
+        else:
+            lo, hi = int(req.slots.min()), int(req.slots.max())
+            if lo == hi:
+                groups = [(lo, None)]
+            else:
+                groups = [(int(s), np.nonzero(req.slots == s)[0])
+                          for s in np.unique(req.slots)]
+        run = (self._xts_group_openssl if self.xts_impl == "openssl-xts"
+               else self._xts_group_ecb)
+        for slot, idx in groups:
+            k1, k2 = keys.halves(slot)
+            if idx is None:
+                self._split(n, lambda a, b: run(
+                    decrypt, k1, k2, src[a:b], iv16[a:b], dst[a:b]))
+            else:
+                s = np.ascontiguousarray(src[idx])
+                d = np.empty_like(s)
+                self._split(len(idx), lambda a, b: run(
+                    decrypt, k1, k2, s[a:b], iv16[idx[a:b]], d[a:b]))
+                dst[idx] = d
+        return out
+
+    @staticmethod
+    def _iv_bytes(req):
+        """The 16-byte tweak input of every unit, as an (n, 16) uint8."""
+        if req.ivs.ndim == 2:
+            return req.ivs.view(np.uint8).reshape(req.n_units, 16)
+        iv = np.zeros((req.n_units, 2), dtype="<u8")
+        iv[:, 0] = req.ivs
+        return iv.view(np.uint8)
+
+    def _split(self, n, fn):
+        """Run fn(a, b) over [0, n) in up to ``threads`` pieces."""
+        if self._pool is None or n < 2 * self.threads:
+            fn(0, n)
+            return
+        step = -(-n // self.threads)
+        futures = [self._pool.submit(fn, a, min(a + step, n))
+                   for a in range(0, n, step)]
+        for f in futures:
+            f.result()
+
+    @staticmethod
+    def _xts_group_openssl(decrypt, k1, k2, src, iv16, dst):
+        key = k1 + k2
+        for i in range(src.shape[0]):
+            c = Cipher(algorithms.AES(key), modes.XTS(iv16[i].tobytes()))
+            ctx = c.decryptor() if decrypt else c.encryptor()
+            dst[i] = np.frombuffer(ctx.update(src[i].tobytes()),
+                                   dtype=np.uint8)
+
+    @staticmethod
+    def _xts_group_ecb(decrypt, k1, k2, src, iv16, dst):
+        m, unit = src.shape
+        if m == 0:
+            return
+        bpu = unit // 16
+        # T_0 = E_K2(iv) for every unit, one ECB call.
+        enc2 = Cipher(algorithms.AES(k2), modes.ECB()).encryptor()
+        t = np.frombuffer(enc2.update(np.ascontiguousarray(iv16).reshape(-1)),
+                          dtype="<u8").reshape(m, 2)
+        # Tweaks of all blocks: T_j = T_{j-1} * alpha in GF(2^128).
+        tw = np.empty((m, bpu, 2), dtype="<u8")
+        lo = t[:, 0].copy()
+        hi = t[:, 1].copy()
+        for j in range(bpu):
+            tw[:, j, 0] = lo
+            tw[:, j, 1] = hi
+            if j + 1 < bpu:
+                carry = hi >> _SH63
+                hi <<= _ONE
+                hi |= lo >> _SH63
+                lo <<= _ONE
+                lo ^= carry * _GF128
+        x = src.view("<u8").reshape(m, bpu, 2) ^ tw
+        c = Cipher(algorithms.AES(k1), modes.ECB())
+        ctx = c.decryptor() if decrypt else c.encryptor()
+        y = np.frombuffer(ctx.update(x.reshape(-1).view(np.uint8)), dtype="<u8").reshape(m, bpu, 2)
+        np.bitwise_xor(y, tw, out=dst.view("<u8").reshape(m, bpu, 2))
+
+    # -------------------------------------------------------------- RAID6
+
+    def raid6_gen(self, data, p=None, q=None):
+        k, n = check_raid6_gen(data, p, q)
+        if p is None:
+            p = np.empty(n, dtype=np.uint8)
+        if q is None:
+            q = np.empty(n, dtype=np.uint8)
+        rows = data.view("<u8")
+        pw, qw = p.view("<u8"), q.view("<u8")
+
+        def part(a, b):
+            pw[a:b], qw[a:b] = _syndromes(rows, k, a, b, ())
+        self._split_bytes(n, part)
+        return p, q
+
+    def raid6_recover(self, blocks, failed):
+        k, n, failed = check_raid6_recover(blocks, failed)
+        rows = blocks.view("<u8")
+        lost_data = [f for f in failed if f < k]
+        mul = gf256.MUL
+
+        def part(a, b):
+            pw, qw = rows[k, a:b], rows[k + 1, a:b]
+            pxy, qxy = _syndromes(rows, k, a, b, lost_data)
+            if len(lost_data) == 2:
+                x, y = lost_data
+                ca, cb = gf256.recovery_coefficients(x, y)
+                pxy ^= pw
+                qxy ^= qw
+                dx = (mul[ca][pxy.view(np.uint8)]
+                      ^ mul[cb][qxy.view(np.uint8)])
+                rows[x, a:b] = dx.view("<u8")
+                rows[y, a:b] = pxy ^ dx.view("<u8")
+            elif len(lost_data) == 1:
+                x = lost_data[0]
+                if k in failed:  # data + P: the data comes from Q
+                    qxy ^= qw
+                    dx = mul[gf256.gpow(-x)][qxy.view(np.uint8)]
+                    rows[x, a:b] = dx.view("<u8")
+                    pw[:] = pxy ^ rows[x, a:b]
+                else:  # data (+ Q): the data comes from P
+                    dxw = pxy ^ pw
+                    rows[x, a:b] = dxw
+                    if k + 1 in failed:
+                        qw[:] = qxy ^ mul[gf256.gpow(x)][
+                            dxw.view(np.uint8)].view("<u8")
+            else:  # only P and/or Q
+                if k in failed:
+                    pw[:] = pxy
+                if k + 1 in failed:
+                    qw[:] = qxy
+        self._split_bytes(n, part)
+        return blocks
+
+    def _split_bytes(self, n, fn):
+        """Run fn(a, b) over word ranges of at most _RAID_STEP bytes."""
+        words = n // 8
+        step = _RAID_STEP // 8
+        ranges = [(a, min(a + step, words)) for a in range(0, words, step)]
+        if self._pool is None or len(ranges) < 2:
+            for a, b in ranges:
+                fn(a, b)
+            return
+        for f in [self._pool.submit(fn, a, b) for a, b in ranges]:
+            f.result()
+
+
+def _syndromes(rows, k, a, b, skip):
+    """P and Q of words [a, b) of data rows 0..k-1 of ``rows`` (uint64
+    view), with the rows in ``skip`` taken as zero. Returns (P, Q)."""
+    present = [i for i in range(k) if i not in skip]
+    p = np.zeros(b - a, dtype="<u8")
+    q = np.zeros(b - a, dtype="<u8")
+    top = present[-1] if present else -1
+    # Horner from the highest data index down: Q = (..(D_top*2 + ..)*2 + D_0)
+    for i in range(top, -1, -1):
+        if i != top:
+            _mul2(q)
+        if i in skip:
+            continue
+        d = rows[i, a:b]
+        p ^= d
+        q ^= d
+    return p, q
