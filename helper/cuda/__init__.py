@@ -1,0 +1,1 @@
+"""CUDA sources (.cu) and the loader that compiles and caches them."""

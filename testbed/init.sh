@@ -1,0 +1,74 @@
+#!/bin/busybox sh
+# kgpu testbed guest init (runs as PID 1 from the initramfs).
+#
+# Loads the few modules needed to reach the host, mounts the host's root
+# read-only over 9p with a tmpfs overlay on top, then runs the command the
+# host left in the run share (or a shell) chrooted into that overlay, and
+# powers off. The exit status goes back through the run share.
+/bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+die() {
+	echo "kgpu-init: $*" >&2
+	poweroff -f
+}
+
+mode=run
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	kgpu.mode=*) mode="${arg#kgpu.mode=}" ;;
+	kgpu.overlay_mb=*) overlay_mb="${arg#kgpu.overlay_mb=}" ;;
+	esac
+done
+
+while read -r m; do
+	insmod "/modules/$m" || die "cannot load $m"
+done < /modules/order
+
+mkdir -p /host /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose \
+	hostroot /host || die "cannot mount the host root over 9p"
+mount -t tmpfs -o "size=${overlay_mb:-1024}m,mode=0755" tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay \
+	-o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot ||
+	die "cannot mount the overlay root"
+
+r=/newroot
+mount -t proc proc $r/proc
+mount -t sysfs sysfs $r/sys
+mount -t devtmpfs devtmpfs $r/dev
+mkdir -p $r/dev/pts $r/dev/shm
+mount -t devpts devpts $r/dev/pts
+mount -t tmpfs tmpfs $r/dev/shm
+mount -t tmpfs tmpfs $r/tmp
+mount -t tmpfs tmpfs $r/run
+mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
+mount -t configfs configfs $r/sys/kernel/config 2>/dev/null
+mkdir -p $r/run/kgpu
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 kgpurun $r/run/kgpu ||
+	die "cannot mount the run share"
+ln -sf /proc/self/mounts $r/etc/mtab 2>/dev/null
+hostname kgpu-testbed
+# PID 1 stays in the initramfs, and the kernel runs its modprobe helper
+# (crypto algorithms, dm targets on demand) from PID 1's root: send it to
+# the host's modprobe inside the overlay.
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' \
+	> /sbin/kgpu-modprobe
+chmod 755 /sbin/kgpu-modprobe
+echo /sbin/kgpu-modprobe > /proc/sys/kernel/modprobe
+
+if [ "$mode" = shell ]; then
+	setsid -c chroot $r /bin/bash /run/kgpu/cmd.sh </dev/ttyS0 >/dev/ttyS0 2>&1
+	rc=$?
+else
+	chroot $r /bin/bash /run/kgpu/cmd.sh </dev/null
+	rc=$?
+fi
+echo "$rc" > $r/run/kgpu/rc
+sync
+umount $r/run/kgpu
+poweroff -f

@@ -1,0 +1,75 @@
+"""Test tiers: plain unit tests, `gpu` (needs CUDA) and `vm` (boots QEMU).
+
+A missing prerequisite skips a tier with the reason; it never passes
+silently.
+"""
+
+import functools
+import os
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def vm_unavailable():
+    """Why the testbed cannot boot here, or None if it can."""
+    from kgpu_testbed.kernels import list_kernels
+    from kgpu_testbed.vm import QEMU, qemu_available
+
+    if not qemu_available():
+        return f"{QEMU} is not installed (make deps)"
+    if not list_kernels():
+        return "no Debian guest kernel installed (make deps)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_unavailable():
+    """Why CUDA cannot be used here, or None if it can."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or CUDA libraries missing
+        return f"CuPy is not importable ({type(e).__name__}: {e})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device"
+    except Exception as e:
+        return f"CUDA is not usable ({e})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "vm" in item.keywords:
+            why = vm_unavailable()
+            if why:
+                item.add_marker(pytest.mark.skip(reason=f"vm: {why}"))
+        if "gpu" in item.keywords:
+            why = gpu_unavailable()
+            if why:
+                item.add_marker(pytest.mark.skip(reason=f"gpu: {why}"))
+
+
+def build_modules(kernel):
+    """Build the modules for ``kernel`` (once per session); their folder."""
+    return _build_modules(kernel.release, kernel.headers_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_modules(release, kdir):
+    if not os.path.isdir(kdir):
+        pytest.skip(f"no headers for {release} ({kdir}); make deps")
+    out = subprocess.run(["make", "-s", "modules", f"KDIR={kdir}"], cwd=REPO,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"module build for {release} failed:\n{out.stdout}\n"
+                    f"{out.stderr}")
+    return os.path.join(REPO, "build", release)
+
+
+@pytest.fixture(scope="session")
+def repo():
+    return REPO

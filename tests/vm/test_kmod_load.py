@@ -1,0 +1,59 @@
+"""The core module loads, creates /dev/kgpu, answers its ABI ioctl and
+unloads cleanly, repeatedly, on both testbed kernels (one boot each)."""
+
+import pytest
+
+from conftest import build_modules
+
+pytestmark = pytest.mark.vm
+
+GUEST = r"""
+set -eu
+ko={ko}
+for i in 1 2 3; do
+    insmod $ko
+    test -c /dev/kgpu || {{ echo "no /dev/kgpu after insmod"; exit 10; }}
+    grep -qw kgpu /proc/modules
+    rmmod kgpu
+    test ! -e /dev/kgpu || {{ echo "/dev/kgpu left after rmmod"; exit 11; }}
+done
+insmod $ko
+python3 - <<'EOF'
+import fcntl, os, struct
+fd = os.open("/dev/kgpu", os.O_RDWR)
+# KGPU_IOC_VERSION = _IOR(0xb7, 0, struct kgpu_version{{u32 magic, abi}})
+req = (2 << 30) | (8 << 16) | (0xb7 << 8) | 0
+magic, abi = struct.unpack("<II", fcntl.ioctl(fd, req, bytes(8)))
+print(f"ioctl: magic={{magic:#x}} abi={{abi}}")
+assert magic == 0x6b677075 and abi == 1, (magic, abi)
+try:
+    fcntl.ioctl(fd, 0xdead, bytes(8))
+except OSError as e:
+    assert e.errno == 25, e   # ENOTTY for an unknown ioctl
+else:
+    raise AssertionError("unknown ioctl accepted")
+os.close(fd)
+EOF
+rmmod kgpu
+dmesg > $KGPU_OUT/dmesg.txt
+echo kmod-ok
+"""
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_load_unload(series):
+    from kgpu_testbed import Testbed, TestbedError
+
+    try:
+        tb = Testbed(kernel=series, timeout=300)
+    except TestbedError as e:
+        pytest.skip(str(e))
+    ko = f"{build_modules(tb.kernel)}/kgpu.ko"
+    result = tb.run(GUEST.format(ko=ko))
+    assert result.rc == 0, result.output
+    assert "kmod-ok" in result.output
+    dmesg = result.files["dmesg.txt"].decode()
+    assert dmesg.count("kgpu: loaded") == 4
+    assert dmesg.count("kgpu: unloaded") == 4
+    for bad in ("BUG:", "Oops", "WARNING:", "Call Trace", "kmemleak"):
+        assert bad not in dmesg, dmesg

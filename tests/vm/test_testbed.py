@@ -1,0 +1,47 @@
+"""The testbed itself: exit status, files back, the timeout kill, and the
+demo job (stock dm-crypt under fio verify) end to end."""
+
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def tb():
+    from kgpu_testbed import Testbed
+    return Testbed(timeout=300)
+
+
+def test_status_output_and_files(tb):
+    r = tb.run('uname -r; echo payload > "$KGPU_OUT/x.txt"; exit 7')
+    assert r.rc == 7
+    assert tb.kernel.release in r.output
+    assert r.files["x.txt"] == b"payload\n"
+
+
+def _qemu_pids():
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"],
+                         capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_hung_guest_is_killed(tb):
+    from kgpu_testbed import TestbedError
+
+    before = _qemu_pids()
+    start = time.monotonic()
+    with pytest.raises(TestbedError, match="did not finish within 25 s"):
+        tb.run("echo going-to-hang; sleep 100000", timeout=25)
+    assert time.monotonic() - start < 60
+    assert _qemu_pids() <= before, "a QEMU process outlived the call"
+
+
+def test_demo_dm_crypt_fio_verify(tb):
+    from kgpu_testbed.demo import run_demo
+
+    write, read = run_demo(tb, size_mb=32, bs="64k", iodepth=8)
+    assert write.write_mbps > 0 and read.read_mbps > 0
+    assert write.errors == 0 and read.errors == 0
