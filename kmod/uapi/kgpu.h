@@ -1,8 +1,36 @@
 /* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
 /*
  * kgpu user-space ABI: /dev/kgpu, shared between the kernel module and the
- * helper. Fixed-width fields only, no pointers, so that the Python mirror
- * can describe every structure as a plain field list.
+ * helper process.
+ *
+ * Fixed-width fields only, no pointers, no unions, so that the Python
+ * mirror (kgpu_helper/abi.py) describes every structure as a plain field
+ * list; a test compiles this header and checks every size and offset
+ * against that mirror.
+ *
+ * The region: the module allocates it, the helper mmaps all of it from
+ * /dev/kgpu (offset 0) and registers it with CUDA, so the GPU copies
+ * straight from and to it. Layout, each part at the offset the header
+ * gives:
+ *
+ *	header	struct kgpu_region_hdr (one page): sizes, offsets, ring indexes
+ *	SQ	ring_entries x struct kgpu_sqe, written by the kernel
+ *	CQ	ring_entries x struct kgpu_cqe, written by the helper
+ *	keys	key_slots x struct kgpu_key_slot, written by the kernel
+ *	data	data_size bytes: the request buffers (kernel allocates)
+ *
+ * Ring protocol. Indexes are free-running __u32; entry i lives at
+ * i & (ring_entries - 1). The kernel fills SQ entries then publishes
+ * sq_tail (store-release); the helper, woken by poll(POLLIN) on /dev/kgpu,
+ * reads every entry in [sq_head, sq_tail), then advances sq_head. The
+ * helper fills CQ entries, publishes cq_tail, then rings the doorbell once
+ * for the whole batch with KGPU_IOC_COMPLETE; the kernel reaps
+ * [cq_head, cq_tail) and advances cq_head. At most ring_entries requests
+ * are in flight, so neither ring can overflow.
+ *
+ * The kernel trusts nothing it reads from the region: a completion whose
+ * tag or sequence number does not match a request in flight is counted as
+ * an error and dropped.
  */
 #ifndef _UAPI_KGPU_H
 #define _UAPI_KGPU_H
@@ -13,6 +41,110 @@
 #define KGPU_MAGIC		0x6b677075u	/* "kgpu" */
 #define KGPU_ABI_VERSION	1u
 
+/* Services: what a request asks the helper to compute. */
+enum kgpu_service {
+	KGPU_SVC_NOP = 0,		/* nothing: round-trip tests */
+	KGPU_SVC_XTS_ENC = 1,		/* AES-XTS encrypt, in -> out */
+	KGPU_SVC_XTS_DEC = 2,		/* AES-XTS decrypt, in -> out */
+	KGPU_SVC_RAID6_GEN = 3,		/* P and Q from the data blocks */
+	KGPU_SVC_RAID6_REC = 4,		/* rebuild fail_a (and fail_b) */
+	KGPU_SVC_COUNT
+};
+
+/* iv_mode of XTS requests, as dm-crypt names them. */
+#define KGPU_IV_PLAIN64		0	/* tweak: 64-bit LE sector number */
+#define KGPU_IV_PLAIN		1	/* tweak: its low 32 bits */
+
+/* fail_a / fail_b of RAID6 requests when fewer than two blocks are lost. */
+#define KGPU_RAID6_NONE		0xff
+
+/*
+ * struct kgpu_region_hdr - first page of the region.
+ *
+ * The four ring indexes sit in separate 64-byte lines; the kernel writes
+ * sq_tail and cq_head, the helper writes sq_head and cq_tail.
+ */
+struct kgpu_region_hdr {
+	__u32 magic;		/* KGPU_MAGIC */
+	__u32 abi_version;	/* KGPU_ABI_VERSION */
+	__u64 region_size;	/* bytes, the whole mmap */
+	__u32 ring_entries;	/* SQ and CQ entries, a power of two */
+	__u32 sqe_size;		/* sizeof(struct kgpu_sqe) */
+	__u32 cqe_size;		/* sizeof(struct kgpu_cqe) */
+	__u32 key_slots;	/* number of key slots */
+	__u32 key_slot_size;	/* sizeof(struct kgpu_key_slot) */
+	__u32 data_align;	/* request buffers start on this boundary */
+	__u64 sq_off;		/* region offsets of the parts */
+	__u64 cq_off;
+	__u64 keys_off;
+	__u64 data_off;
+	__u64 data_size;
+	__u64 reserved[6];
+	__u32 sq_tail;		/* kernel: entries published */
+	__u32 pad_sq_tail[15];
+	__u32 sq_head;		/* helper: entries taken */
+	__u32 pad_sq_head[15];
+	__u32 cq_tail;		/* helper: completions published */
+	__u32 pad_cq_tail[15];
+	__u32 cq_head;		/* kernel: completions reaped */
+	__u32 pad_cq_head[15];
+};
+
+/*
+ * struct kgpu_sqe - one request (64 bytes).
+ *
+ * Buffers are given as region offsets. XTS: in_len bytes of data units of
+ * unit_size bytes at in_off go to out_off (out_off == in_off: in place);
+ * unit i uses the tweak sector + i * sector_step and key slot key_slot.
+ * RAID6: the buffer at in_off (== out_off) holds ndisks blocks of
+ * unit_size bytes each, data blocks first in Q order, then P, then Q;
+ * GEN writes P and Q, REC rewrites blocks fail_a and fail_b from the
+ * others (in_len == out_len == ndisks * unit_size).
+ */
+struct kgpu_sqe {
+	__u64 seq;		/* unique per request, echoed in the CQE */
+	__u32 tag;		/* the kernel's request slot, echoed */
+	__u16 service;		/* enum kgpu_service */
+	__u16 flags;		/* none defined yet: must be 0 */
+	__u64 in_off;
+	__u32 in_len;
+	__u32 out_len;
+	__u64 out_off;
+	__u32 unit_size;	/* XTS data unit / RAID6 block bytes */
+	__u32 sector_step;	/* XTS: tweak increment per data unit */
+	__u64 sector;		/* XTS: tweak of the first data unit */
+	__u16 key_slot;		/* XTS: index into the key slots */
+	__u8 iv_mode;		/* XTS: KGPU_IV_* */
+	__u8 ndisks;		/* RAID6: blocks in the buffer, 4..32 */
+	__u8 fail_a;		/* RAID6 REC: lost blocks, or KGPU_RAID6_NONE */
+	__u8 fail_b;
+	__u16 reserved;
+};
+
+/* struct kgpu_cqe - one completion (16 bytes). */
+struct kgpu_cqe {
+	__u64 seq;		/* the request's seq */
+	__u32 tag;		/* the request's tag */
+	__s16 status;		/* 0, or a negative errno: the kernel then
+				 * computes the request on its CPU */
+	__u16 flags;		/* KGPU_CQE_* */
+};
+
+#define KGPU_CQE_CPU		0x1	/* the helper used its CPU backend */
+
+/*
+ * struct kgpu_key_slot - a raw XTS key (K1 || K2), set by the kernel at
+ * table load or "key set", wiped at "key wipe" or unload. generation
+ * changes on every set, so the helper knows when to expand it again.
+ */
+struct kgpu_key_slot {
+	__u32 key_len;		/* 32 or 64 bytes; 0: empty */
+	__u32 generation;
+	__u64 reserved;
+	__u8 key[64];
+	__u8 pad[48];
+};
+
 /* KGPU_IOC_VERSION: the module's magic and ABI version. */
 struct kgpu_version {
 	__u32 magic;
@@ -21,5 +153,52 @@ struct kgpu_version {
 
 #define KGPU_IOC_BASE		0xb7
 #define KGPU_IOC_VERSION	_IOR(KGPU_IOC_BASE, 0x00, struct kgpu_version)
+/* Doorbell: reap the CQ up to cq_tail. Returns the number reaped. */
+#define KGPU_IOC_COMPLETE	_IO(KGPU_IOC_BASE, 0x01)
+
+/*
+ * Generic netlink family "kgpu": statistics and tunables.
+ *
+ * KGPU_CMD_GET_STATS answers with the global attributes and one nested
+ * KGPU_ATTR_SERVICE per service. KGPU_CMD_SET_CROSSOVER takes
+ * KGPU_ATTR_SVC_ID and KGPU_ATTR_SVC_CROSSOVER: requests smaller than that
+ * many bytes are done on the kernel's CPU (needs CAP_SYS_ADMIN).
+ */
+#define KGPU_GENL_NAME		"kgpu"
+#define KGPU_GENL_VERSION	1
+
+enum kgpu_genl_cmd {
+	KGPU_CMD_UNSPEC,
+	KGPU_CMD_GET_STATS,
+	KGPU_CMD_SET_CROSSOVER,
+	__KGPU_CMD_MAX,
+};
+
+enum kgpu_genl_attr {
+	KGPU_ATTR_UNSPEC,
+	KGPU_ATTR_HELPER_PID,		/* u32, 0 when no helper is attached */
+	KGPU_ATTR_RING_ENTRIES,		/* u32 */
+	KGPU_ATTR_INFLIGHT,		/* u32: requests owned by the helper */
+	KGPU_ATTR_DATA_SIZE,		/* u64: bytes of data space */
+	KGPU_ATTR_DATA_USED,		/* u64: bytes allocated now */
+	KGPU_ATTR_TIMEOUT_MS,		/* u32 */
+	KGPU_ATTR_TIMEOUTS,		/* u64: requests that timed out */
+	KGPU_ATTR_ATTACHES,		/* u64: helpers attached so far */
+	KGPU_ATTR_BAD_COMPLETIONS,	/* u64: CQEs dropped as invalid */
+	KGPU_ATTR_WAITS,		/* u64: submitters that had to wait */
+	KGPU_ATTR_SERVICE,		/* nested, one per service */
+	KGPU_ATTR_SVC_ID,		/* u32, enum kgpu_service */
+	KGPU_ATTR_SVC_NAME,		/* string */
+	KGPU_ATTR_SVC_REQUESTS,		/* u64: submitted */
+	KGPU_ATTR_SVC_BYTES,		/* u64: input bytes submitted */
+	KGPU_ATTR_SVC_GPU,		/* u64: completed by the helper's GPU */
+	KGPU_ATTR_SVC_HELPER_CPU,	/* u64: completed by the helper's CPU */
+	KGPU_ATTR_SVC_FALLBACK,		/* u64: handed to the kernel's CPU */
+	KGPU_ATTR_SVC_ERRORS,		/* u64: helper answered an error */
+	KGPU_ATTR_SVC_CROSSOVER,	/* u32: bytes, see above */
+	KGPU_ATTR_PAD,
+	__KGPU_ATTR_MAX,
+};
+#define KGPU_ATTR_MAX (__KGPU_ATTR_MAX - 1)
 
 #endif /* _UAPI_KGPU_H */
