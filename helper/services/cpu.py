@@ -38,7 +38,6 @@ _POLY = np.uint64(0x1D)
 _ONE = np.uint64(1)
 _SH7 = np.uint64(7)
 _SH63 = np.uint64(63)
-_GF128 = np.uint64(0x87)
 
 # Bytes of each member processed per step: big enough for numpy to be
 # efficient, small enough that k rows stay in the cache.
@@ -87,16 +86,6 @@ class CpuBackend(Backend):
         return cpu_name()
 
     # ---------------------------------------------------------------- XTS
-
-    def xts_encrypt(self, keys, data, sectors=None, slots=None, *,
-                    unit_size=512, iv_mode="plain64", ivs=None, out=None):
-        return self._xts(False, keys, data, sectors, slots, unit_size,
-                         iv_mode, ivs, out)
-
-    def xts_decrypt(self, keys, data, sectors=None, slots=None, *,
-                    unit_size=512, iv_mode="plain64", ivs=None, out=None):
-        return self._xts(True, keys, data, sectors, slots, unit_size,
-                         iv_mode, ivs, out)
 
     def _xts(self, decrypt, keys, data, sectors, slots, unit_size, iv_mode,
              ivs, out):
@@ -176,19 +165,20 @@ class CpuBackend(Backend):
         enc2 = Cipher(algorithms.AES(k2), modes.ECB()).encryptor()
         t = np.frombuffer(enc2.update(np.ascontiguousarray(iv16).reshape(-1)),
                           dtype="<u8").reshape(m, 2)
-        # Tweaks of all blocks: T_j = T_{j-1} * alpha in GF(2^128).
+        # Tweaks of all blocks, T_j = T_0 * alpha^j, by doubling the run:
+        # T_{s..2s-1} = T_{0..s-1} * alpha^s, log2(blocks per unit) steps,
+        # on (bpu, m) arrays so that every step works on contiguous rows.
+        lo = np.empty((bpu, m), dtype="<u8")
+        hi = np.empty((bpu, m), dtype="<u8")
+        lo[0], hi[0] = t[:, 0], t[:, 1]
+        s = 1
+        while s < bpu:
+            e = min(2 * s, bpu)
+            lo[s:e], hi[s:e] = _mul_alpha_pow(lo[:e - s], hi[:e - s], s)
+            s = e
         tw = np.empty((m, bpu, 2), dtype="<u8")
-        lo = t[:, 0].copy()
-        hi = t[:, 1].copy()
-        for j in range(bpu):
-            tw[:, j, 0] = lo
-            tw[:, j, 1] = hi
-            if j + 1 < bpu:
-                carry = hi >> _SH63
-                hi <<= _ONE
-                hi |= lo >> _SH63
-                lo <<= _ONE
-                lo ^= carry * _GF128
+        tw[:, :, 0] = lo.T
+        tw[:, :, 1] = hi.T
         x = src.view("<u8").reshape(m, bpu, 2) ^ tw
         c = Cipher(algorithms.AES(k1), modes.ECB())
         ctx = c.decryptor() if decrypt else c.encryptor()
@@ -261,6 +251,32 @@ class CpuBackend(Backend):
             return
         for f in [self._pool.submit(fn, a, b) for a, b in ranges]:
             f.result()
+
+
+def _mul_alpha_pow(lo, hi, j):
+    """(lo, hi) * alpha^j in GF(2^128), XTS's little-endian convention
+    (value = lo + hi * 2^64); j > 0. Returns new (lo, hi) arrays."""
+    while j:
+        step = min(j, 64)
+        if step == 64:
+            ov, hi, lo = hi, lo.copy(), np.zeros_like(lo)
+        else:
+            sh, back = np.uint64(step), np.uint64(64 - step)
+            ov = hi >> back
+            hi = hi << sh
+            hi |= lo >> back
+            lo = lo << sh
+        # add ov * x^128 = ov * (x^7 + x^2 + x + 1)
+        lo ^= ov
+        lo ^= ov << _ONE
+        lo ^= ov << np.uint64(2)
+        lo ^= ov << _SH7
+        if step > 56:
+            hi ^= ov >> _SH63
+            hi ^= ov >> np.uint64(62)
+            hi ^= ov >> np.uint64(57)
+        j -= step
+    return lo, hi
 
 
 def _syndromes(rows, k, a, b, skip):

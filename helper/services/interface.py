@@ -285,15 +285,22 @@ class Backend(abc.ABC):
     def device_name(self):
         """Human-readable name of what computes (GPU model or CPU model)."""
 
-    @abc.abstractmethod
     def xts_encrypt(self, keys, data, sectors=None, slots=None, *,
                     unit_size=512, iv_mode="plain64", ivs=None, out=None):
         """Encrypt n data units; returns the ciphertext (``out`` if given)."""
+        return self._xts(False, keys, data, sectors, slots, unit_size,
+                         iv_mode, ivs, out)
 
-    @abc.abstractmethod
     def xts_decrypt(self, keys, data, sectors=None, slots=None, *,
                     unit_size=512, iv_mode="plain64", ivs=None, out=None):
         """Decrypt n data units; returns the plaintext (``out`` if given)."""
+        return self._xts(True, keys, data, sectors, slots, unit_size,
+                         iv_mode, ivs, out)
+
+    @abc.abstractmethod
+    def _xts(self, decrypt, keys, data, sectors, slots, unit_size, iv_mode,
+             ivs, out):
+        """The backend's XTS, both directions."""
 
     @abc.abstractmethod
     def raid6_gen(self, data, p=None, q=None):

@@ -1,0 +1,325 @@
+// AES-XTS (IEEE 1619, as Linux's xts(aes)) over many data units per launch.
+//
+// Work split: one thread per 16-byte AES block, XTS_BPT blocks per thread,
+// so a block of XTS_THREADS threads owns a "tile" of XTS_TILE consecutive
+// AES blocks (16 KiB). Thread t handles blocks t, t+256, t+512, t+768 of
+// its tile: every load and store of a warp is 512 contiguous bytes.
+// The grid is persistent (about one wave of resident blocks looping over
+// tiles), so the shared-memory tables are built once per block.
+//
+// Per tile, two phases:
+//  1. tweaks: T_0(u) = AES-enc(K2 of u's slot, IV(u)) for every data unit u
+//     that overlaps the tile, one unit per thread, in parallel, into
+//     shared memory (32 units per tile for 512-byte units: one AES pass of
+//     one warp, about 3% of the tile's work);
+//  2. data: block j of unit u gets T_j = T_0(u) * alpha^j in GF(2^128)
+//     (a shift by j with one reduction, no loop over j), then
+//     C = AES(K1, P ^ T_j) ^ T_j.
+//
+// AES is table-driven (T-tables, see kgpu_helper/services/aes_tables.py for
+// the word convention). The 1 KiB table T0 is replicated once per
+// shared-memory bank (32 copies, 32 KiB): lane l reads only copy l, whose
+// entry e sits at word e*32 + l, i.e. always in bank l, so the 16 lookups
+// per round never conflict whatever the data. T1..T3 are rotations of T0,
+// and the last round reads the S-box out of T0's bytes. Decryption uses
+// Td0 the same way plus a replicated inverse S-box of bytes (8 KiB), and
+// also needs T0 for the tweaks (which XTS always encrypts).
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned char u8;
+
+#define XTS_THREADS 256
+#define XTS_BPT 4
+#define XTS_TILE (XTS_THREADS * XTS_BPT)
+#define SLOT_U4 48          // uint4 per key slot (SLOT_WORDS = 192 words)
+#define RK_ENC1 0           // uint4 offset of K1's encryption round keys
+#define RK_ENC2 15          // K2's encryption round keys (tweaks)
+#define RK_DEC1 30          // K1's decryption round keys
+#define NR_WORD 180         // word holding the number of rounds
+
+#define TAB_WORDS (256 * 32)          // one replicated 32-bit table
+#define ISB_BYTES (256 * 32)          // replicated inverse S-box
+
+__device__ __forceinline__ u32 rotl8(u32 x) { return __funnelshift_l(x, x, 8); }
+__device__ __forceinline__ u32 rotl16(u32 x) { return __funnelshift_l(x, x, 16); }
+__device__ __forceinline__ u32 rotl24(u32 x) { return __funnelshift_l(x, x, 24); }
+
+// Lookups in a replicated table: byte N of x selects the entry; the byte
+// offset of entry e in this lane's copy is e*128 + lane*4.
+__device__ __forceinline__ u32 tab(const u32* t, u32 off) {
+    return *(const u32*)((const char*)t + off);
+}
+#define B0(x, l4) ((((x) << 7) & 0x7f80u) | (l4))
+#define B1(x, l4) ((((x) >> 1) & 0x7f80u) | (l4))
+#define B2(x, l4) ((((x) >> 9) & 0x7f80u) | (l4))
+#define B3(x, l4) ((((x) >> 17) & 0x7f80u) | (l4))
+
+// Replicated inverse S-box of bytes: entry e of lane l at byte
+// (e >> 2) * 128 + l * 4 + (e & 3), i.e. in word (e >> 2) * 32 + l.
+__device__ __forceinline__ u32 isb(const u8* t, u32 e, u32 l4) {
+    return t[((e >> 2) << 7) | l4 | (e & 3)];
+}
+
+__device__ __forceinline__ uint4 xor4(uint4 a, uint4 b) {
+    return make_uint4(a.x ^ b.x, a.y ^ b.y, a.z ^ b.z, a.w ^ b.w);
+}
+
+// B blocks through AES encryption with one key schedule (round keys read
+// once per round for all B blocks: instruction-level parallelism).
+template <int NR, int B>
+__device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__ rk,
+                                        const u32* te, u32 l4) {
+    uint4 k = __ldg(rk);
+#pragma unroll
+    for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
+#pragma unroll
+    for (int r = 1; r < NR; ++r) {
+        k = __ldg(rk + r);
+#pragma unroll
+        for (int i = 0; i < B; ++i) {
+            const uint4 a = s[i];
+            uint4 t;
+            t.x = tab(te, B0(a.x, l4)) ^ rotl8(tab(te, B1(a.y, l4))) ^
+                  rotl16(tab(te, B2(a.z, l4))) ^ rotl24(tab(te, B3(a.w, l4))) ^ k.x;
+            t.y = tab(te, B0(a.y, l4)) ^ rotl8(tab(te, B1(a.z, l4))) ^
+                  rotl16(tab(te, B2(a.w, l4))) ^ rotl24(tab(te, B3(a.x, l4))) ^ k.y;
+            t.z = tab(te, B0(a.z, l4)) ^ rotl8(tab(te, B1(a.w, l4))) ^
+                  rotl16(tab(te, B2(a.x, l4))) ^ rotl24(tab(te, B3(a.y, l4))) ^ k.z;
+            t.w = tab(te, B0(a.w, l4)) ^ rotl8(tab(te, B1(a.x, l4))) ^
+                  rotl16(tab(te, B2(a.y, l4))) ^ rotl24(tab(te, B3(a.z, l4))) ^ k.w;
+            s[i] = t;
+        }
+    }
+    k = __ldg(rk + NR);
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+        const uint4 a = s[i];
+        uint4 t;
+        // S(x) is byte 1 of T0[x] (and byte 2); move it into place.
+#define LAST(c0, c1, c2, c3)                                             \
+        (((tab(te, B0(c0, l4)) >> 8) & 0xffu) |                          \
+         (tab(te, B1(c1, l4)) & 0xff00u) |                               \
+         (tab(te, B2(c2, l4)) & 0xff0000u) |                             \
+         ((tab(te, B3(c3, l4)) << 16) & 0xff000000u))
+        t.x = LAST(a.x, a.y, a.z, a.w) ^ k.x;
+        t.y = LAST(a.y, a.z, a.w, a.x) ^ k.y;
+        t.z = LAST(a.z, a.w, a.x, a.y) ^ k.z;
+        t.w = LAST(a.w, a.x, a.y, a.z) ^ k.w;
+#undef LAST
+        s[i] = t;
+    }
+}
+
+template <int NR, int B>
+__device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__ rk,
+                                        const u32* td, const u8* ib, u32 l4) {
+    uint4 k = __ldg(rk);
+#pragma unroll
+    for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
+#pragma unroll
+    for (int r = 1; r < NR; ++r) {
+        k = __ldg(rk + r);
+#pragma unroll
+        for (int i = 0; i < B; ++i) {
+            const uint4 a = s[i];
+            uint4 t;
+            t.x = tab(td, B0(a.x, l4)) ^ rotl8(tab(td, B1(a.w, l4))) ^
+                  rotl16(tab(td, B2(a.z, l4))) ^ rotl24(tab(td, B3(a.y, l4))) ^ k.x;
+            t.y = tab(td, B0(a.y, l4)) ^ rotl8(tab(td, B1(a.x, l4))) ^
+                  rotl16(tab(td, B2(a.w, l4))) ^ rotl24(tab(td, B3(a.z, l4))) ^ k.y;
+            t.z = tab(td, B0(a.z, l4)) ^ rotl8(tab(td, B1(a.y, l4))) ^
+                  rotl16(tab(td, B2(a.x, l4))) ^ rotl24(tab(td, B3(a.w, l4))) ^ k.z;
+            t.w = tab(td, B0(a.w, l4)) ^ rotl8(tab(td, B1(a.z, l4))) ^
+                  rotl16(tab(td, B2(a.y, l4))) ^ rotl24(tab(td, B3(a.x, l4))) ^ k.w;
+            s[i] = t;
+        }
+    }
+    k = __ldg(rk + NR);
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+        const uint4 a = s[i];
+        uint4 t;
+#define LASTD(c0, c1, c2, c3)                                            \
+        (isb(ib, (c0) & 0xffu, l4) | (isb(ib, ((c1) >> 8) & 0xffu, l4) << 8) | \
+         (isb(ib, ((c2) >> 16) & 0xffu, l4) << 16) | (isb(ib, (c3) >> 24, l4) << 24))
+        t.x = LASTD(a.x, a.w, a.z, a.y) ^ k.x;
+        t.y = LASTD(a.y, a.x, a.w, a.z) ^ k.y;
+        t.z = LASTD(a.z, a.y, a.x, a.w) ^ k.z;
+        t.w = LASTD(a.w, a.z, a.y, a.x) ^ k.w;
+#undef LASTD
+        s[i] = t;
+    }
+}
+
+// x * alpha^j in GF(2^128), XTS's little-endian convention (x = lo + hi*2^64,
+// alpha = the polynomial x, reduction by x^128 + x^7 + x^2 + x + 1).
+__device__ __forceinline__ void reduce_into(u64& lo, u64& hi, u64 ov) {
+    // add ov * x^128 = ov * (x^7 + x^2 + x + 1); ov has at most 64 bits
+    lo ^= ov ^ (ov << 1) ^ (ov << 2) ^ (ov << 7);
+    hi ^= (ov >> 63) ^ (ov >> 62) ^ (ov >> 57);
+}
+
+__device__ __forceinline__ uint4 mul_alpha_pow(uint4 t, u32 j) {
+    u64 lo = ((u64)t.y << 32) | t.x;
+    u64 hi = ((u64)t.w << 32) | t.z;
+    while (j >= 64) {  // only for units of more than 1 KiB
+        u64 ov = hi;
+        hi = lo;
+        lo = 0;
+        reduce_into(lo, hi, ov);
+        j -= 64;
+    }
+    if (j) {
+        u64 ov = hi >> (64 - j);
+        hi = (hi << j) | (lo >> (64 - j));
+        lo <<= j;
+        reduce_into(lo, hi, ov);
+    }
+    return make_uint4((u32)lo, (u32)(lo >> 32), (u32)hi, (u32)(hi >> 32));
+}
+
+__device__ __forceinline__ int slot_of(const int* slots, u64 u, int nslots) {
+    if (!slots) return 0;
+    int s = slots[u];
+    return (s < 0 || s >= nslots) ? 0 : s;  // the caller validates; never fault
+}
+
+__device__ __forceinline__ int nrounds(const uint4* sched, int slot) {
+    return ((const u32*)(sched + (size_t)slot * SLOT_U4))[NR_WORD];
+}
+
+__device__ __forceinline__ void fill_tables(u32* dst, const u32* __restrict__ src) {
+    for (u32 i = threadIdx.x; i < TAB_WORDS; i += blockDim.x) dst[i] = src[i >> 5];
+}
+
+// Phase 1: T_0 of every unit overlapping the tile, into tw[].
+__device__ __forceinline__ void tile_tweaks(uint4* tw, u64 u0, u64 u1, const u64* __restrict__ ivs,
+                                            int iv_stride, const int* __restrict__ slots,
+                                            int nslots, const uint4* __restrict__ sched,
+                                            const u32* te, u32 l4) {
+    for (u64 u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
+        uint4 s[1];
+        u64 lo, hi = 0;
+        if (iv_stride == 2) {
+            lo = ivs[2 * u];
+            hi = ivs[2 * u + 1];
+        } else {
+            lo = ivs[u];
+        }
+        s[0] = make_uint4((u32)lo, (u32)(lo >> 32), (u32)hi, (u32)(hi >> 32));
+        const int slot = slot_of(slots, u, nslots);
+        const uint4* rk = sched + (size_t)slot * SLOT_U4 + RK_ENC2;
+        if (nrounds(sched, slot) == 14)
+            aes_enc<14, 1>(s, rk, te, l4);
+        else
+            aes_enc<10, 1>(s, rk, te, l4);
+        tw[u - u0] = s[0];
+    }
+}
+
+template <bool DECRYPT>
+__device__ __forceinline__ void xts_impl(const uint4* in, uint4* out, const u64* __restrict__ ivs,
+                                         int iv_stride, const int* __restrict__ slots, int nslots,
+                                         const uint4* __restrict__ sched,
+                                         const u32* __restrict__ te_g,
+                                         const u32* __restrict__ td_g,
+                                         const u8* __restrict__ isb_g, u64 total_blocks,
+                                         u32 bpu) {
+    extern __shared__ uint4 smem[];
+    u32* te = (u32*)smem;
+    u32* td = te + TAB_WORDS;
+    u8* ib = (u8*)(td + (DECRYPT ? TAB_WORDS : 0));
+    uint4* tw = (uint4*)(ib + (DECRYPT ? ISB_BYTES : 0));
+
+    fill_tables(te, te_g);
+    if (DECRYPT) {
+        fill_tables(td, td_g);
+        for (u32 i = threadIdx.x; i < ISB_BYTES / 4; i += blockDim.x) {
+            // word (e>>2)*32 + l holds entries 4(e>>2) .. 4(e>>2)+3
+            const u32 e = (i >> 5) << 2;
+            ((u32*)ib)[i] = isb_g[e] | (isb_g[e + 1] << 8) | (isb_g[e + 2] << 16) |
+                            ((u32)isb_g[e + 3] << 24);
+        }
+    }
+    const u32 l4 = (threadIdx.x & 31) << 2;
+    const u64 ntiles = (total_blocks + XTS_TILE - 1) / XTS_TILE;
+
+    for (u64 tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const u64 b0 = tile * XTS_TILE;
+        const u64 bend = min(b0 + XTS_TILE, total_blocks);
+        const u64 u0 = b0 / bpu;
+        const u64 u1 = (bend - 1) / bpu + 1;
+        __syncthreads();  // tables built / previous tile's tweaks consumed
+        tile_tweaks(tw, u0, u1, ivs, iv_stride, slots, nslots, sched, te, l4);
+        __syncthreads();
+
+        uint4 s[XTS_BPT], t[XTS_BPT];
+        int slot[XTS_BPT];
+        bool same = true;
+#pragma unroll
+        for (int i = 0; i < XTS_BPT; ++i) {
+            const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+            const u64 bb = b < bend ? b : bend - 1;  // tail: compute, don't store
+            const u64 u = bb / bpu;
+            t[i] = mul_alpha_pow(tw[u - u0], (u32)(bb - u * bpu));
+            s[i] = xor4(in[bb], t[i]);
+            slot[i] = slot_of(slots, u, nslots);
+            same = same && slot[i] == slot[0];
+        }
+        const int nr0 = nrounds(sched, slot[0]);
+        if (same) {
+            const uint4* rk = sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+            if (DECRYPT) {
+                if (nr0 == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
+                else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
+            } else {
+                if (nr0 == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
+                else aes_enc<10, XTS_BPT>(s, rk, te, l4);
+            }
+        } else {
+            // blocks of different key slots: one at a time
+#pragma unroll
+            for (int i = 0; i < XTS_BPT; ++i) {
+                uint4 one[1] = {s[i]};
+                const uint4* rk = sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+                const int nr = nrounds(sched, slot[i]);
+                if (DECRYPT) {
+                    if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
+                    else aes_dec<10, 1>(one, rk, td, ib, l4);
+                } else {
+                    if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
+                    else aes_enc<10, 1>(one, rk, te, l4);
+                }
+                s[i] = one[0];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < XTS_BPT; ++i) {
+            const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+            if (b < bend) out[b] = xor4(s[i], t[i]);
+        }
+    }
+}
+
+// Entry points. in/out: total_blocks * 16 bytes (out may equal in);
+// ivs: one uint64 per unit (iv_stride 1: sector number, already masked
+// for "plain") or two (iv_stride 2: raw 16-byte IV, low word first);
+// slots: one int per unit, or NULL for slot 0; sched: nslots * 192 words;
+// bpu: AES blocks per data unit. Dynamic shared memory: see xts_smem_bytes
+// in cupy_backend.py.
+extern "C" __global__ void __launch_bounds__(XTS_THREADS)
+xts_encrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const int* slots,
+            int nslots, const uint4* sched, const u32* te0, const u32* td0, const u8* isbox,
+            u64 total_blocks, u32 bpu) {
+    xts_impl<false>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
+                    total_blocks, bpu);
+}
+
+extern "C" __global__ void __launch_bounds__(XTS_THREADS)
+xts_decrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const int* slots,
+            int nslots, const uint4* sched, const u32* te0, const u32* td0, const u8* isbox,
+            u64 total_blocks, u32 bpu) {
+    xts_impl<true>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
+                   total_blocks, bpu);
+}

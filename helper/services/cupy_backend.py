@@ -1,0 +1,347 @@
+"""The cupy backend: the CUDA kernels of ``kgpu_helper/cuda`` on one GPU.
+
+Device arrays (cupy) in, device arrays out: the work is queued on the
+current CUDA stream and the call returns at once. Host arrays (numpy) in:
+copied to the GPU, computed, copied back, and the call returns when done;
+that is the simple path for tests and small jobs. The throughput path is
+:class:`Pipeline`: it takes host buffers (pinned: see ``empty_host``) and
+overlaps the copy-in, kernel and copy-out of consecutive batches on a few
+CUDA streams, which is what the helper does with the shared region.
+
+This module imports CuPy at import time; import it only after
+``probe()`` (or through ``get_backend``).
+"""
+
+import weakref
+
+import cupy as cp
+import numpy as np
+
+from kgpu_helper.cuda import get_kernel
+from kgpu_helper.services import aes_tables, gf256
+from kgpu_helper.services.interface import (Backend, XtsRequest,
+                                             check_raid6_gen,
+                                             check_raid6_recover)
+
+XTS_THREADS = 256
+XTS_TILE = 1024        # AES blocks per tile (xts.cu: XTS_THREADS * XTS_BPT)
+TAB_BYTES = 256 * 32 * 4   # one replicated T-table
+ISB_BYTES = 256 * 32       # the replicated inverse S-box
+RAID6_THREADS = 256
+RAID6_V = 2
+
+# recovery modes, as in raid6.cu
+REC_2DATA, REC_DATA_P, REC_DATA, REC_PQ = range(4)
+
+_H2D = 1  # cudaMemcpyHostToDevice
+_D2H = 2  # cudaMemcpyDeviceToHost
+
+
+def probe():
+    """(True, "") if CuPy imports and a CUDA device computes, else
+    (False, reason)."""
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return False, "no CUDA device"
+        if int((cp.arange(4, dtype=cp.int32) + 1).sum()) != 10:
+            return False, "a test computation on the GPU gave a wrong answer"
+    except Exception as e:  # noqa: BLE001 - report whatever CUDA says
+        return False, f"CUDA does not work ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def xts_smem_bytes(decrypt, unit_size):
+    """Dynamic shared memory of one XTS block: tables + tweaks of a tile."""
+    tables = TAB_BYTES * (2 if decrypt else 1) + (ISB_BYTES if decrypt else 0)
+    units = XTS_TILE // (unit_size // 16) + 2
+    return tables + units * 16
+
+
+class CupyBackend(Backend):
+    """AES-XTS and RAID6 on one CUDA device (``device``: its index)."""
+
+    name = "cupy"
+
+    def __init__(self, device=None, threads=None):
+        del threads  # a CPU-backend option; accepted so options can be shared
+        self.device = cp.cuda.Device(0 if device is None else device)
+        with self.device:
+            props = cp.cuda.runtime.getDeviceProperties(self.device.id)
+            self._name = props["name"].decode(errors="replace")
+            self.sm_count = int(props["multiProcessorCount"])
+            self._smem_per_sm = int(props["sharedMemPerMultiprocessor"])
+            self._te0 = cp.asarray(aes_tables.TE0)
+            self._td0 = cp.asarray(aes_tables.TD0)
+            self._isbox = cp.asarray(aes_tables.INV_SBOX)
+            self._stream = cp.cuda.Stream(non_blocking=True)
+        self._schedules = weakref.WeakKeyDictionary()
+        self._grid_cache = {}
+
+    def device_name(self):
+        return self._name
+
+    def empty_host(self, shape, dtype=np.uint8):
+        """A numpy array in pinned (page-locked) host memory."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        mem = cp.cuda.alloc_pinned_memory(max(1, count * dtype.itemsize))
+        return np.frombuffer(mem, dtype=dtype, count=count).reshape(shape)
+
+    def synchronize(self):
+        with self.device:
+            cp.cuda.Device().synchronize()
+
+    # ---------------------------------------------------------------- XTS
+
+    def _xts(self, decrypt, keys, data, sectors, slots, unit_size, iv_mode,
+             ivs, out):
+        if isinstance(data, np.ndarray):
+            # host path: validate on the host (checks the slots too)
+            req = XtsRequest(keys, data, sectors, slots, unit_size, iv_mode,
+                             ivs)
+            if out is None:
+                out = np.empty_like(data)
+            with self.device, self._stream:
+                d_data = cp.asarray(data)
+                d_ivs = cp.asarray(req.ivs)
+                d_slots = None if req.slots is None else cp.asarray(req.slots)
+                d_out = cp.empty_like(d_data)
+                self.launch_xts(decrypt, keys, d_data, d_out, d_ivs, d_slots,
+                                req.unit_size)
+                d_out.get(out=out.reshape(d_out.shape))
+                self._stream.synchronize()
+            return out
+        with self.device:
+            req = XtsRequest(keys, data, sectors, slots, unit_size, iv_mode,
+                             ivs, xp=cp)
+            if out is None:
+                out = cp.empty_like(data)
+            self.launch_xts(decrypt, keys, data, out, req.ivs, req.slots,
+                            req.unit_size)
+        return out
+
+    def schedule(self, keys):
+        """The device copy of a KeyTable's schedule (refreshed on change)."""
+        hit = self._schedules.get(keys)
+        if hit is None or hit[0] != keys.version:
+            with self.device:
+                hit = (keys.version, cp.asarray(keys.schedule))
+            self._schedules[keys] = hit
+        return hit[1]
+
+    def _grid(self, kern, fname, smem, work_blocks):
+        key = (fname, smem)
+        per_sm = self._grid_cache.get(key)
+        if per_sm is None:
+            kern.max_dynamic_shared_size_bytes = smem
+            try:
+                per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    kern.kernel.ptr, XTS_THREADS, smem)
+            except Exception:  # noqa: BLE001 - estimate from shared memory
+                per_sm = max(1, min(4, self._smem_per_sm // (smem + 1024)))
+            per_sm = max(1, int(per_sm))
+            self._grid_cache[key] = per_sm
+        return max(1, min(work_blocks, per_sm * self.sm_count))
+
+    def launch_xts(self, decrypt, keys, d_in, d_out, d_ivs, d_slots,
+                   unit_size):
+        """Queue one XTS kernel on the current stream (arrays on device).
+
+        d_in/d_out: uint8, n*unit_size bytes (may be the same array);
+        d_ivs: (n,) uint64 sector numbers (already masked for "plain") or
+        (n, 2) uint64 raw IVs; d_slots: (n,) int32 or None (all slot 0).
+        """
+        bpu = unit_size // 16
+        total = d_in.size // 16
+        if total == 0:
+            return
+        fname = "xts_decrypt" if decrypt else "xts_encrypt"
+        kern = get_kernel("xts", fname)
+        smem = xts_smem_bytes(decrypt, unit_size)
+        grid = self._grid(kern, fname, smem, -(-total // XTS_TILE))
+        iv_stride = 2 if d_ivs.ndim == 2 else 1
+        kern((grid,), (XTS_THREADS,),
+             (d_in, d_out, d_ivs, np.int32(iv_stride),
+              d_slots if d_slots is not None else np.uint64(0),
+              np.int32(len(keys)), self.schedule(keys), self._te0, self._td0,
+              self._isbox, np.uint64(total), np.uint32(bpu)),
+             shared_mem=smem)
+
+    # -------------------------------------------------------------- RAID6
+
+    def _raid_grid(self, ncols):
+        per_block = RAID6_THREADS * RAID6_V
+        return max(1, min(-(-ncols // per_block), self.sm_count * 16))
+
+    def launch_gen(self, d_data, d_p, d_q):
+        """Queue P/Q generation on the current stream (arrays on device)."""
+        k, n = d_data.shape
+        ncols = n // 16
+        if ncols == 0:
+            return
+        kern = get_kernel("raid6", f"raid6_gen_k{k}", RAID6_K=k)
+        kern((self._raid_grid(ncols),), (RAID6_THREADS,),
+             (d_data, d_p, d_q, np.uint64(ncols), np.uint64(ncols)))
+
+    def launch_recover(self, d_blocks, failed):
+        """Queue recovery of ``failed`` (sorted, 1 or 2 rows) in place."""
+        disks, n = d_blocks.shape
+        k = disks - 2
+        ncols = n // 16
+        if ncols == 0:
+            return
+        mode, x, y, c1, c2 = recovery_plan(k, failed)
+        kern = get_kernel("raid6", f"raid6_rec_k{k}", RAID6_K=k)
+        kern((self._raid_grid(ncols),), (RAID6_THREADS,),
+             (d_blocks, np.uint64(ncols), np.uint64(ncols), np.int32(mode),
+              np.int32(x), np.int32(y), np.uint32(c1), np.uint32(c2)))
+
+    def raid6_gen(self, data, p=None, q=None):
+        k, n = check_raid6_gen(data, p, q)
+        if isinstance(data, np.ndarray):
+            p = np.empty(n, np.uint8) if p is None else p
+            q = np.empty(n, np.uint8) if q is None else q
+            with self.device, self._stream:
+                d_data = cp.asarray(data)
+                d_p = cp.empty(n, cp.uint8)
+                d_q = cp.empty(n, cp.uint8)
+                self.launch_gen(d_data, d_p, d_q)
+                d_p.get(out=p)
+                d_q.get(out=q)
+                self._stream.synchronize()
+            return p, q
+        with self.device:
+            p = cp.empty(n, cp.uint8) if p is None else p
+            q = cp.empty(n, cp.uint8) if q is None else q
+            self.launch_gen(data, p, q)
+        return p, q
+
+    def raid6_recover(self, blocks, failed):
+        k, n, failed = check_raid6_recover(blocks, failed)
+        if isinstance(blocks, np.ndarray):
+            with self.device, self._stream:
+                d_blocks = cp.asarray(blocks)
+                self.launch_recover(d_blocks, failed)
+                for f in failed:
+                    d_blocks[f].get(out=blocks[f])
+                self._stream.synchronize()
+            return blocks
+        with self.device:
+            self.launch_recover(blocks, failed)
+        return blocks
+
+    def pipeline(self, depth=3):
+        """A :class:`Pipeline` of ``depth`` streams on this device."""
+        return Pipeline(self, depth)
+
+
+def recovery_plan(k, failed):
+    """(mode, x, y, c1, c2) for raid6.cu's recovery kernel."""
+    x = failed[0]
+    y = failed[1] if len(failed) == 2 else -1
+    if x >= k:  # P and/or Q
+        return REC_PQ, x, y, 0, 0
+    if 0 <= y < k:
+        c1, c2 = gf256.recovery_coefficients(x, y)
+        return REC_2DATA, x, y, c1, c2
+    if y == k:
+        return REC_DATA_P, x, y, gf256.gpow(-x), 0
+    return REC_DATA, x, y, gf256.gpow(x), 0
+
+
+class Pipeline:
+    """Overlapped host -> GPU -> host batches on ``depth`` CUDA streams.
+
+    Each submit picks the next stream in turn, copies its inputs in,
+    queues the kernel and copies the result out, all asynchronously, and
+    returns a CUDA event that completes when the host output is written.
+    Host buffers must be pinned (``backend.empty_host``) for the copies to
+    overlap, and must not be touched until that event completes. Device
+    staging buffers are kept per stream and reused, so consecutive
+    batches on one stream never race. ``wait()`` drains everything.
+    """
+
+    def __init__(self, backend, depth=3):
+        self.be = backend
+        with backend.device:
+            self.streams = [cp.cuda.Stream(non_blocking=True)
+                            for _ in range(depth)]
+        self._bufs = [{} for _ in range(depth)]
+        self._next = 0
+
+    def _stage(self, i, name, nbytes):
+        buf = self._bufs[i].get(name)
+        if buf is None or buf.size < nbytes:
+            buf = cp.empty(max(nbytes, 16), dtype=cp.uint8)
+            self._bufs[i][name] = buf
+        return buf[:nbytes]
+
+    def _take(self):
+        i = self._next
+        self._next = (i + 1) % len(self.streams)
+        return i, self.streams[i]
+
+    @staticmethod
+    def _copy(dst, src, kind, stream):
+        if kind == _H2D:
+            cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data,
+                                        src.nbytes, _H2D, stream.ptr)
+        else:
+            cp.cuda.runtime.memcpyAsync(dst.ctypes.data, src.data.ptr,
+                                        dst.nbytes, _D2H, stream.ptr)
+
+    def xts(self, decrypt, keys, data, sectors, out, slots=None, *,
+            unit_size=512, iv_mode="plain64", ivs=None):
+        """Queue one XTS batch: host ``data`` -> host ``out``."""
+        req = XtsRequest(keys, data, sectors, slots, unit_size, iv_mode, ivs)
+        i, st = self._take()
+        with self.be.device, st:
+            d_in = self._stage(i, "in", data.nbytes)
+            d_iv = self._stage(i, "iv", req.ivs.nbytes).view(cp.uint64)
+            self._copy(d_in, data, _H2D, st)
+            self._copy(d_iv, np.ascontiguousarray(req.ivs), _H2D, st)
+            d_iv = d_iv.reshape(req.ivs.shape)
+            d_slots = None
+            if req.slots is not None:
+                d_slots = self._stage(i, "slots", req.slots.nbytes).view(
+                    cp.int32)
+                self._copy(d_slots, req.slots, _H2D, st)
+            self.be.launch_xts(decrypt, keys, d_in, d_in, d_iv, d_slots,
+                               req.unit_size)
+            self._copy(out, d_in, _D2H, st)
+            return st.record()
+
+    def raid6_gen(self, data, p, q):
+        """Queue P/Q of host ``data`` (k, n) into host ``p`` and ``q``."""
+        k, n = check_raid6_gen(data, p, q)
+        i, st = self._take()
+        with self.be.device, st:
+            d = self._stage(i, "in", data.nbytes).reshape(k, n)
+            d_pq = self._stage(i, "pq", 2 * n).reshape(2, n)
+            self._copy(d, data, _H2D, st)
+            self.be.launch_gen(d, d_pq[0], d_pq[1])
+            self._copy(p, d_pq[0], _D2H, st)
+            self._copy(q, d_pq[1], _D2H, st)
+            return st.record()
+
+    def raid6_recover(self, blocks, failed):
+        """Queue recovery of host ``blocks`` (k+2, n): only the surviving
+        rows go to the GPU and only the rebuilt rows come back."""
+        k, n, failed = check_raid6_recover(blocks, failed)
+        disks = k + 2
+        i, st = self._take()
+        with self.be.device, st:
+            d = self._stage(i, "in", blocks.nbytes).reshape(disks, n)
+            start = 0
+            for stop in failed + [disks]:  # contiguous runs of survivors
+                if stop > start:
+                    self._copy(d[start:stop], blocks[start:stop], _H2D, st)
+                start = stop + 1
+            self.be.launch_recover(d, failed)
+            for f in failed:
+                self._copy(blocks[f], d[f], _D2H, st)
+            return st.record()
+
+    def wait(self):
+        for st in self.streams:
+            st.synchronize()
