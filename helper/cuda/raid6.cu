@@ -162,8 +162,9 @@ __device__ __forceinline__ void rec_impl(uint4* blocks, u64 stride, u64 ncols, i
 
 // The loader compiles one K per module (-DRAID6_K=<K>): a few hundred ms
 // each instead of all 29 at once.
+#define RAID6_ENTRIES_OF(K) RAID6_ENTRIES(K)  // expands RAID6_K first
 #ifdef RAID6_K
-RAID6_ENTRIES(RAID6_K)
+RAID6_ENTRIES_OF(RAID6_K)
 #else
 RAID6_ENTRIES(2)
 RAID6_ENTRIES(3)

@@ -45,15 +45,16 @@ __device__ __forceinline__ u32 rotl8(u32 x) { return __funnelshift_l(x, x, 8); }
 __device__ __forceinline__ u32 rotl16(u32 x) { return __funnelshift_l(x, x, 16); }
 __device__ __forceinline__ u32 rotl24(u32 x) { return __funnelshift_l(x, x, 24); }
 
-// Lookups in a replicated table: byte N of x selects the entry; the byte
-// offset of entry e in this lane's copy is e*128 + lane*4.
-__device__ __forceinline__ u32 tab(const u32* t, u32 off) {
-    return *(const u32*)((const char*)t + off);
+// Lookups in a replicated table. `tl` points at this lane's column (table
+// + lane); entry e of the lane's copy is tl[e * 32]. The byte is pulled
+// out with one PRMT and scaled into the address with one LEA.
+__device__ __forceinline__ u32 tab(const u32* tl, u32 x, int n) {
+    return tl[__byte_perm(x, 0, 0x4440 | n) << 5];
 }
-#define B0(x, l4) ((((x) << 7) & 0x7f80u) | (l4))
-#define B1(x, l4) ((((x) >> 1) & 0x7f80u) | (l4))
-#define B2(x, l4) ((((x) >> 9) & 0x7f80u) | (l4))
-#define B3(x, l4) ((((x) >> 17) & 0x7f80u) | (l4))
+#define B0(x, l) (x), 0
+#define B1(x, l) (x), 1
+#define B2(x, l) (x), 2
+#define B3(x, l) (x), 3
 
 // Replicated inverse S-box of bytes: entry e of lane l at byte
 // (e >> 2) * 128 + l * 4 + (e & 3), i.e. in word (e >> 2) * 32 + l.
@@ -70,6 +71,7 @@ __device__ __forceinline__ uint4 xor4(uint4 a, uint4 b) {
 template <int NR, int B>
 __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__ rk,
                                         const u32* te, u32 l4) {
+    te += l4 >> 2;
     uint4 k = __ldg(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
@@ -114,6 +116,7 @@ __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__
 template <int NR, int B>
 __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__ rk,
                                         const u32* td, const u8* ib, u32 l4) {
+    td += l4 >> 2;
     uint4 k = __ldg(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
