@@ -3,18 +3,531 @@
  * kgpu core: the channel between the device-mapper targets (gpu-crypt,
  * gpu-raid6) and the user-space helper that runs their arithmetic on GPUs.
  *
- * For now this is the skeleton the rest grows on: it registers the misc
- * device /dev/kgpu, through which the helper will attach (mmap of the shared
- * region, poll, ioctl), and answers KGPU_IOC_VERSION so that user space can
- * check the ABI it speaks. Nothing here is on an I/O path yet, so a missing
- * helper changes nothing.
+ * Structures. One region of vmalloc_user() memory, allocated at load time
+ * and laid out as uapi/kgpu.h describes: header page, submission ring,
+ * completion ring, key slots, data space. The helper attaches by opening
+ * /dev/kgpu (one helper at a time) and mmaps the region; it registers the
+ * mapping with CUDA, so the GPU copies straight from and to the pages the
+ * targets filled. Next to the region the core keeps, in kernel memory the
+ * helper cannot touch, one struct kgpu_request per ring entry (the "tag"),
+ * a bitmap of the data space in KGPU_DATA_ALIGN blocks, and a FIFO of the
+ * requests the helper owns, oldest first.
+ *
+ * Hot path. kgpu_request_get() takes a free tag and a run of data blocks;
+ * kgpu_submit() copies the parameters into the next SQ entry, publishes
+ * sq_tail and wakes the helper's poll(). The helper drains the SQ, computes,
+ * fills CQ entries and rings KGPU_IOC_COMPLETE once per batch; the ioctl
+ * reaps every completion, checking tag and sequence number against the
+ * kernel's own copy (nothing read from the region is trusted), and calls
+ * done() of each request. No syscall per request on either side. Since at
+ * most ring_entries requests exist, neither ring can overflow; when tags or
+ * data space run out, kgpu_request_get() waits (or fails with -EAGAIN for
+ * KGPU_NOWAIT): back-pressure, never a dropped request.
+ *
+ * Locking. kg.lock (irq-safe) protects the tags, the data bitmap, the SQ
+ * producer side, the CQ consumer side, the in-flight list, the helper
+ * state and the counters. done() callbacks run after it is dropped, always
+ * in process context. There is no other lock in the core.
+ *
+ * Failure. A request the helper has not completed timeout_ms after its
+ * submission is completed with KGPU_FALLBACK: the submitter redoes it on
+ * the CPU. Its buffer stays reserved until the helper completes it after
+ * all or detaches, because the GPU may still be writing there. When the
+ * helper's file is released (exit, crash, kill -9), every request it owned
+ * is completed with KGPU_FALLBACK, the ring indexes start again at zero,
+ * and the next open attaches a new helper; the module need not be
+ * reloaded. With no helper attached, kgpu_request_get() fails with -ENODEV
+ * and the targets use the CPU from the start.
  */
-#include <linux/fs.h>
-#include <linux/miscdevice.h>
-#include <linux/module.h>
-#include <linux/uaccess.h>
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
-#include "uapi/kgpu.h"
+#include <linux/bitmap.h>
+#include <linux/debugfs.h>
+#include <linux/fs.h>
+#include <linux/jiffies.h>
+#include <linux/log2.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/poll.h>
+#include <linux/sched.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/uaccess.h>
+#include <linux/vmalloc.h>
+
+#include "kgpu_internal.h"
+
+static unsigned int ring_entries = 256;
+module_param(ring_entries, uint, 0444);
+MODULE_PARM_DESC(ring_entries,
+		 "Requests in flight at most (SQ/CQ size), a power of two, 8..4096");
+
+static unsigned int data_mb = 64;
+module_param(data_mb, uint, 0444);
+MODULE_PARM_DESC(data_mb, "Data space of the shared region in MiB, 1..2048");
+
+static unsigned int key_slots = 64;
+module_param(key_slots, uint, 0444);
+MODULE_PARM_DESC(key_slots, "XTS key slots in the shared region, 1..4096");
+
+static unsigned int timeout_ms = 5000;
+module_param(timeout_ms, uint, 0644);
+MODULE_PARM_DESC(timeout_ms,
+		 "A request the helper has not completed by then goes to the CPU");
+
+const char *const kgpu_svc_names[KGPU_SVC_COUNT] = {
+	[KGPU_SVC_NOP] = "nop",
+	[KGPU_SVC_XTS_ENC] = "xts-enc",
+	[KGPU_SVC_XTS_DEC] = "xts-dec",
+	[KGPU_SVC_RAID6_GEN] = "raid6-gen",
+	[KGPU_SVC_RAID6_REC] = "raid6-rec",
+};
+
+static struct kgpu_core {
+	spinlock_t lock;
+
+	/* The region and its parts (kernel addresses). */
+	void *region;
+	size_t region_size;
+	struct kgpu_region_hdr *hdr;
+	struct kgpu_sqe *sq;
+	struct kgpu_cqe *cq;
+	struct kgpu_key_slot *keys;
+	u8 *data;
+	u64 data_off;
+	u32 entries;
+	u32 data_blocks;
+
+	/* Kernel-only bookkeeping. */
+	struct kgpu_request *reqs;
+	unsigned long *data_map;
+	unsigned long *key_map;
+	u32 data_used_blocks;
+	u32 frees;		/* bumped on every free: waiters watch it */
+	u32 sq_tail;
+	u32 cq_head;
+	u64 next_seq;
+	struct list_head inflight;
+	u32 ninflight;
+
+	bool attached;
+	pid_t helper_pid;
+
+	wait_queue_head_t poll_wq;
+	wait_queue_head_t space_wq;
+	struct workqueue_struct *wq;
+	struct delayed_work timeout_work;
+	struct dentry *debugfs;
+
+	/* Counters. */
+	u64 timeouts;
+	u64 attaches;
+	u64 bad_completions;
+	u64 waits;
+	struct kgpu_svc_stats svc[KGPU_SVC_COUNT];
+} kg;
+
+/* ---- requests ---------------------------------------------------------- */
+
+static void kgpu_free_locked(struct kgpu_request *req)
+{
+	bitmap_clear(kg.data_map, req->first_block, req->nblocks);
+	kg.data_used_blocks -= req->nblocks;
+	kg.frees++;
+	req->busy = false;
+	req->data = NULL;
+}
+
+/* Drop one of the two owners; the slot is free when both are gone. */
+static bool kgpu_release_locked(struct kgpu_request *req)
+{
+	if (req->user_ref || req->helper_ref)
+		return false;
+	kgpu_free_locked(req);
+	return true;
+}
+
+static struct kgpu_request *kgpu_try_get(u32 nblocks)
+{
+	struct kgpu_request *req;
+	unsigned long start;
+	u32 tag;
+
+	for (tag = 0; tag < kg.entries; tag++)
+		if (!kg.reqs[tag].busy)
+			break;
+	if (tag == kg.entries)
+		return NULL;
+	start = bitmap_find_next_zero_area(kg.data_map, kg.data_blocks, 0,
+					   nblocks, 0);
+	if (start >= kg.data_blocks)
+		return NULL;
+	bitmap_set(kg.data_map, start, nblocks);
+	kg.data_used_blocks += nblocks;
+
+	req = &kg.reqs[tag];
+	memset(&req->params, 0, sizeof(req->params));
+	req->done = NULL;
+	req->private = NULL;
+	req->tag = tag;
+	req->first_block = start;
+	req->nblocks = nblocks;
+	req->data = kg.data + (size_t)start * KGPU_DATA_ALIGN;
+	req->size = (size_t)nblocks * KGPU_DATA_ALIGN;
+	req->busy = true;
+	req->user_ref = true;
+	req->helper_ref = false;
+	req->completed = false;
+	INIT_LIST_HEAD(&req->node);
+	return req;
+}
+
+/**
+ * kgpu_request_get - a request with a buffer of at least @len bytes
+ * @len: bytes of the buffer in the shared region
+ * @flags: KGPU_NOWAIT, or 0 to wait for room
+ *
+ * Returns the request, or ERR_PTR(-ENODEV) when no helper is attached,
+ * -E2BIG when @len can never fit, -EAGAIN (KGPU_NOWAIT) when the ring or
+ * the data space is full, -EINTR when a wait was killed.
+ */
+struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
+{
+	struct kgpu_request *req = NULL;
+	unsigned long irqf;
+	bool waited = false;
+	u32 nblocks, frees;
+
+	if (!len || len > (size_t)kg.data_blocks * KGPU_DATA_ALIGN)
+		return ERR_PTR(-E2BIG);
+	nblocks = DIV_ROUND_UP(len, KGPU_DATA_ALIGN);
+
+	for (;;) {
+		spin_lock_irqsave(&kg.lock, irqf);
+		if (!kg.attached) {
+			spin_unlock_irqrestore(&kg.lock, irqf);
+			return ERR_PTR(-ENODEV);
+		}
+		req = kgpu_try_get(nblocks);
+		frees = kg.frees;
+		if (!req && !waited) {
+			kg.waits++;
+			waited = true;
+		}
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		if (req)
+			return req;
+		if (flags & KGPU_NOWAIT)
+			return ERR_PTR(-EAGAIN);
+		/* Woken by every free and by a detach; then try again. */
+		if (wait_event_killable(kg.space_wq,
+					!READ_ONCE(kg.attached) ||
+					READ_ONCE(kg.frees) != frees))
+			return ERR_PTR(-EINTR);
+	}
+}
+EXPORT_SYMBOL_GPL(kgpu_request_get);
+
+static void kgpu_fallback_work(struct work_struct *work)
+{
+	struct kgpu_request *req = container_of(work, struct kgpu_request, work);
+
+	req->done(req, KGPU_FALLBACK);
+}
+
+static bool kgpu_params_valid(const struct kgpu_request *req)
+{
+	const struct kgpu_sqe *p = &req->params;
+
+	return p->service < KGPU_SVC_COUNT &&
+	       (u64)p->in_off + p->in_len <= req->size &&
+	       (u64)p->out_off + p->out_len <= req->size;
+}
+
+static void kgpu_arm_timeout(void)
+{
+	unsigned long ms = max(READ_ONCE(timeout_ms) / 4, 10u);
+
+	mod_delayed_work(kg.wq, &kg.timeout_work, msecs_to_jiffies(ms));
+}
+
+/**
+ * kgpu_submit - hand a request to the helper
+ * @req: from kgpu_request_get(), with params and done filled in
+ *
+ * Never fails: if the helper is gone or the parameters are wrong, done()
+ * is called with KGPU_FALLBACK from the core's workqueue.
+ */
+void kgpu_submit(struct kgpu_request *req)
+{
+	struct kgpu_svc_stats *st;
+	struct kgpu_sqe *sqe;
+	unsigned long irqf;
+	bool valid = kgpu_params_valid(req);
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	st = &kg.svc[req->params.service < KGPU_SVC_COUNT ?
+		     req->params.service : KGPU_SVC_NOP];
+	st->requests++;
+	st->bytes += req->params.in_len;
+	if (!kg.attached || !valid) {
+		if (!valid)
+			st->errors++;
+		st->fallback++;
+		req->completed = true;
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		INIT_WORK(&req->work, kgpu_fallback_work);
+		queue_work(kg.wq, &req->work);
+		return;
+	}
+
+	req->seq = ++kg.next_seq;
+	req->helper_ref = true;
+	req->deadline = jiffies + msecs_to_jiffies(READ_ONCE(timeout_ms));
+	list_add_tail(&req->node, &kg.inflight);
+	kg.ninflight++;
+
+	sqe = &kg.sq[kg.sq_tail & (kg.entries - 1)];
+	*sqe = req->params;
+	sqe->seq = req->seq;
+	sqe->tag = req->tag;
+	sqe->in_off = kg.data_off + (req->data - (void *)kg.data) +
+		      req->params.in_off;
+	sqe->out_off = kg.data_off + (req->data - (void *)kg.data) +
+		       req->params.out_off;
+	kg.sq_tail++;
+	/* The entry before the index: pairs with the helper's read of it. */
+	smp_store_release(&kg.hdr->sq_tail, kg.sq_tail);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	wake_up_interruptible(&kg.poll_wq);
+	if (!delayed_work_pending(&kg.timeout_work))
+		kgpu_arm_timeout();
+}
+EXPORT_SYMBOL_GPL(kgpu_submit);
+
+/**
+ * kgpu_request_put - release a request after its done() was called
+ * @req: the request; the submitter must not touch it afterwards
+ */
+void kgpu_request_put(struct kgpu_request *req)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	req->user_ref = false;
+	kgpu_release_locked(req);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+	wake_up(&kg.space_wq);
+}
+EXPORT_SYMBOL_GPL(kgpu_request_put);
+
+bool kgpu_offload(unsigned int service, size_t len)
+{
+	if (service >= KGPU_SVC_COUNT || !READ_ONCE(kg.attached))
+		return false;
+	return len >= READ_ONCE(kg.svc[service].crossover);
+}
+EXPORT_SYMBOL_GPL(kgpu_offload);
+
+static void kgpu_run_done(struct list_head *list, int status)
+{
+	struct kgpu_request *req, *next;
+
+	list_for_each_entry_safe(req, next, list, node) {
+		list_del_init(&req->node);
+		req->done(req, status);
+	}
+}
+
+/* ---- completions --------------------------------------------------------- */
+
+/* Reap [cq_head, cq_tail); returns the number of valid completions. */
+static int kgpu_reap(void)
+{
+	LIST_HEAD(ok);
+	LIST_HEAD(failed);
+	struct kgpu_request *req;
+	unsigned long irqf;
+	u32 tail, n, i;
+	int reaped = 0;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (!kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return -ENODEV;
+	}
+	tail = smp_load_acquire(&kg.hdr->cq_tail);
+	n = tail - kg.cq_head;
+	if (n > kg.entries) {
+		/* A helper bug: more completions than could exist. */
+		kg.bad_completions++;
+		n = kg.entries;
+	}
+	for (i = 0; i < n; i++) {
+		const struct kgpu_cqe *cqe =
+			&kg.cq[(kg.cq_head + i) & (kg.entries - 1)];
+		u64 seq = READ_ONCE(cqe->seq);
+		u32 tag = READ_ONCE(cqe->tag);
+		s16 status = READ_ONCE(cqe->status);
+		u16 flags = READ_ONCE(cqe->flags);
+		struct kgpu_svc_stats *st;
+
+		if (tag >= kg.entries) {
+			kg.bad_completions++;
+			continue;
+		}
+		req = &kg.reqs[tag];
+		if (!req->busy || !req->helper_ref || req->seq != seq) {
+			kg.bad_completions++;
+			continue;
+		}
+		req->helper_ref = false;
+		reaped++;
+		st = &kg.svc[req->params.service];
+		if (req->completed) {
+			/* Timed out before: the CPU already did it. */
+			kgpu_release_locked(req);
+			continue;
+		}
+		list_del_init(&req->node);
+		kg.ninflight--;
+		req->completed = true;
+		if (status) {
+			st->errors++;
+			st->fallback++;
+			list_add_tail(&req->node, &failed);
+		} else {
+			if (flags & KGPU_CQE_CPU)
+				st->helper_cpu++;
+			else
+				st->gpu++;
+			list_add_tail(&req->node, &ok);
+		}
+	}
+	kg.cq_head += n;
+	WRITE_ONCE(kg.hdr->cq_head, kg.cq_head);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	kgpu_run_done(&ok, 0);
+	kgpu_run_done(&failed, KGPU_FALLBACK);
+	wake_up(&kg.space_wq);
+	return reaped;
+}
+
+static void kgpu_timeout_fn(struct work_struct *work)
+{
+	LIST_HEAD(expired);
+	struct kgpu_request *req, *next;
+	unsigned long irqf;
+	bool more;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	list_for_each_entry_safe(req, next, &kg.inflight, node) {
+		if (time_before(jiffies, req->deadline))
+			break;	/* FIFO: the rest are younger */
+		list_move_tail(&req->node, &expired);
+		kg.ninflight--;
+		req->completed = true;
+		kg.timeouts++;
+		kg.svc[req->params.service].fallback++;
+	}
+	more = !list_empty(&kg.inflight);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	if (!list_empty(&expired))
+		pr_warn_ratelimited("helper did not complete requests within %u ms; doing them on the CPU\n",
+				    READ_ONCE(timeout_ms));
+	kgpu_run_done(&expired, KGPU_FALLBACK);
+	if (more)
+		kgpu_arm_timeout();
+}
+
+/* ---- the helper's file ------------------------------------------------- */
+
+static int kgpu_open(struct inode *inode, struct file *file)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return -EBUSY;
+	}
+	kg.attached = true;
+	kg.helper_pid = task_tgid_nr(current);
+	kg.attaches++;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+	pr_info("helper %d attached\n", task_tgid_nr(current));
+	return 0;
+}
+
+/*
+ * The last reference to the helper's file is gone, its mappings with it:
+ * nothing in user space can touch the region any more.
+ */
+static int kgpu_release(struct inode *inode, struct file *file)
+{
+	LIST_HEAD(orphans);
+	unsigned long irqf;
+	u32 tag, n = 0;
+	pid_t pid;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	pid = kg.helper_pid;
+	kg.attached = false;
+	kg.helper_pid = 0;
+	list_splice_init(&kg.inflight, &orphans);
+	kg.ninflight = 0;
+	for (tag = 0; tag < kg.entries; tag++) {
+		struct kgpu_request *req = &kg.reqs[tag];
+
+		if (!req->busy || !req->helper_ref)
+			continue;
+		req->helper_ref = false;
+		if (!req->completed) {
+			req->completed = true;
+			kg.svc[req->params.service].fallback++;
+			n++;
+		}
+		kgpu_release_locked(req);
+	}
+	kg.sq_tail = 0;
+	kg.cq_head = 0;
+	WRITE_ONCE(kg.hdr->sq_tail, 0);
+	WRITE_ONCE(kg.hdr->sq_head, 0);
+	WRITE_ONCE(kg.hdr->cq_tail, 0);
+	WRITE_ONCE(kg.hdr->cq_head, 0);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	if (n)
+		pr_warn("helper %d detached with %u requests in flight; doing them on the CPU\n",
+			pid, n);
+	else
+		pr_info("helper %d detached\n", pid);
+	kgpu_run_done(&orphans, KGPU_FALLBACK);
+	wake_up_all(&kg.space_wq);
+	return 0;
+}
+
+static int kgpu_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	unsigned long len = vma->vm_end - vma->vm_start;
+
+	if (vma->vm_pgoff || len > kg.region_size ||
+	    !(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+	return remap_vmalloc_range(vma, kg.region, 0);
+}
+
+static __poll_t kgpu_poll(struct file *file, poll_table *wait)
+{
+	poll_wait(file, &kg.poll_wq, wait);
+	if (READ_ONCE(kg.hdr->sq_head) != READ_ONCE(kg.hdr->sq_tail))
+		return EPOLLIN | EPOLLRDNORM;
+	return 0;
+}
 
 static long kgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
@@ -28,6 +541,8 @@ static long kgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		if (copy_to_user((void __user *)arg, &v, sizeof(v)))
 			return -EFAULT;
 		return 0;
+	case KGPU_IOC_COMPLETE:
+		return kgpu_reap();
 	default:
 		return -ENOTTY;
 	}
@@ -35,6 +550,10 @@ static long kgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 
 static const struct file_operations kgpu_fops = {
 	.owner		= THIS_MODULE,
+	.open		= kgpu_open,
+	.release	= kgpu_release,
+	.mmap		= kgpu_mmap,
+	.poll		= kgpu_poll,
 	.unlocked_ioctl	= kgpu_ioctl,
 	.compat_ioctl	= compat_ptr_ioctl,
 	.llseek		= noop_llseek,
@@ -47,22 +566,221 @@ static struct miscdevice kgpu_misc = {
 	.mode	= 0600,
 };
 
+/* ---- keys ------------------------------------------------------------ */
+
+int kgpu_key_get(void)
+{
+	unsigned long irqf;
+	unsigned long slot;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	slot = find_first_zero_bit(kg.key_map, key_slots);
+	if (slot < key_slots)
+		set_bit(slot, kg.key_map);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+	return slot < key_slots ? (int)slot : -ENOSPC;
+}
+EXPORT_SYMBOL_GPL(kgpu_key_get);
+
+/* Call only while no request uses @slot (dm: table load, suspended). */
+int kgpu_key_set(int slot, const u8 *key, unsigned int len)
+{
+	struct kgpu_key_slot *ks;
+
+	if (slot < 0 || slot >= key_slots || (len != 32 && len != 64))
+		return -EINVAL;
+	ks = &kg.keys[slot];
+	WRITE_ONCE(ks->key_len, 0);
+	memcpy(ks->key, key, len);
+	WRITE_ONCE(ks->generation, ks->generation + 1);
+	/* The key before its length: a helper never reads a half-set key. */
+	smp_store_release(&ks->key_len, len);
+	return 0;
+}
+EXPORT_SYMBOL_GPL(kgpu_key_set);
+
+void kgpu_key_put(int slot)
+{
+	struct kgpu_key_slot *ks;
+	unsigned long irqf;
+
+	if (slot < 0 || slot >= key_slots)
+		return;
+	ks = &kg.keys[slot];
+	WRITE_ONCE(ks->key_len, 0);
+	memzero_explicit(ks->key, sizeof(ks->key));
+	WRITE_ONCE(ks->generation, ks->generation + 1);
+	spin_lock_irqsave(&kg.lock, irqf);
+	clear_bit(slot, kg.key_map);
+	spin_unlock_irqrestore(&kg.lock, irqf);
+}
+EXPORT_SYMBOL_GPL(kgpu_key_put);
+
+/* ---- stats and tunables -------------------------------------------------- */
+
+void kgpu_get_stats(struct kgpu_stats *st)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	st->helper_pid = kg.attached ? kg.helper_pid : 0;
+	st->ring_entries = kg.entries;
+	st->inflight = kg.ninflight;
+	st->data_size = (u64)kg.data_blocks * KGPU_DATA_ALIGN;
+	st->data_used = (u64)kg.data_used_blocks * KGPU_DATA_ALIGN;
+	st->timeout_ms = READ_ONCE(timeout_ms);
+	st->timeouts = kg.timeouts;
+	st->attaches = kg.attaches;
+	st->bad_completions = kg.bad_completions;
+	st->waits = kg.waits;
+	memcpy(st->svc, kg.svc, sizeof(st->svc));
+	spin_unlock_irqrestore(&kg.lock, irqf);
+}
+
+int kgpu_set_crossover(unsigned int service, u32 bytes)
+{
+	if (service >= KGPU_SVC_COUNT)
+		return -EINVAL;
+	WRITE_ONCE(kg.svc[service].crossover, bytes);
+	return 0;
+}
+
+/* ---- load and unload --------------------------------------------------- */
+
+static int kgpu_check_params(void)
+{
+	if (ring_entries < 8 || ring_entries > 4096 ||
+	    !is_power_of_2(ring_entries)) {
+		pr_err("ring_entries must be a power of two in 8..4096, not %u\n",
+		       ring_entries);
+		return -EINVAL;
+	}
+	if (data_mb < 1 || data_mb > 2048) {
+		pr_err("data_mb must be in 1..2048, not %u\n", data_mb);
+		return -EINVAL;
+	}
+	if (key_slots < 1 || key_slots > 4096) {
+		pr_err("key_slots must be in 1..4096, not %u\n", key_slots);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int kgpu_region_alloc(void)
+{
+	size_t sq_off = PAGE_SIZE;
+	size_t cq_off = sq_off + PAGE_ALIGN(ring_entries * sizeof(struct kgpu_sqe));
+	size_t keys_off = cq_off + PAGE_ALIGN(ring_entries * sizeof(struct kgpu_cqe));
+	size_t data_off = keys_off +
+			  PAGE_ALIGN(key_slots * sizeof(struct kgpu_key_slot));
+	size_t data_size = (size_t)data_mb << 20;
+	struct kgpu_region_hdr *h;
+
+	BUILD_BUG_ON(sizeof(struct kgpu_region_hdr) > PAGE_SIZE);
+	BUILD_BUG_ON(sizeof(struct kgpu_sqe) != 64);
+	BUILD_BUG_ON(sizeof(struct kgpu_cqe) != 16);
+	BUILD_BUG_ON(sizeof(struct kgpu_key_slot) != 128);
+
+	kg.region_size = data_off + data_size;
+	kg.region = vmalloc_user(kg.region_size);
+	if (!kg.region)
+		return -ENOMEM;
+	kg.entries = ring_entries;
+	kg.hdr = kg.region;
+	kg.sq = kg.region + sq_off;
+	kg.cq = kg.region + cq_off;
+	kg.keys = kg.region + keys_off;
+	kg.data = kg.region + data_off;
+	kg.data_off = data_off;
+	kg.data_blocks = data_size / KGPU_DATA_ALIGN;
+
+	h = kg.hdr;
+	h->magic = KGPU_MAGIC;
+	h->abi_version = KGPU_ABI_VERSION;
+	h->region_size = kg.region_size;
+	h->ring_entries = ring_entries;
+	h->sqe_size = sizeof(struct kgpu_sqe);
+	h->cqe_size = sizeof(struct kgpu_cqe);
+	h->key_slots = key_slots;
+	h->key_slot_size = sizeof(struct kgpu_key_slot);
+	h->data_align = KGPU_DATA_ALIGN;
+	h->sq_off = sq_off;
+	h->cq_off = cq_off;
+	h->keys_off = keys_off;
+	h->data_off = data_off;
+	h->data_size = data_size;
+
+	kg.reqs = kcalloc(ring_entries, sizeof(*kg.reqs), GFP_KERNEL);
+	kg.data_map = bitmap_zalloc(kg.data_blocks, GFP_KERNEL);
+	kg.key_map = bitmap_zalloc(key_slots, GFP_KERNEL);
+	if (!kg.reqs || !kg.data_map || !kg.key_map)
+		return -ENOMEM;
+	return 0;
+}
+
+static void kgpu_region_free(void)
+{
+	bitmap_free(kg.key_map);
+	bitmap_free(kg.data_map);
+	kfree(kg.reqs);
+	if (kg.keys)
+		memzero_explicit(kg.keys, key_slots * sizeof(*kg.keys));
+	vfree(kg.region);
+}
+
 static int __init kgpu_init(void)
 {
-	int ret = misc_register(&kgpu_misc);
+	int ret;
 
-	if (ret) {
-		pr_err("kgpu: cannot register /dev/kgpu: %d\n", ret);
+	ret = kgpu_check_params();
+	if (ret)
 		return ret;
+	spin_lock_init(&kg.lock);
+	INIT_LIST_HEAD(&kg.inflight);
+	init_waitqueue_head(&kg.poll_wq);
+	init_waitqueue_head(&kg.space_wq);
+	INIT_DELAYED_WORK(&kg.timeout_work, kgpu_timeout_fn);
+
+	ret = kgpu_region_alloc();
+	if (ret)
+		goto bad_region;
+	kg.wq = alloc_workqueue("kgpu", WQ_MEM_RECLAIM, 0);
+	if (!kg.wq) {
+		ret = -ENOMEM;
+		goto bad_region;
 	}
-	pr_info("kgpu: loaded, ABI %u\n", KGPU_ABI_VERSION);
+	ret = kgpu_netlink_init();
+	if (ret)
+		goto bad_wq;
+	ret = misc_register(&kgpu_misc);
+	if (ret)
+		goto bad_netlink;
+	kg.debugfs = debugfs_create_dir("kgpu", NULL);
+	kgpu_selftest_init(kg.debugfs);
+
+	pr_info("loaded, ABI %u: %u ring entries, %u MiB data, %u key slots, timeout %u ms\n",
+		KGPU_ABI_VERSION, ring_entries, data_mb, key_slots, timeout_ms);
 	return 0;
+
+bad_netlink:
+	kgpu_netlink_exit();
+bad_wq:
+	destroy_workqueue(kg.wq);
+bad_region:
+	kgpu_region_free();
+	return ret;
 }
 
 static void __exit kgpu_exit(void)
 {
+	/* No helper (it holds a module reference) and no submitter is left. */
+	debugfs_remove_recursive(kg.debugfs);
 	misc_deregister(&kgpu_misc);
-	pr_info("kgpu: unloaded\n");
+	kgpu_netlink_exit();
+	cancel_delayed_work_sync(&kg.timeout_work);
+	destroy_workqueue(kg.wq);
+	kgpu_region_free();
+	pr_info("unloaded\n");
 }
 
 module_init(kgpu_init);
