@@ -6,6 +6,8 @@ import click
 
 from kgpu_helper import __version__
 from kgpu_helper.bench import bench
+from kgpu_helper.commands import helper_cmd, status
+from kgpu_helper.ringbench import ring
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +22,10 @@ def cli():
     """
 
 
+bench.add_command(ring)  # next to `bench compute`
 cli.add_command(bench)
+cli.add_command(helper_cmd)
+cli.add_command(status)
 
 
 def _add_testbed():

@@ -7,11 +7,13 @@
 // The grid is persistent (about one wave of resident blocks looping over
 // tiles), so the shared-memory tables are built once per block.
 //
-// Per tile, two phases:
+// A block takes its tiles in groups (8 tiles for 512-byte units), in two
+// phases per group:
 //  1. tweaks: T_0(u) = AES-enc(K2 of u's slot, IV(u)) for every data unit u
-//     that overlaps the tile, one unit per thread, in parallel, into
-//     shared memory (32 units per tile for 512-byte units: one AES pass of
-//     one warp, about 3% of the tile's work);
+//     of the group's tiles, one unit per thread, all threads in parallel,
+//     into shared memory (256 units for 512-byte units: one AES per thread,
+//     about 3% of the work). A single barrier per group: computing them
+//     per tile left one warp working and seven waiting at each tile.
 //  2. data: block j of unit u gets T_j = T_0(u) * alpha^j in GF(2^128)
 //     (a shift by j with one reduction, no loop over j), then
 //     C = AES(K1, P ^ T_j) ^ T_j.
@@ -196,28 +198,80 @@ __device__ __forceinline__ void fill_tables(u32* dst, const u32* __restrict__ sr
     for (u32 i = threadIdx.x; i < TAB_WORDS; i += blockDim.x) dst[i] = src[i >> 5];
 }
 
-// Phase 1: T_0 of every unit overlapping the tile, into tw[].
-__device__ __forceinline__ void tile_tweaks(uint4* tw, u64 u0, u64 u1, const u64* __restrict__ ivs,
-                                            int iv_stride, const int* __restrict__ slots,
-                                            int nslots, const uint4* __restrict__ sched,
-                                            const u32* te, u32 l4) {
-    for (u64 u = u0 + threadIdx.x; u < u1; u += blockDim.x) {
-        uint4 s[1];
-        u64 lo, hi = 0;
-        if (iv_stride == 2) {
-            lo = ivs[2 * u];
-            hi = ivs[2 * u + 1];
+// T_0 of unit u: its IV encrypted with the tweak key K2 of its slot.
+__device__ __forceinline__ uint4 unit_tweak(u64 u, const u64* __restrict__ ivs, int iv_stride,
+                                            const int* __restrict__ slots, int nslots,
+                                            const uint4* __restrict__ sched, const u32* te,
+                                            u32 l4) {
+    uint4 s[1];
+    u64 lo, hi = 0;
+    if (iv_stride == 2) {
+        lo = ivs[2 * u];
+        hi = ivs[2 * u + 1];
+    } else {
+        lo = ivs[u];
+    }
+    s[0] = make_uint4((u32)lo, (u32)(lo >> 32), (u32)hi, (u32)(hi >> 32));
+    const int slot = slot_of(slots, u, nslots);
+    const uint4* rk = sched + (size_t)slot * SLOT_U4 + RK_ENC2;
+    if (nrounds(sched, slot) == 14)
+        aes_enc<14, 1>(s, rk, te, l4);
+    else
+        aes_enc<10, 1>(s, rk, te, l4);
+    return s[0];
+}
+
+// The data of one tile, blocks [b0, bend); twt[u - u0] = T_0 of unit u.
+template <bool DECRYPT>
+__device__ __forceinline__ void xts_tile(const uint4* in, uint4* out, u64 b0, u64 bend, u64 u0,
+                                         u32 bpu, const uint4* twt,
+                                         const int* __restrict__ slots, int nslots,
+                                         const uint4* __restrict__ sched, const u32* te,
+                                         const u32* td, const u8* ib, u32 l4) {
+    uint4 s[XTS_BPT], t[XTS_BPT];
+    int slot[XTS_BPT];
+    bool same = true;
+#pragma unroll
+    for (int i = 0; i < XTS_BPT; ++i) {
+        const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+        const u64 bb = b < bend ? b : bend - 1;  // tail: compute, don't store
+        const u64 u = bb / bpu;
+        t[i] = mul_alpha_pow(twt[u - u0], (u32)(bb - u * bpu));
+        s[i] = xor4(in[bb], t[i]);
+        slot[i] = slot_of(slots, u, nslots);
+        same = same && slot[i] == slot[0];
+    }
+    if (same) {
+        const uint4* rk = sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+        const int nr = nrounds(sched, slot[0]);
+        if (DECRYPT) {
+            if (nr == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
+            else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
         } else {
-            lo = ivs[u];
+            if (nr == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
+            else aes_enc<10, XTS_BPT>(s, rk, te, l4);
         }
-        s[0] = make_uint4((u32)lo, (u32)(lo >> 32), (u32)hi, (u32)(hi >> 32));
-        const int slot = slot_of(slots, u, nslots);
-        const uint4* rk = sched + (size_t)slot * SLOT_U4 + RK_ENC2;
-        if (nrounds(sched, slot) == 14)
-            aes_enc<14, 1>(s, rk, te, l4);
-        else
-            aes_enc<10, 1>(s, rk, te, l4);
-        tw[u - u0] = s[0];
+    } else {
+        // blocks of different key slots: one at a time
+#pragma unroll
+        for (int i = 0; i < XTS_BPT; ++i) {
+            uint4 one[1] = {s[i]};
+            const uint4* rk = sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+            const int nr = nrounds(sched, slot[i]);
+            if (DECRYPT) {
+                if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
+                else aes_dec<10, 1>(one, rk, td, ib, l4);
+            } else {
+                if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
+                else aes_enc<10, 1>(one, rk, te, l4);
+            }
+            s[i] = one[0];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < XTS_BPT; ++i) {
+        const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+        if (b < bend) out[b] = xor4(s[i], t[i]);
     }
 }
 
@@ -228,7 +282,7 @@ __device__ __forceinline__ void xts_impl(const uint4* in, uint4* out, const u64*
                                          const u32* __restrict__ te_g,
                                          const u32* __restrict__ td_g,
                                          const u8* __restrict__ isb_g, u64 total_blocks,
-                                         u32 bpu) {
+                                         u32 bpu, u32 group) {
     extern __shared__ uint4 smem[];
     u32* te = (u32*)smem;
     u32* td = te + TAB_WORDS;
@@ -247,60 +301,31 @@ __device__ __forceinline__ void xts_impl(const uint4* in, uint4* out, const u64*
     }
     const u32 l4 = (threadIdx.x & 31) << 2;
     const u64 ntiles = (total_blocks + XTS_TILE - 1) / XTS_TILE;
+    const u32 per_tile = XTS_TILE / bpu + 2;  // tweak slots per tile
 
-    for (u64 tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-        const u64 b0 = tile * XTS_TILE;
-        const u64 bend = min(b0 + XTS_TILE, total_blocks);
-        const u64 u0 = b0 / bpu;
-        const u64 u1 = (bend - 1) / bpu + 1;
-        __syncthreads();  // tables built / previous tile's tweaks consumed
-        tile_tweaks(tw, u0, u1, ivs, iv_stride, slots, nslots, sched, te, l4);
+    // This block's tiles are blockIdx.x, +gridDim.x, ...; take them in
+    // groups of `group`: first the tweaks of every unit of the group's
+    // tiles, all threads in parallel (one barrier per group rather than a
+    // lone warp computing tweaks before each tile), then each tile's data.
+    for (u64 g0 = blockIdx.x; g0 < ntiles; g0 += (u64)gridDim.x * group) {
+        __syncthreads();  // tables built / previous group's tweaks consumed
+        for (u32 w = threadIdx.x; w < group * per_tile; w += blockDim.x) {
+            const u32 gi = w / per_tile;
+            const u64 tile = g0 + (u64)gi * gridDim.x;
+            if (tile >= ntiles) continue;
+            const u64 b0 = tile * XTS_TILE;
+            const u64 bend = min(b0 + XTS_TILE, total_blocks);
+            const u64 u = b0 / bpu + (w - gi * per_tile);
+            if (u > (bend - 1) / bpu) continue;
+            tw[w] = unit_tweak(u, ivs, iv_stride, slots, nslots, sched, te, l4);
+        }
         __syncthreads();
-
-        uint4 s[XTS_BPT], t[XTS_BPT];
-        int slot[XTS_BPT];
-        bool same = true;
-#pragma unroll
-        for (int i = 0; i < XTS_BPT; ++i) {
-            const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
-            const u64 bb = b < bend ? b : bend - 1;  // tail: compute, don't store
-            const u64 u = bb / bpu;
-            t[i] = mul_alpha_pow(tw[u - u0], (u32)(bb - u * bpu));
-            s[i] = xor4(in[bb], t[i]);
-            slot[i] = slot_of(slots, u, nslots);
-            same = same && slot[i] == slot[0];
-        }
-        const int nr0 = nrounds(sched, slot[0]);
-        if (same) {
-            const uint4* rk = sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-            if (DECRYPT) {
-                if (nr0 == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
-                else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
-            } else {
-                if (nr0 == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
-                else aes_enc<10, XTS_BPT>(s, rk, te, l4);
-            }
-        } else {
-            // blocks of different key slots: one at a time
-#pragma unroll
-            for (int i = 0; i < XTS_BPT; ++i) {
-                uint4 one[1] = {s[i]};
-                const uint4* rk = sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-                const int nr = nrounds(sched, slot[i]);
-                if (DECRYPT) {
-                    if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
-                    else aes_dec<10, 1>(one, rk, td, ib, l4);
-                } else {
-                    if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
-                    else aes_enc<10, 1>(one, rk, te, l4);
-                }
-                s[i] = one[0];
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < XTS_BPT; ++i) {
-            const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
-            if (b < bend) out[b] = xor4(s[i], t[i]);
+        for (u32 gi = 0; gi < group; ++gi) {
+            const u64 tile = g0 + (u64)gi * gridDim.x;
+            if (tile >= ntiles) break;
+            const u64 b0 = tile * XTS_TILE;
+            xts_tile<DECRYPT>(in, out, b0, min(b0 + XTS_TILE, total_blocks), b0 / bpu, bpu,
+                              tw + gi * per_tile, slots, nslots, sched, te, td, ib, l4);
         }
     }
 }
@@ -309,20 +334,20 @@ __device__ __forceinline__ void xts_impl(const uint4* in, uint4* out, const u64*
 // ivs: one uint64 per unit (iv_stride 1: sector number, already masked
 // for "plain") or two (iv_stride 2: raw 16-byte IV, low word first);
 // slots: one int per unit, or NULL for slot 0; sched: nslots * 192 words;
-// bpu: AES blocks per data unit. Dynamic shared memory: see xts_smem_bytes
+// bpu: AES blocks per data unit; group: tiles per tweak phase. Dynamic shared memory: see xts_smem_bytes
 // in cupy_backend.py.
 extern "C" __global__ void __launch_bounds__(XTS_THREADS)
 xts_encrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const int* slots,
             int nslots, const uint4* sched, const u32* te0, const u32* td0, const u8* isbox,
-            u64 total_blocks, u32 bpu) {
+            u64 total_blocks, u32 bpu, u32 group) {
     xts_impl<false>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
-                    total_blocks, bpu);
+                    total_blocks, bpu, group);
 }
 
 extern "C" __global__ void __launch_bounds__(XTS_THREADS)
 xts_decrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const int* slots,
             int nslots, const uint4* sched, const u32* te0, const u32* td0, const u8* isbox,
-            u64 total_blocks, u32 bpu) {
+            u64 total_blocks, u32 bpu, u32 group) {
     xts_impl<true>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
-                   total_blocks, bpu);
+                   total_blocks, bpu, group);
 }

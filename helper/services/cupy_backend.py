@@ -50,11 +50,16 @@ def probe():
     return True, ""
 
 
+def xts_group(unit_size):
+    """Tiles per tweak phase in xts.cu: about 256 units' tweaks at once."""
+    return max(1, unit_size // 64)
+
+
 def xts_smem_bytes(decrypt, unit_size):
-    """Dynamic shared memory of one XTS block: tables + tweaks of a tile."""
+    """Dynamic shared memory of one XTS block: tables + a group's tweaks."""
     tables = TAB_BYTES * (2 if decrypt else 1) + (ISB_BYTES if decrypt else 0)
     units = XTS_TILE // (unit_size // 16) + 2
-    return tables + units * 16
+    return tables + xts_group(unit_size) * units * 16
 
 
 class CupyBackend(Backend):
@@ -75,7 +80,7 @@ class CupyBackend(Backend):
             self._isbox = cp.asarray(aes_tables.INV_SBOX)
             self._stream = cp.cuda.Stream(non_blocking=True)
         self._schedules = weakref.WeakKeyDictionary()
-        self._grid_cache = {}
+        self._kernels = {}
 
     def device_name(self):
         return self._name
@@ -129,19 +134,22 @@ class CupyBackend(Backend):
             self._schedules[keys] = hit
         return hit[1]
 
-    def _grid(self, kern, fname, smem, work_blocks):
-        key = (fname, smem)
-        per_sm = self._grid_cache.get(key)
-        if per_sm is None:
+    def _xts_kernel(self, decrypt, smem):
+        """(kernel, resident blocks per SM) for this shared-memory size."""
+        key = (decrypt, smem)
+        hit = self._kernels.get(key)
+        if hit is None:
+            kern = get_kernel("xts", "xts_decrypt" if decrypt else
+                              "xts_encrypt")
             kern.max_dynamic_shared_size_bytes = smem
             try:
                 per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                     kern.kernel.ptr, XTS_THREADS, smem)
             except Exception:  # noqa: BLE001 - estimate from shared memory
-                per_sm = max(1, min(4, self._smem_per_sm // (smem + 1024)))
-            per_sm = max(1, int(per_sm))
-            self._grid_cache[key] = per_sm
-        return max(1, min(work_blocks, per_sm * self.sm_count))
+                per_sm = self._smem_per_sm // (smem + 1024)
+            hit = (kern, max(1, min(8, int(per_sm))))
+            self._kernels[key] = hit
+        return hit
 
     def launch_xts(self, decrypt, keys, d_in, d_out, d_ivs, d_slots,
                    unit_size):
@@ -155,19 +163,28 @@ class CupyBackend(Backend):
         total = d_in.size // 16
         if total == 0:
             return
-        fname = "xts_decrypt" if decrypt else "xts_encrypt"
-        kern = get_kernel("xts", fname)
         smem = xts_smem_bytes(decrypt, unit_size)
-        grid = self._grid(kern, fname, smem, -(-total // XTS_TILE))
+        kern, per_sm = self._xts_kernel(decrypt, smem)
+        ntiles = -(-total // XTS_TILE)
+        grid = min(ntiles, per_sm * self.sm_count)
+        group = min(xts_group(unit_size), -(-ntiles // grid))
         iv_stride = 2 if d_ivs.ndim == 2 else 1
         kern((grid,), (XTS_THREADS,),
              (d_in, d_out, d_ivs, np.int32(iv_stride),
               d_slots if d_slots is not None else np.uint64(0),
               np.int32(len(keys)), self.schedule(keys), self._te0, self._td0,
-              self._isbox, np.uint64(total), np.uint32(bpu)),
+              self._isbox, np.uint64(total), np.uint32(bpu),
+              np.uint32(group)),
              shared_mem=smem)
 
     # -------------------------------------------------------------- RAID6
+
+    def _raid_kernel(self, what, k):
+        kern = self._kernels.get((what, k))
+        if kern is None:
+            kern = get_kernel("raid6", f"raid6_{what}_k{k}", RAID6_K=k)
+            self._kernels[(what, k)] = kern
+        return kern
 
     def _raid_grid(self, ncols):
         per_block = RAID6_THREADS * RAID6_V
@@ -179,7 +196,7 @@ class CupyBackend(Backend):
         ncols = n // 16
         if ncols == 0:
             return
-        kern = get_kernel("raid6", f"raid6_gen_k{k}", RAID6_K=k)
+        kern = self._raid_kernel("gen", k)
         kern((self._raid_grid(ncols),), (RAID6_THREADS,),
              (d_data, d_p, d_q, np.uint64(ncols), np.uint64(ncols)))
 
@@ -191,7 +208,7 @@ class CupyBackend(Backend):
         if ncols == 0:
             return
         mode, x, y, c1, c2 = recovery_plan(k, failed)
-        kern = get_kernel("raid6", f"raid6_rec_k{k}", RAID6_K=k)
+        kern = self._raid_kernel("rec", k)
         kern((self._raid_grid(ncols),), (RAID6_THREADS,),
              (d_blocks, np.uint64(ncols), np.uint64(ncols), np.int32(mode),
               np.int32(x), np.int32(y), np.uint32(c1), np.uint32(c2)))

@@ -1,0 +1,191 @@
+"""``kgpu helper`` and ``kgpu status``."""
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from kgpu_helper import abi
+
+log = logging.getLogger("kgpu.helper")
+
+
+def _setup_logging(verbose):
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+        format="kgpu-helper[%(process)d] %(levelname)s: %(message)s")
+
+
+def _parse_gpus(text):
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--gpus takes device numbers like 0,1; got "
+                                 f"{text!r}") from None
+
+
+def _crossover_bytes(text):
+    if text in ("auto", "none"):
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise click.BadParameter("--crossover takes auto, none or a number "
+                                 "of bytes") from None
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise click.BadParameter("--crossover must fit in 32 bits")
+    return v
+
+
+def make_backends(backend, gpus, cpu_threads=None):
+    """(first backend, extra GPU backends) for --backend/--gpus."""
+    from kgpu_helper.services import (BackendUnavailable, cuda_available,
+                                      get_backend)
+
+    if backend == "cpu":
+        return get_backend("cpu", threads=cpu_threads), []
+    ok, why = cuda_available()
+    if not ok:
+        if backend == "cupy":
+            raise BackendUnavailable(f"the cupy backend cannot run: {why}")
+        log.info("no usable GPU (%s): using the cpu backend", why)
+        return get_backend("cpu", threads=cpu_threads), []
+    if gpus is None:
+        import cupy as cp
+        gpus = list(range(cp.cuda.runtime.getDeviceCount()))
+    bes = [get_backend("cupy", device=g) for g in gpus]
+    return bes[0], bes[1:]
+
+
+@click.command("helper")
+@click.option("--backend", type=click.Choice(["auto", "cupy", "cpu"]),
+              default="auto", show_default=True,
+              help="cupy: GPUs (auto: when CUDA works); cpu: numpy/OpenSSL.")
+@click.option("--gpus", help="GPUs to use, e.g. 0,1 (default: all visible).")
+@click.option("--ring", "ring_spec", default="kernel", show_default=True,
+              help="kernel: /dev/kgpu of the module; shm:FILE: a region "
+                   "served by a user-space ring driver (kgpu bench ring).")
+@click.option("--crossover", default="auto", show_default=True,
+              help="auto: measure per service at start-up and tell the "
+                   "kernel (cupy backend; with cpu every request comes to "
+                   "the helper: 0); none: leave the kernel's setting; or "
+                   "bytes for every service.")
+@click.option("--spin-us", type=float, default=50.0, show_default=True,
+              help="Microseconds to poll the ring before sleeping when "
+                   "idle (lower latency at low queue depth; 0: never spin).")
+@click.option("--cpu-threads", type=int, default=None,
+              help="Threads of the CPU backend (default: all cores).")
+@click.option("--max-requests", type=int, default=None, hidden=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
+               max_requests, verbose):
+    """Run the helper daemon: attach to the kgpu ring and serve AES-XTS
+    and RAID6 requests on the GPUs (or the CPU).
+
+    Logs to stderr. SIGTERM or SIGINT: the batch in hand is finished and
+    posted, then the helper detaches; the kernel redoes anything still
+    queued on its CPU. Exits 1 with a clear message when the module is not
+    loaded or another helper is attached.
+    """
+    from kgpu_helper.daemon import Helper
+    from kgpu_helper.services import BackendUnavailable
+    from kgpu_helper.services.cpu import CpuBackend
+    from kgpu_helper.transport import TransportError, open_transport
+
+    _setup_logging(verbose)
+    gpu_list = _parse_gpus(gpus)
+    cross = _crossover_bytes(crossover)
+    try:
+        t = open_transport(ring_spec)
+    except TransportError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        try:
+            be, extra = make_backends(backend, gpu_list, cpu_threads)
+        except BackendUnavailable as e:
+            raise click.ClickException(str(e)) from None
+        cpu = be if be.name == "cpu" else CpuBackend(threads=cpu_threads)
+        names = [be.device_name()] + [b.device_name() for b in extra]
+        log.info("attached to %s ring (%d entries, %d MiB data); backend %s"
+                 " on %s", t.name, t.region.entries,
+                 t.region.data_size >> 20, be.name, ", ".join(names))
+        _send_crossover(t, be, cpu, cross)
+        h = Helper(t, be, gpus=extra, spin=spin_us * 1e-6, cpu_backend=cpu)
+        h.install_signals()
+        try:
+            n = h.serve(max_requests=max_requests)
+        except TransportError as e:
+            log.warning("%s", e)
+            n = h.stats["answered"]
+        finally:
+            h.close()
+        log.info("stopping: %d requests answered in %d batches", n,
+                 h.stats["batches"])
+    finally:
+        t.close()
+    return 0
+
+
+def _send_crossover(t, be, cpu, cross):
+    from kgpu_helper.daemon import calibrate
+
+    if cross == "none":
+        return
+    if cross == "auto":
+        if be.name == "cupy":
+            res = calibrate(be, cpu)
+            log.info("crossover (GPU beats CPU from): %s", ", ".join(
+                f"{abi.SERVICE_NAMES[s]} {v if v is not None else 'never'}"
+                for s, v in res.items()))
+            # a service the GPU never wins keeps its requests on the
+            # kernel's CPU
+            values = {s: (0xFFFFFFFF if v is None else v)
+                      for s, v in res.items()}
+        else:
+            values = {s: 0 for s in abi.SERVICE_NAMES}
+    else:
+        values = {s: cross for s in abi.SERVICE_NAMES}
+    if t.name != "kernel":
+        log.info("crossover not sent (no kernel on a %s ring)", t.name)
+        return
+    try:
+        from kgpu_helper.netlink import KgpuNetlink
+        with KgpuNetlink() as nl:
+            for s, v in values.items():
+                nl.set_crossover(s, v)
+        log.info("crossover sent to the kernel")
+    except Exception as e:  # noqa: BLE001 - serve anyway
+        log.warning("could not send the crossover to the kernel: %s", e)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the statistics as JSON.")
+def status(as_json):
+    """Show the kgpu module's state: helper attached (pid), ring occupancy,
+    per-service requests, bytes, GPU/CPU split, timeouts and errors, and
+    each service's crossover size (from generic netlink)."""
+    try:
+        from kgpu_helper.netlink import KgpuNetlink, KgpuNotLoaded, \
+            format_stats
+    except ImportError as e:
+        raise click.ClickException(f"kgpu status needs pyroute2 ({e})") \
+            from None
+    try:
+        with KgpuNetlink() as nl:
+            st = nl.get_stats()
+    except KgpuNotLoaded as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot query the kgpu module: {e}") \
+            from None
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+    else:
+        click.echo(format_stats(st))
+    return 0
+

@@ -1,0 +1,441 @@
+"""``kgpu bench ring``: the helper measured through the ring.
+
+The bench process plays the kernel (:class:`RingDriver`), starts a real
+``kgpu helper --ring shm:...`` subprocess and keeps ``depth`` requests of
+one service and size in flight, resubmitting each buffer as soon as its
+completion is reaped. Per configuration it reports requests/s, GB/s of
+user data, round-trip latency percentiles (submit to reap, as the driver
+sees them) and the helper's CPU seconds per GB (from the kernel's
+per-thread accounting of the helper process). The first completion of
+every configuration is checked against the CPU backend in this process.
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import numpy as np
+
+from kgpu_helper import abi
+from kgpu_helper.bench import parse_size, progress
+from kgpu_helper.ringdriver import RingDriver, sqe
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB]
+DEPTHS = [1, 8, 32, 256]
+SERVICES = ["aes-xts-256-enc", "aes-xts-256-dec", "raid6-gen-k8",
+            "raid6-rec2-k8", "nop"]
+
+
+def helper_cpu_seconds(pid):
+    """CPU seconds used so far by every live thread of ``pid``."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    except OSError:
+        return None
+    return total / 1e9
+
+
+class Config:
+    """One service at one size: request template and reference check."""
+
+    def __init__(self, name, size, unit_size):
+        self.name = name
+        self.size = size
+        if name == "nop":
+            self.kind, self.buf_bytes, self.user_bytes = "nop", 0, 0
+            return
+        parts = name.split("-")
+        if name.startswith("aes-xts"):
+            self.kind = "xts"
+            self.key_bytes = int(parts[2]) // 4
+            self.decrypt = parts[3] == "dec"
+            self.unit = unit_size
+            self.buf_bytes = self.user_bytes = size
+        else:
+            self.kind = parts[1]  # gen / rec2
+            self.k = int(parts[2][1:])
+            self.unit = max(16, size // self.k // 16 * 16)
+            self.buf_bytes = (self.k + 2) * self.unit
+            self.user_bytes = self.k * self.unit
+
+    def template(self, off, i):
+        if self.kind == "nop":
+            return sqe(abi.SVC_NOP)
+        if self.kind == "xts":
+            svc = abi.SVC_XTS_DEC if self.decrypt else abi.SVC_XTS_ENC
+            return sqe(svc, in_off=off, out_off=off, in_len=self.size,
+                       out_len=self.size, unit_size=self.unit,
+                       sector_step=1, sector=1000 + i * (self.size // 512),
+                       key_slot=0 if self.key_bytes == 64 else 1)
+        svc = abi.SVC_RAID6_GEN if self.kind == "gen" else abi.SVC_RAID6_REC
+        extra = {}
+        if self.kind == "rec2":
+            extra = dict(fail_a=1, fail_b=self.k - 1)
+        return sqe(svc, in_off=off, out_off=off, in_len=self.buf_bytes,
+                   out_len=self.buf_bytes, unit_size=self.unit,
+                   ndisks=self.k + 2, **extra)
+
+    def expected(self, cpu, keys, before, tmpl):
+        """What the buffer must hold after the request (CPU oracle)."""
+        if self.kind == "xts":
+            n = self.size // self.unit
+            sec = np.arange(n, dtype=np.uint64) + np.uint64(
+                int(tmpl["sector"][0]))
+            kt = keys[self.key_bytes]
+            fn = cpu.xts_decrypt if self.decrypt else cpu.xts_encrypt
+            return fn(kt, before, sec, unit_size=self.unit)
+        b = before.reshape(self.k + 2, self.unit).copy()
+        cpu.raid6_gen(b[:self.k], b[self.k], b[self.k + 1])
+        return b.reshape(-1)
+
+
+def _pct(a, q):
+    return float(np.percentile(a, q)) / 1e3 if len(a) else None
+
+
+def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
+    """Measure one (service, size, depth); returns a result dict."""
+    nbuf = depth if cfg.buf_bytes == 0 else max(1, min(depth,
+                                                       cap // cfg.buf_bytes))
+    drv.reset_buffers()
+    offs = [drv.buffer(cfg.buf_bytes) if cfg.buf_bytes else 0
+            for _ in range(nbuf)]
+    if cfg.buf_bytes:
+        first = drv.view(offs[0], cfg.buf_bytes)
+        first[:] = rng.integers(0, 256, cfg.buf_bytes, dtype=np.uint8)
+        if cfg.kind in ("gen", "rec2"):
+            b = first.reshape(cfg.k + 2, cfg.unit)
+            cpu.raid6_gen(b[:cfg.k], b[cfg.k], b[cfg.k + 1])
+        for o in offs[1:]:
+            drv.view(o, cfg.buf_bytes)[:] = first
+    tmpl = np.concatenate([cfg.template(o, i) for i, o in enumerate(offs)])
+    before = expect = None
+    if cfg.buf_bytes:
+        before = drv.view(offs[0], cfg.buf_bytes).copy()
+        expect = cfg.expected(cpu, keys, before, tmpl[:1])
+        if cfg.kind == "rec2":  # lose the two blocks the request rebuilds
+            b = drv.view(offs[0], cfg.buf_bytes).reshape(cfg.k + 2, cfg.unit)
+            b[1] = 0xA5
+            b[cfg.k - 1] = 0x5A
+    buf_of = np.zeros(drv.entries, dtype=np.int64)
+    tags = drv.submit(tmpl)
+    buf_of[tags] = np.arange(len(tags))
+    spin = 2e-3
+    checked = None
+    lat = []
+    done = errors = cpu_flagged = 0
+    warm_until = time.perf_counter() + min(0.05, min_time / 4)
+    t0 = c0 = None
+    while True:
+        c = drv.wait(timeout=30, spin=spin)
+        if len(c) == 0:
+            raise RuntimeError(f"{cfg.name} {cfg.size} depth {depth}: no "
+                               f"completion in 30 s (helper stuck?)")
+        if (c["status"] == -107).any():
+            raise RuntimeError("the helper detached during the benchmark")
+        bufs = buf_of[c["tag"]]
+        now = time.perf_counter()
+        if checked is None and cfg.buf_bytes and (bufs == 0).any():
+            st = int(c["status"][bufs == 0][0])
+            got = drv.view(offs[0], cfg.buf_bytes)
+            checked = bool(st == 0 and np.array_equal(got, expect))
+            if cfg.kind == "xts":  # later requests run on changed data
+                pass
+        if t0 is None:
+            if now >= warm_until:
+                t0, c0 = now, helper_cpu_seconds(pid)
+        else:
+            lat.append(c["latency_ns"])
+            done += len(c)
+            errors += int((c["status"] != 0).sum())
+            cpu_flagged += int((c["flags"] & abi.CQE_CPU != 0).sum())
+            if now - t0 >= min_time and done >= 3 * len(offs):
+                t1, c1 = now, helper_cpu_seconds(pid)
+                break
+        tags = drv.submit(tmpl[bufs])
+        buf_of[tags] = bufs
+    while drv.inflight():  # let the rest finish before the next config
+        if not len(drv.wait(timeout=30, spin=spin)):
+            raise RuntimeError("helper stuck while draining")
+    lat = np.concatenate(lat) if lat else np.zeros(0)
+    sec = t1 - t0
+    nbytes = done * cfg.user_bytes
+    cpu_s = (c1 - c0) if c0 is not None and c1 is not None else None
+    return {
+        "service": cfg.name, "size": cfg.size, "depth": depth,
+        "depth_effective": len(offs), "requests": done,
+        "seconds": round(sec, 4),
+        "requests_per_s": round(done / sec, 1),
+        "gbps": round(nbytes / sec / 1e9, 3),
+        "p50_us": _pct(lat, 50), "p99_us": _pct(lat, 99),
+        "helper_cpu_s": cpu_s,
+        "helper_cpu_s_per_gb": (round(cpu_s / (nbytes / 1e9), 4)
+                                if cpu_s is not None and nbytes else None),
+        "errors": errors, "helper_cpu_completions": cpu_flagged,
+        "verified": checked,
+    }
+
+
+def bare_launch_us(n=2000):
+    """p50 of a bare CuPy launch + synchronize, and of a 4 KiB pinned
+    round trip (H2D, tiny kernel, D2H, synchronize), in microseconds."""
+    import cupy as cp
+    x = cp.zeros(1, cp.float32)
+    k = cp.ElementwiseKernel("float32 a", "float32 b", "b = a + 1",
+                             "kgpu_bare")
+    st = cp.cuda.Stream(non_blocking=True)
+    h = cp.cuda.alloc_pinned_memory(4096)
+    hb = np.frombuffer(h, np.uint8, 4096)
+    d = cp.empty(4096, cp.uint8)
+    res = {}
+    with st:
+        for name in ("launch_sync", "copy_launch_copy_4k"):
+            ts = []
+            for i in range(n):
+                t0 = time.perf_counter_ns()
+                if name == "copy_launch_copy_4k":
+                    cp.cuda.runtime.memcpyAsync(d.data.ptr, hb.ctypes.data,
+                                                4096, 1, st.ptr)
+                k(x, x)
+                if name == "copy_launch_copy_4k":
+                    cp.cuda.runtime.memcpyAsync(hb.ctypes.data, d.data.ptr,
+                                                4096, 2, st.ptr)
+                st.synchronize()
+                ts.append(time.perf_counter_ns() - t0)
+            res[name + "_p50_us"] = float(np.median(ts[n // 10:])) / 1e3
+    return res
+
+
+def start_helper(sock, backend, spin_us, extra=()):
+    cmd = [sys.executable, "-m", "kgpu_helper.cli", "helper", "--backend",
+           backend, "--ring", "shm:" + sock, "--crossover", "none",
+           "--spin-us", str(spin_us), *extra]
+    return subprocess.Popen(cmd)
+
+
+def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
+        spin_us, progress, compare_compute=True):
+    from kgpu_helper.services import KeyTable, get_backend
+    from kgpu_helper.services.cpu import CpuBackend, cpu_name
+
+    rng = np.random.default_rng(0)
+    cpu = CpuBackend(threads=os.cpu_count())
+    key64, key32 = rng.bytes(64), rng.bytes(32)
+    keys = {64: KeyTable([key64]), 32: KeyTable([key32])}
+    report = {"date": datetime.datetime.now(datetime.timezone.utc)
+              .isoformat(timespec="seconds"), "cpu": cpu_name(),
+              "unit_size": unit_size, "results": [], "helpers": {}}
+    for backend in backends:
+        tmp = tempfile.mkdtemp(prefix="kgpu-ring-")
+        sock = os.path.join(tmp, "ring.sock")
+        drv = RingDriver(sock, entries=256, data_size=data_bytes)
+        drv.set_key(0, key64)
+        drv.set_key(1, key32)
+        proc = start_helper(sock, backend, spin_us)
+        try:
+            if not drv.wait_attach(120):
+                raise RuntimeError(f"the {backend} helper did not attach")
+            # the first requests compile kernels: warm every service up
+            for sname in services:
+                cfg = Config(sname, 64 * KiB, unit_size)
+                run_config(drv, proc.pid, cfg, 1, 0.01, cpu, keys, rng,
+                           data_bytes)
+            for sname in services:
+                for size in ([4 * KiB] if sname == "nop" else sizes):
+                    cfg = Config(sname, size, unit_size)
+                    for depth in depths:
+                        progress(f"[{backend}] {sname} {size // KiB}K "
+                                 f"depth {depth}")
+                        r = run_config(drv, proc.pid, cfg, depth, min_time,
+                                       cpu, keys, rng, data_bytes)
+                        r["backend"] = backend
+                        report["results"].append(r)
+                        progress(f"    {r['requests_per_s']:.0f} req/s "
+                                 f"{r['gbps']} GB/s p50 {r['p50_us']:.1f} "
+                                 f"us p99 {r['p99_us']:.1f} us cpu/GB "
+                                 f"{r['helper_cpu_s_per_gb']} verified "
+                                 f"{r['verified']}")
+        finally:
+            proc.terminate()
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+            report["helpers"][backend] = {"exit_status": rc}
+            drv.close()
+            os.rmdir(tmp)
+    if "cupy" in backends:
+        be = get_backend("cupy")
+        report["device"] = be.device_name()
+        report["bare_cupy"] = bare_launch_us()
+        if compare_compute:
+            report["compute_end_to_end"] = compute_end_to_end(
+                be, [s for s in services if s != "nop"], unit_size, rng)
+    report["targets"] = targets(report)
+    return report
+
+
+def compute_end_to_end(be, services, unit_size, rng, size=1 * MiB):
+    """`kgpu bench compute`'s end_to_end path for the same services, in
+    this run (its Runner, unchanged)."""
+    try:
+        from kgpu_helper.bench import Runner, Service
+        from kgpu_helper.services.cpu import CpuBackend
+        runner = Runner(be, CpuBackend(threads=1), CpuBackend(threads=1),
+                        0.5, rng)
+        out = {}
+        for s in services:
+            svc = Service(s, unit_size)
+            sec = runner.end_to_end(svc, size)
+            out[s] = round(svc.user_bytes(size) / sec / 1e9, 3)
+        return out
+    except Exception as e:  # noqa: BLE001 - report, do not fail the bench
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def targets(rep):
+    res = rep["results"]
+
+    def find(backend, svc, size, depth):
+        for r in res:
+            if (r["backend"], r["service"], r["size"], r["depth"]) == \
+                    (backend, svc, size, depth):
+                return r
+        return None
+
+    out = []
+    r = find("cupy", "aes-xts-256-enc", 4 * KiB, 1)
+    if r:
+        out.append({"target": "xts 4K depth 1 p50 <= 50 us",
+                    "value_us": r["p50_us"], "met": r["p50_us"] <= 50,
+                    "bare_cupy": rep.get("bare_cupy")})
+    e2e = rep.get("compute_end_to_end") or {}
+    for svc, g in e2e.items():
+        if not isinstance(g, float):
+            continue
+        best = max((r["gbps"] for r in res if r["backend"] == "cupy"
+                    and r["service"] == svc and r["size"] == MiB
+                    and r["depth"] >= 32), default=None)
+        if best is not None:
+            out.append({"target": f"{svc} 1M depth>=32 >= 90% of compute "
+                        "end_to_end", "ring_gbps": best,
+                        "end_to_end_gbps": g, "ratio": round(best / g, 3),
+                        "met": best >= 0.9 * g})
+    for r in res:
+        if r["backend"] != "cupy" or r["size"] != MiB or r["depth"] != 32:
+            continue
+        c = find("cpu", r["service"], MiB, 32)
+        if c and c["helper_cpu_s_per_gb"] and r["helper_cpu_s_per_gb"]:
+            ratio = r["helper_cpu_s_per_gb"] / c["helper_cpu_s_per_gb"]
+            out.append({"target": f"{r['service']} 1M depth 32 helper CPU/GB"
+                        " <= 1/5 of the cpu backend's",
+                        "cupy_s_per_gb": r["helper_cpu_s_per_gb"],
+                        "cpu_s_per_gb": c["helper_cpu_s_per_gb"],
+                        "ratio": round(ratio, 3), "met": ratio <= 0.2})
+    return out
+
+
+def print_report(rep, out=sys.stdout):
+    out.write(f"device: {rep.get('device', '-')}   cpu: {rep['cpu']}   "
+              f"{rep['date']}   xts unit {rep['unit_size']}\n")
+    if rep.get("bare_cupy"):
+        b = rep["bare_cupy"]
+        out.write(f"bare CuPy launch+sync p50 {b['launch_sync_p50_us']:.1f} "
+                  f"us; 4K copy+launch+copy+sync p50 "
+                  f"{b['copy_launch_copy_4k_p50_us']:.1f} us\n")
+    out.write(f"{'backend':<8}{'service':<17}{'size':>6}{'depth':>6}"
+              f"{'req/s':>11}{'GB/s':>9}{'p50 us':>9}{'p99 us':>9}"
+              f"{'cpu s/GB':>10}  ok\n")
+    for r in rep["results"]:
+        d = (f"{r['depth']}" if r["depth"] == r["depth_effective"]
+             else f"{r['depth_effective']}*")
+        cg = r["helper_cpu_s_per_gb"]
+        out.write(f"{r['backend']:<8}{r['service']:<17}"
+                  f"{r['size'] // KiB:>5}K{d:>6}{r['requests_per_s']:>11.0f}"
+                  f"{r['gbps']:>9.2f}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}"
+                  f"{(f'{cg:.3f}' if cg is not None else '-'):>10}  "
+                  f"{'yes' if r['verified'] else r['verified']}\n")
+    out.write("(* = fewer buffers than the depth fit in the data area)\n")
+    if rep.get("compute_end_to_end"):
+        out.write(f"compute end_to_end at 1M (GB/s): "
+                  f"{rep['compute_end_to_end']}\n")
+    for t in rep["targets"]:
+        out.write(f"target: {t['target']}: {'MET' if t['met'] else 'MISSED'}"
+                  f"  {json.dumps({k: v for k, v in t.items() if k not in ('target', 'met')})}\n")
+
+
+@click.command("ring")
+@click.option("--backend", "backends", default="auto", show_default=True,
+              help="Helper backend(s) to measure, comma-separated: auto, "
+                   "cupy, cpu (e.g. cupy,cpu to compare CPU time per GB).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write all results to this JSON file.")
+@click.option("--sizes", help="Request sizes (user data), comma-separated "
+              "with K/M suffixes. Default: 4K,64K,1M,16M.")
+@click.option("--depths", help="Queue depths, comma-separated. Default: "
+              "1,8,32,256.")
+@click.option("--services", "service_list",
+              help="Comma-separated subset of: aes-xts-256-enc, "
+                   "aes-xts-256-dec, aes-xts-128-enc, aes-xts-128-dec, "
+                   "raid6-gen-k<K>, raid6-rec2-k<K>, nop.")
+@click.option("--unit-size", type=click.Choice(["512", "1024", "2048",
+                                                 "4096"]),
+              default="512", show_default=True,
+              help="XTS data unit (sector) size in bytes.")
+@click.option("--min-time", type=float, default=0.3, show_default=True,
+              help="Seconds each configuration runs for.")
+@click.option("--data-size", default="512M", show_default=True,
+              help="Data area of the region (bounds depth x size).")
+@click.option("--spin-us", type=float, default=50.0, show_default=True,
+              help="The helper's --spin-us.")
+def ring(backends, json_path, sizes, depths, service_list, unit_size,
+         min_time, data_size, spin_us):
+    """The helper through the ring, without the kernel module.
+
+    This process plays the kernel's side of the ring ABI over shared
+    memory and drives a real `kgpu helper` subprocess. Per service, request
+    size and queue depth: requests/s, GB/s, p50/p99 round-trip latency and
+    the helper's CPU seconds per GB; with cupy also a bare CuPy launch's
+    latency and `bench compute`'s end_to_end rate at 1M, and the targets.
+    """
+    blist = [b.strip() for b in backends.split(",") if b.strip()]
+    for b in blist:
+        if b not in ("auto", "cupy", "cpu"):
+            raise click.BadParameter(f"unknown backend {b!r}",
+                                     param_hint="--backend")
+    if "auto" in blist:
+        from kgpu_helper.services import cuda_available
+        blist = [("cupy" if cuda_available()[0] else "cpu") if b == "auto"
+                 else b for b in blist]
+    size_list = ([parse_size(s) for s in sizes.split(",")] if sizes
+                 else SIZES)
+    depth_list = ([int(d) for d in depths.split(",")] if depths
+                  else DEPTHS)
+    for d in depth_list:
+        if not 1 <= d <= 256:
+            raise click.BadParameter("depths are 1..256 (the ring's size)",
+                                     param_hint="--depths")
+    services = (service_list.split(",") if service_list
+                else SERVICES)
+    rep = run(blist, services, size_list, depth_list, min_time,
+                        int(unit_size), parse_size(data_size), spin_us,
+                        progress)
+    print_report(rep)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rep, f, indent=1)
+        progress(f"wrote {json_path}")
+    return 0

@@ -1,0 +1,412 @@
+"""The helper's side of the ring: the shared region, drain and post.
+
+No crypto and no GPU here. Two transports expose the same small
+interface (:class:`Transport`):
+
+- :class:`KernelTransport`: ``/dev/kgpu`` of the kgpu module. ``open``
+  attaches (one helper at a time: EBUSY), ``KGPU_IOC_VERSION`` checks
+  magic and ABI version, the region is mmapped from offset 0,
+  ``poll(POLLIN)`` waits for submissions, ``KGPU_IOC_COMPLETE`` rings the
+  doorbell once per batch of completions, ``close`` detaches (the kernel
+  then completes whatever was in flight on its CPU).
+- :class:`ShmTransport`: the same region layout in shared memory,
+  created by :mod:`kgpu_helper.ringdriver` (the user-space stand-in for
+  the kernel). Attaching is connecting to the driver's Unix socket
+  (``<file>.sock``); the connection is the doorbell in both directions
+  (one byte per batch) and its hang-up is the detach.
+
+Memory ordering: the region is shared with another CPU writer (the kernel
+or the driver process). On x86-64 (TSO) stores become visible in program
+order and loads are not reordered with older loads, so "write the
+entries, then store the index" on one side and "load the index, then read
+the entries" on the other need no fences; numpy and memoryview stores
+are plain stores. The module is x86-64 only for that reason (see
+``_check_arch``).
+"""
+
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import select
+import socket
+
+import numpy as np
+
+from kgpu_helper import abi
+
+DEVICE = "/dev/kgpu"
+_MASK32 = 0xFFFFFFFF
+
+# Word (uint32) indexes of the four ring indexes in the header.
+_SQ_TAIL = abi.SQ_TAIL_OFF // 4
+_SQ_HEAD = abi.SQ_HEAD_OFF // 4
+_CQ_TAIL = abi.CQ_TAIL_OFF // 4
+_CQ_HEAD = abi.CQ_HEAD_OFF // 4
+
+# Doorbell / handshake bytes of the shared-memory transport.
+SHM_ATTACHED = b"A"
+SHM_BUSY = b"B"
+SHM_BELL = b"d"
+
+
+class TransportError(RuntimeError):
+    """The ring cannot be attached or is inconsistent; ``str`` says why
+    and what to do."""
+
+
+def _check_arch():
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise TransportError(
+            f"the ring relies on x86-64 store ordering (TSO); this is "
+            f"{platform.machine()}")
+
+
+class Region:
+    """Typed views of a mapped region (any buffer with the ABI layout).
+
+    ``hdr`` is the header as a numpy record, ``sq``/``cq``/``keys`` the
+    rings and key slots as structured arrays, ``buf`` the whole region as
+    uint8 (request offsets are region offsets), ``idx`` the header as
+    uint32 words for fast access to the ring indexes.
+    """
+
+    def __init__(self, buf):
+        self.mem = buf
+        self.buf = np.frombuffer(buf, dtype=np.uint8)
+        if self.buf.size < abi.REGION_HDR.itemsize:
+            raise TransportError("region smaller than its header")
+        self.hdr = self.buf[:abi.REGION_HDR.itemsize].view(abi.REGION_HDR)[0]
+        self.idx = memoryview(buf)[:abi.REGION_HDR.itemsize].cast("I")
+        h = self.hdr
+        if int(h["magic"]) != abi.MAGIC:
+            raise TransportError(f"region magic is {int(h['magic']):#x}, "
+                                 f"not {abi.MAGIC:#x} ('kgpu')")
+        if int(h["abi_version"]) != abi.ABI_VERSION:
+            raise TransportError(
+                f"region ABI version {int(h['abi_version'])}, this helper "
+                f"speaks {abi.ABI_VERSION}: use a matching helper")
+        for name, dt in (("sqe_size", abi.SQE), ("cqe_size", abi.CQE),
+                         ("key_slot_size", abi.KEY_SLOT)):
+            if int(h[name]) != dt.itemsize:
+                raise TransportError(f"region {name} {int(h[name])} != "
+                                     f"{dt.itemsize}")
+        self.entries = int(h["ring_entries"])
+        if self.entries < 1 or self.entries & (self.entries - 1):
+            raise TransportError(f"ring_entries {self.entries} is not a "
+                                 f"power of two")
+        self.mask = self.entries - 1
+        self.size = int(h["region_size"])
+        self.data_off = int(h["data_off"])
+        self.data_size = int(h["data_size"])
+        self.nkeys = int(h["key_slots"])
+
+        def part(off, count, dt):
+            off = int(off)
+            end = off + count * dt.itemsize
+            if off < abi.REGION_HDR.itemsize or end > self.buf.size:
+                raise TransportError(f"region part at {off} of {count} x "
+                                     f"{dt.itemsize} bytes lies outside it")
+            return self.buf[off:end].view(dt)
+
+        self.sq = part(h["sq_off"], self.entries, abi.SQE)
+        self.cq = part(h["cq_off"], self.entries, abi.CQE)
+        self.keys = part(h["keys_off"], self.nkeys, abi.KEY_SLOT)
+        if (self.data_off + self.data_size > self.buf.size
+                or self.data_off < abi.REGION_HDR.itemsize):
+            raise TransportError("region data area lies outside it")
+
+    def release(self):
+        """Drop every view so that the mapping can be closed."""
+        self.hdr = self.sq = self.cq = self.keys = self.buf = None
+        if self.idx is not None:
+            self.idx.release()
+            self.idx = None
+
+
+def ring_read(ring, start, n):
+    """Copy of ``n`` entries of ``ring`` from ``start`` on (wrapping)."""
+    end = start + n
+    if end <= len(ring):
+        return ring[start:end].copy()
+    return np.concatenate([ring[start:], ring[:end - len(ring)]])
+
+
+def ring_write(ring, start, entries):
+    """Store ``entries`` into ``ring`` from ``start`` on (wrapping)."""
+    n = len(entries)
+    first = min(n, len(ring) - start)
+    ring[start:start + first] = entries[:first]
+    if first < n:
+        ring[:n - first] = entries[first:]
+
+
+class Transport:
+    """What the serving loop needs from a ring.
+
+    - ``region``: a :class:`Region` (``buf``, ``keys``, ``data_off``...);
+    - ``fileno()``: an fd that polls readable when submissions may wait;
+    - ``pending()``: how many SQEs are published and not yet taken;
+    - ``wait(timeout)``: sleep until ``pending()`` or the timeout
+      (seconds, None: forever); returns ``pending()``;
+    - ``drain()``: copy every published SQE out of the SQ (a structured
+      array, possibly empty) and advance ``sq_head``;
+    - ``post(cqes)``: write completions at ``cq_tail``, publish them and
+      ring the doorbell once;
+    - ``close()``: detach.
+    """
+
+    region = None
+
+    def fileno(self):
+        raise NotImplementedError
+
+    def _doorbell(self):
+        raise NotImplementedError
+
+    def _wait_fd(self, timeout):
+        """Block in poll() on the fd; raise TransportError on hang-up."""
+        p = select.poll()
+        p.register(self.fileno(), select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        for _fd, ev in p.poll(ms):
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                raise TransportError("the ring's other side went away")
+
+    def pending(self):
+        idx = self.region.idx
+        return (idx[_SQ_TAIL] - idx[_SQ_HEAD]) & _MASK32
+
+    def wait(self, timeout=None):
+        n = self.pending()
+        if n == 0:
+            self._wait_fd(timeout)
+            n = self.pending()
+        return n
+
+    def drain(self):
+        r = self.region
+        idx = r.idx
+        head = idx[_SQ_HEAD]
+        tail = idx[_SQ_TAIL]  # then the entries: TSO, see the module doc
+        n = (tail - head) & _MASK32
+        if n == 0:
+            return r.sq[:0].copy()
+        if n > r.entries:
+            raise TransportError(
+                f"submission ring corrupt: {n} entries published on a ring "
+                f"of {r.entries} (sq_head {head}, sq_tail {tail})")
+        sqes = ring_read(r.sq, head & r.mask, n)
+        idx[_SQ_HEAD] = tail
+        return sqes
+
+    def cq_space(self):
+        idx = self.region.idx
+        return self.region.entries - ((idx[_CQ_TAIL] - idx[_CQ_HEAD])
+                                      & _MASK32)
+
+    def post(self, cqes):
+        n = len(cqes)
+        if n == 0:
+            return
+        r = self.region
+        idx = r.idx
+        if n > self.cq_space():
+            # Cannot happen with a correct other side: at most
+            # ring_entries requests are in flight, unreaped CQEs included.
+            raise TransportError(
+                f"completion ring full: {n} to post, {self.cq_space()} free")
+        tail = idx[_CQ_TAIL]
+        ring_write(r.cq, tail & r.mask, cqes)
+        idx[_CQ_TAIL] = (tail + n) & _MASK32  # after the entries (TSO)
+        self._doorbell()
+
+    def _unmap(self):
+        if self.region is not None:
+            self.region.release()
+            self.region = None
+        if getattr(self, "mm", None) is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; unmapped at exit
+            self.mm = None
+
+    def close(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class KernelTransport(Transport):
+    """The kgpu module's ``/dev/kgpu``."""
+
+    name = "kernel"
+
+    def __init__(self, path=DEVICE):
+        _check_arch()
+        self.path = path
+        self.fd = -1
+        self.mm = None
+        self.region = None
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TransportError(
+                f"{path} does not exist: the kgpu module is not loaded "
+                f"(modprobe kgpu, or insmod kgpu.ko)") from None
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise TransportError(
+                    f"{path} is busy: another helper is attached (see "
+                    f"'kgpu status' for its pid)") from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise TransportError(f"no permission to open {path}: run "
+                                     f"the helper as root") from None
+            raise TransportError(f"cannot open {path}: {e}") from None
+        try:
+            self._check_version()
+            self._map()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_version(self):
+        try:
+            raw = fcntl.ioctl(self.fd, abi.IOC_VERSION,
+                              bytes(abi.VERSION.itemsize))
+        except OSError as e:
+            raise TransportError(f"KGPU_IOC_VERSION failed on {self.path}: "
+                                 f"{e}") from None
+        v = np.frombuffer(raw, dtype=abi.VERSION)[0]
+        if int(v["magic"]) != abi.MAGIC:
+            raise TransportError(f"{self.path} is not a kgpu device (magic "
+                                 f"{int(v['magic']):#x})")
+        if int(v["abi_version"]) != abi.ABI_VERSION:
+            raise TransportError(
+                f"the kgpu module speaks ABI {int(v['abi_version'])}, this "
+                f"helper speaks {abi.ABI_VERSION}: install matching versions")
+
+    def _map(self):
+        # The first page holds the header with the region's size.
+        first = mmap.mmap(self.fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                          mmap.PROT_READ)
+        try:
+            hdr = np.frombuffer(first, dtype=abi.REGION_HDR, count=1)[0]
+            size = int(hdr["region_size"])
+            del hdr
+        finally:
+            first.close()
+        if size < mmap.PAGESIZE:
+            raise TransportError(f"region_size {size} is too small")
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self.region = Region(self.mm)
+
+    def fileno(self):
+        return self.fd
+
+    def _doorbell(self):
+        fcntl.ioctl(self.fd, abi.IOC_COMPLETE, 0)
+
+    def close(self):
+        self._unmap()
+        if self.fd >= 0:
+            os.close(self.fd)  # detaches: the kernel takes back the rest
+            self.fd = -1
+
+
+class ShmTransport(Transport):
+    """A region served by :class:`kgpu_helper.ringdriver.RingDriver` at
+    the Unix socket ``path``: connecting attaches, and the attach message
+    carries the region's file descriptor (SCM_RIGHTS), the way opening
+    /dev/kgpu gives the module's region."""
+
+    name = "shm"
+
+    def __init__(self, path, timeout=5.0):
+        _check_arch()
+        self.path = path
+        self.mm = None
+        self.region = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(path)
+                hello, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise TransportError(
+                    f"no ring driver is serving {path} (start one with "
+                    f"'kgpu bench ring', or use the kernel transport)"
+                ) from None
+            except OSError as e:
+                raise TransportError(f"cannot attach to {path}: {e}") \
+                    from None
+            if hello == SHM_BUSY:
+                raise TransportError(f"{path} is busy: another helper is "
+                                     f"attached")
+            if hello != SHM_ATTACHED or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise TransportError(f"{path}: the ring driver hung up")
+            self.sock.setblocking(False)
+            fd = fds[0]
+            try:
+                size = os.fstat(fd).st_size
+                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            self.region = Region(self.mm)
+        except BaseException:
+            self.close()
+            raise
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def _wait_fd(self, timeout):
+        super()._wait_fd(timeout)
+        self._clear()
+
+    def _clear(self):
+        try:
+            while True:
+                b = self.sock.recv(4096)
+                if not b:
+                    raise TransportError("the ring driver went away")
+                if len(b) < 4096:
+                    return
+        except BlockingIOError:
+            return
+
+    def _doorbell(self):
+        try:
+            self.sock.send(SHM_BELL)
+        except BlockingIOError:
+            pass  # the driver has a backlog of bells: it will look anyway
+        except OSError as e:
+            raise TransportError(f"the ring driver went away ({e})") \
+                from None
+
+    def close(self):
+        self._unmap()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def open_transport(spec):
+    """``kernel`` (or a device path) -> KernelTransport; ``shm:SOCKET`` ->
+    ShmTransport."""
+    if spec.startswith("shm:"):
+        return ShmTransport(spec[4:])
+    if spec == "kernel":
+        return KernelTransport()
+    return KernelTransport(spec)
