@@ -585,7 +585,8 @@ class Helper:
                                            self.cpu, self._registered))
         self._rr = 0
         self.inflight = collections.deque()
-        self._wake_r = self._wake_w = -1
+        # request_stop() writes here to end a sleep in poll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- CUDA registration of the region
 
@@ -715,7 +716,6 @@ class Helper:
 
     def install_signals(self):
         """SIGTERM/SIGINT: finish the batch in hand, post it, return."""
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self.request_stop)
 
@@ -770,7 +770,7 @@ class Helper:
                                 time.monotonic() - idle_since > idle_timeout:
                             break
                         self._sleep(0.5 if idle_timeout is not None
-                                    or self.stopping is False else None)
+                                    else None)
                         continue
                     sqes = t.drain()
                 out = []

@@ -69,7 +69,9 @@ class kgpumsg(genlmsg):
 
     class service(nla):
         prefix = "KGPU_ATTR_"
-        nla_map = NLA_MAP
+        # the same attribute space; a service never nests another
+        nla_map = tuple((n, "hex" if t == "service" else t)
+                        for n, t in NLA_MAP)
 
 
 class KgpuNotLoaded(RuntimeError):
