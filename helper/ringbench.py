@@ -252,10 +252,17 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
                 cfg = Config(sname, 64 * KiB, unit_size)
                 run_config(drv, proc.pid, cfg, 1, 0.01, cpu, keys, rng,
                            data_bytes)
+            compare_only = backend == "cpu" and len(backends) > 1
             for sname in services:
-                for size in ([4 * KiB] if sname == "nop" else sizes):
+                if compare_only and sname == "nop":
+                    continue
+                # next to a GPU run, the cpu backend is measured at the
+                # comparison point of the CPU-time target only
+                bsizes = ([MiB] if compare_only else
+                          [4 * KiB] if sname == "nop" else sizes)
+                for size in bsizes:
                     cfg = Config(sname, size, unit_size)
-                    for depth in depths:
+                    for depth in ([32] if compare_only else depths):
                         progress(f"[{backend}] {sname} {size // KiB}K "
                                  f"depth {depth}")
                         r = run_config(drv, proc.pid, cfg, depth, min_time,
