@@ -286,7 +286,7 @@ def crossovers(results, services, sizes):
             g = table.get((s, "end_to_end", size))
             c = table.get((s, "cpu_allcores", size))
             if g is None or c is None:
-                break
+                continue  # not measured at this size (--cpu-max-size)
             if g >= c:
                 cross = size
             else:

@@ -47,11 +47,21 @@ __device__ __forceinline__ u32 rotl8(u32 x) { return __funnelshift_l(x, x, 8); }
 __device__ __forceinline__ u32 rotl16(u32 x) { return __funnelshift_l(x, x, 16); }
 __device__ __forceinline__ u32 rotl24(u32 x) { return __funnelshift_l(x, x, 24); }
 
-// Lookups in a replicated table. `tl` points at this lane's column (table
-// + lane); entry e of the lane's copy is tl[e * 32]. The byte is pulled
-// out with one PRMT and scaled into the address with one LEA.
-__device__ __forceinline__ u32 tab(const u32* tl, u32 x, int n) {
-    return tl[__byte_perm(x, 0, 0x4440 | n) << 5];
+// Lookups in a replicated table. `tl` is the shared-window address of this
+// lane's column (table + lane * 4); entry e of the lane's copy is at
+// tl + e * 128. The byte is pulled out with one PRMT and scaled into the
+// address with one LEA; the load is an explicit ld.shared so that the
+// compiler does not rebuild the address from a generic pointer.
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+__device__ __forceinline__ u32 tab(u32 tl, u32 x, int n) {
+    return lds32(tl + (__byte_perm(x, 0, 0x4440 | n) << 7));
+}
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
 }
 #define B0(x, l) (x), 0
 #define B1(x, l) (x), 1
@@ -72,8 +82,8 @@ __device__ __forceinline__ uint4 xor4(uint4 a, uint4 b) {
 // once per round for all B blocks: instruction-level parallelism).
 template <int NR, int B>
 __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__ rk,
-                                        const u32* te, u32 l4) {
-    te += l4 >> 2;
+                                        const u32* te_, u32 l4) {
+    const u32 te = smem_addr(te_) + l4;
     uint4 k = __ldg(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
@@ -117,8 +127,8 @@ __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__
 
 template <int NR, int B>
 __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__ rk,
-                                        const u32* td, const u8* ib, u32 l4) {
-    td += l4 >> 2;
+                                        const u32* td_, const u8* ib, u32 l4) {
+    const u32 td = smem_addr(td_) + l4;
     uint4 k = __ldg(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);

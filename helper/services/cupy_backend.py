@@ -165,6 +165,10 @@ class CupyBackend(Backend):
             return
         smem = xts_smem_bytes(decrypt, unit_size)
         kern, per_sm = self._xts_kernel(decrypt, smem)
+        if smem > 48 * 1024:
+            # set before each launch: seen not to stick to the function
+            # between calls (CUDA_ERROR_INVALID_VALUE on a later launch)
+            kern.max_dynamic_shared_size_bytes = smem
         ntiles = -(-total // XTS_TILE)
         grid = min(ntiles, per_sm * self.sm_count)
         group = min(xts_group(unit_size), -(-ntiles // grid))
