@@ -109,10 +109,15 @@ class Runner:
         return (time.perf_counter() - t0) / reps
 
     def time_gpu(self, fns):
-        """Mean GPU seconds per call of fns (a list, used in turn): CUDA
-        events around each call, so the time between calls (Python
-        launching the next one) is not counted; the kernels' own time is."""
+        """Mean GPU seconds per call of fns (a list, used in turn).
+
+        A spin kernel goes first and keeps the GPU busy while Python queues
+        all the timed calls, so the events around them measure the calls
+        running back to back on the GPU, not Python's launch rate.
+        """
         import cupy as cp
+        from kgpu_helper.cuda import get_kernel
+        spin = get_kernel("util", "spin")
         for f in fns[:2]:
             f()
         cp.cuda.Device().synchronize()
@@ -122,15 +127,15 @@ class Runner:
         end.record()
         end.synchronize()
         once = cp.cuda.get_elapsed_time(start, end) / 1e3
-        reps = min(500, self._reps(once))
-        evs = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(reps)]
-        for i, (a, b) in enumerate(evs):
-            a.record()
+        reps = min(300, self._reps(once))
+        # about 40 us of queueing time per call, at about 2 GHz
+        spin((1,), (1,), (np.uint64(min(2e9, reps * 40e-6 * 2e9)),))
+        start.record()
+        for i in range(reps):
             fns[i % len(fns)]()
-            b.record()
-        evs[-1][1].synchronize()
-        total = sum(cp.cuda.get_elapsed_time(a, b) for a, b in evs)
-        return total / 1e3 / reps
+        end.record()
+        end.synchronize()
+        return cp.cuda.get_elapsed_time(start, end) / 1e3 / reps
 
     # -- paths
 
@@ -363,8 +368,8 @@ def compute(backend, json_path, sizes, quick, service_list, path_list,
             unit_size, cpu_threads, cpu_max_size, min_time):
     """Throughput of AES-XTS and RAID6 on each path, in GB/s of user data.
 
-    Paths: kernel (data already in GPU memory; GPU time of each call,
-    from CUDA events around it),
+    Paths: kernel (data already in GPU memory; calls queued back to back on
+    the GPU behind a spin kernel, timed with CUDA events),
     end_to_end (pinned host memory -> GPU -> host, pipelined over 3 CUDA
     streams, as the helper runs), cpu_1core and cpu_allcores (the CPU
     backend in the same run). Also measures the pinned copy ceiling and the
