@@ -254,7 +254,7 @@ class RingDriver:
                                   now - int(self.t_of[tag]))], COMPLETION)
             self.bad_completions += 1
             return np.zeros(0, COMPLETION)
-        tags = cqes["tag"]
+        tags = cqes["tag"].astype(np.int64)
         ok = tags < self.entries
         t = np.where(ok, tags, 0)
         ok &= self.busy[t] & (self.seq_of[t] == cqes["seq"])
