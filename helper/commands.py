@@ -116,6 +116,7 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
         _send_crossover(t, be, cpu, cross)
         h = Helper(t, be, gpus=extra, spin=spin_us * 1e-6, cpu_backend=cpu)
         h.install_signals()
+        log.info("serving")
         try:
             n = h.serve(max_requests=max_requests)
         except TransportError as e:

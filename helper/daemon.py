@@ -659,8 +659,9 @@ class Helper:
                                   "out of service", g.name(), g.broken)
                 st2 = self.cpu.run(s, part)
                 self.stats[("cpu", s)] += len(part)
-                ready.append(_cqes(part, st2,
-                                   abi.CQE_CPU if self.gpus else 0))
+                # CQE_CPU whenever the CPU did it, GPUs or not: the
+                # kernel's GPU/CPU split must tell the truth.
+                ready.append(_cqes(part, st2, abi.CQE_CPU))
         return ready, pending
 
     @staticmethod
