@@ -14,14 +14,23 @@ Engines:
   straight on the region's memory.
 - :class:`GpuEngine` (one per GPU) queues a chunk on one of a few CUDA
   streams and returns at once; the loop posts each chunk when its event
-  fires, so a depth-32 queue of 1 MiB requests keeps copies in, kernels
-  and copies out of consecutive chunks overlapped. The region is
-  registered with CUDA (``cudaHostRegister``), so large requests are
-  copied by DMA straight between the region and the GPU with one
-  ``cudaMemcpyAsync`` (RAID6: ``cudaMemcpy2DAsync``) per request and no
-  host-side copy; small XTS requests (where a copy call costs more than
-  copying the bytes) are gathered into a pinned buffer and moved with one
-  copy per chunk.
+  fires, so consecutive chunks overlap. The region is registered with
+  CUDA (``cudaHostRegister``).
+
+  XTS, zero-copy (the default where the device can use the registered
+  region's host addresses): a chunk is ONE launch of xts.cu's batched
+  kernel, which reads and writes the region itself over PCIe; the
+  requests travel as descriptors (offsets, first sector, step, key slot)
+  inside the launch's arguments (above 32 requests: one copy of a
+  descriptor table). No cudaMemcpy, no per-unit IV arrays, and for a
+  batch of one request no numpy at all (the latency path).
+
+  XTS, copy (``KGPU_XTS_IO=copy``, unaligned requests, or no zero-copy):
+  large requests are copied by DMA straight between the region and the
+  GPU with one ``cudaMemcpyAsync`` per request; small ones (where a copy
+  call costs more than copying the bytes) are gathered into a pinned
+  buffer and moved with one copy per chunk. RAID6 always copies (one
+  ``cudaMemcpy2DAsync`` per request).
 
 A GPU error fails over: a chunk that could not be queued, or whose inputs
 are still intact after an asynchronous error, is redone on the CPU (and
@@ -36,6 +45,7 @@ import logging
 import os
 import select
 import signal
+import struct
 import time
 
 import numpy as np
@@ -55,6 +65,8 @@ DIRECT_MIN = 32 << 10
 #: a chunk (one launch, one stream) closes at this many bytes
 CHUNK_BYTES = 8 << 20
 CHUNK_REQS = 1024
+#: XTS data path: "auto" (zero-copy where possible), "zerocopy", "copy"
+XTS_IO = os.environ.get("KGPU_XTS_IO", "auto")
 XTS_SVCS = (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC)
 RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC)
 _DUMMY_KEY = bytes(range(1, 33))
@@ -239,10 +251,15 @@ class Done:
         return self.cqes
 
 
+_STATUS_FLAGS = struct.Struct("<hH")
+
+
 def _cqes(reqs, status=0, flags=0):
-    if len(reqs) == 1 and np.ndim(status) == 0:
-        r = reqs[0]
-        return np.array([(r["seq"], r["tag"], status, flags)], dtype=abi.CQE)
+    if len(reqs) == 1 and not isinstance(status, np.ndarray):
+        # seq and tag open both an SQE and a CQE: 12 bytes, then 4 more
+        raw = bytearray(reqs[:1].tobytes()[:12])
+        raw += _STATUS_FLAGS.pack(int(status), flags)
+        return np.frombuffer(raw, dtype=abi.CQE)
     c = np.zeros(len(reqs), dtype=abi.CQE)
     c["seq"] = reqs["seq"]
     c["tag"] = reqs["tag"]
@@ -357,7 +374,8 @@ class GpuChunk:
 class GpuEngine:
     """One GPU: a CupyBackend, a few streams, staging buffers."""
 
-    def __init__(self, backend, region, keys, cpu, registered, nstreams=4):
+    def __init__(self, backend, region, keys, cpu, registered, nstreams=4,
+                 xts_io=None):
         import cupy as cp
         self.cp = cp
         self.be = backend
@@ -373,6 +391,32 @@ class GpuEngine:
         self.stage = [None] * nstreams
         self.next = 0
         self.pool = _PinnedPool()
+        self.events = []
+        self.zero_copy = self._can_zero_copy(xts_io or XTS_IO)
+        self.batch = backend.xts_batch() if self.zero_copy else None
+
+    def _can_zero_copy(self, mode):
+        if mode not in ("auto", "zerocopy", "copy"):
+            raise ValueError(f"KGPU_XTS_IO must be auto, zerocopy or copy, "
+                             f"got {mode!r}")
+        if mode == "copy" or not self.registered:
+            return False
+        try:
+            # cudaDevAttrCanUseHostPointerForRegisteredMem: the kernel may
+            # use the region's host addresses as they are
+            ok = self.cp.cuda.runtime.deviceGetAttribute(
+                91, self.be.device.id) == 1
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            log.info("%s cannot address the registered region directly: "
+                     "XTS copies through the GPU's memory", self.name())
+        return ok
+
+    def _event(self):
+        if self.events:
+            return self.events.pop()
+        return self.cp.cuda.Event(block=True, disable_timing=True)
 
     def name(self):
         return f"GPU {self.be.device.id} ({self.be.device_name()})"
@@ -393,17 +437,64 @@ class GpuEngine:
 
     # -- queueing (may raise: the caller fails over to the CPU)
 
-    def submit(self, svc, reqs):
-        cp = self.cp
+    def submit(self, svc, reqs, row=None):
+        """Queue one chunk; ``row``: its only request as a tuple (the
+        lean path of a batch of one)."""
         i, st = self._stream()
-        with self.be.device, st:
+        with self.be.device:
             if svc in XTS_SVCS:
-                after, pinned, retry = self._xts(svc, reqs, i, st)
+                if self.zero_copy and row is not None \
+                        and not (row[4] | row[7]) & 15:
+                    after, pinned, retry = self._xts_one(svc, row, st)
+                elif self.zero_copy and not (
+                        (reqs["in_off"] | reqs["out_off"]) & 15).any():
+                    after, pinned, retry = self._xts_zc(svc, reqs, i, st)
+                else:
+                    with st:
+                        after, pinned, retry = self._xts(svc, reqs, i, st)
             else:
-                after, pinned, retry = self._raid(svc, reqs, i, st)
-            ev = cp.cuda.Event(block=True, disable_timing=True)
+                with st:
+                    after, pinned, retry = self._raid(svc, reqs, i, st)
+            ev = self._event()
             ev.record(st)
         return GpuChunk(self, svc, reqs, ev, after, pinned, retry)
+
+    def _xts_one(self, svc, row, st):
+        """One request, zero-copy: a single launch, no numpy."""
+        (_seq, _tag, _svc, _fl, in_off, n, _ol, out_off, unit, step, sector,
+         slot, iv_mode) = row[:13]
+        self.batch.one(svc == abi.SVC_XTS_DEC, self.keys.table, self.base,
+                       self.base, in_off, out_off, n, unit, sector, step,
+                       slot, iv_mode == abi.IV_PLAIN, st.ptr)
+        # an in-place request may be half written after an async error
+        return None, None, in_off != out_off
+
+    def _xts_zc(self, svc, reqs, i, st):
+        """A chunk, zero-copy: one launch over descriptors (and above
+        XTS_INLINE requests one copy of the descriptor table)."""
+        from kgpu_helper.services.cupy_backend import (XTS_DESC, XTS_INLINE,
+                                                       xts_descs)
+        n = len(reqs)
+        unit = int(reqs["unit_size"][0])
+        pinned = table = None
+        if n > XTS_INLINE:
+            pinned = self.pool.take(n * XTS_DESC.itemsize)
+            table = pinned[:n * XTS_DESC.itemsize].view(XTS_DESC)
+        descs, units = xts_descs(reqs["in_off"], reqs["out_off"],
+                                 reqs["in_len"], reqs["sector"],
+                                 reqs["sector_step"], reqs["key_slot"],
+                                 reqs["iv_mode"] == abi.IV_PLAIN, unit,
+                                 out=table)
+        d_descs = 0
+        if pinned is not None:
+            d = self._staging(i, descs.nbytes)
+            self.cp.cuda.runtime.memcpyAsync(d.data.ptr, descs.ctypes.data,
+                                             descs.nbytes, 1, st.ptr)
+            d_descs = d.data.ptr
+        self.batch.many(svc == abi.SVC_XTS_DEC, self.keys.table, self.base,
+                        self.base, descs, units, unit, st.ptr, d_descs)
+        retry = not (reqs["in_off"] == reqs["out_off"]).any()
+        return None, pinned, retry
 
     def _xts(self, svc, reqs, i, st):
         cp = self.cp
@@ -539,6 +630,7 @@ class GpuEngine:
                 ch.after()
             if ch.pinned is not None:
                 self.pool.give(ch.pinned)
+            self.events.append(ch.event)
             return _cqes(ch.reqs)
         self.broken = f"{type(err).__name__}: {err}"
         log.error("%s failed (%s); taking it out of service", self.name(),
@@ -561,7 +653,7 @@ class Helper:
     """
 
     def __init__(self, transport, backend, gpus=(), spin=50e-6,
-                 cpu_backend=None, stats=None):
+                 cpu_backend=None, stats=None, xts_io=None):
         from kgpu_helper.services.cpu import CpuBackend
 
         self.t = transport
@@ -579,7 +671,8 @@ class Helper:
             self._registered = self._register(backend)
             for be in [backend, *gpus]:
                 self.gpus.append(GpuEngine(be, self.region, self.keys,
-                                           self.cpu, self._registered))
+                                           self.cpu, self._registered,
+                                           xts_io=xts_io))
         self._rr = 0
         self.inflight = collections.deque()
         # request_stop() writes here to end a sleep in poll()
@@ -592,7 +685,9 @@ class Helper:
         ptr, size = self.region.buf.ctypes.data, self.region.buf.size
         try:
             with backend.device:
-                cp.cuda.runtime.hostRegister(ptr, size, 1)  # Portable
+                # Portable | Mapped: every GPU may copy from it, and the
+                # zero-copy XTS kernel addresses it directly
+                cp.cuda.runtime.hostRegister(ptr, size, 3)
         except Exception as e:  # noqa: BLE001 - fall back to bounce copies
             log.warning("cannot register the region with CUDA (%s): copying "
                         "through pinned buffers instead", e)
@@ -612,6 +707,9 @@ class Helper:
     # -- dispatch
 
     def _gpu(self):
+        if len(self.gpus) == 1:
+            g = self.gpus[0]
+            return g if g.broken is None else None
         live = [g for g in self.gpus if g.broken is None]
         if not live:
             return None
@@ -621,6 +719,8 @@ class Helper:
     def dispatch(self, sqes):
         """Validate and start ``sqes``; returns (ready CQE arrays, list of
         chunks in flight)."""
+        if len(sqes) == 1:
+            return self._dispatch_one(sqes)
         ready, pending = [], []
         st = validate(sqes, self.region, self.keys)
         bad = st != 0
@@ -647,22 +747,47 @@ class Helper:
             self.stats[("requests", s)] += len(reqs)
             self.stats[("bytes", s)] += int(reqs["in_len"].sum())
             for part in self._chunks(reqs):
-                g = self._gpu()
-                if g is not None:
-                    try:
-                        pending.append(g.submit(s, part))
-                        self.stats[("gpu", s)] += len(part)
-                        continue
-                    except Exception as e:  # noqa: BLE001 - fail over
-                        g.broken = f"{type(e).__name__}: {e}"
-                        log.error("%s: cannot queue work (%s); taking it "
-                                  "out of service", g.name(), g.broken)
-                st2 = self.cpu.run(s, part)
-                self.stats[("cpu", s)] += len(part)
-                # CQE_CPU whenever the CPU did it, GPUs or not: the
-                # kernel's GPU/CPU split must tell the truth.
-                ready.append(_cqes(part, st2, abi.CQE_CPU))
+                self._start(s, part, None, ready, pending)
         return ready, pending
+
+    def _dispatch_one(self, sqes):
+        """dispatch() of a batch of one request, with plain Python ints
+        (numpy's per-call overhead is most of the cost at depth 1)."""
+        ready, pending = [], []
+        row = sqes.tolist()[0]
+        lo = self.region.data_off
+        st = _check_one(row, lo, lo + self.region.data_size, self.keys)
+        svc = row[2]
+        if st:
+            ready.append(_cqes(sqes, st))
+            self.stats["errors"] += 1
+            self.stats[("errors", svc)] += 1
+        elif svc == abi.SVC_NOP:
+            ready.append(_cqes(sqes))
+            self.stats[("done", svc)] += 1
+        else:
+            self.stats[("requests", svc)] += 1
+            self.stats[("bytes", svc)] += row[5]
+            self._start(svc, sqes, row, ready, pending)
+        return ready, pending
+
+    def _start(self, s, part, row, ready, pending):
+        """One chunk to a GPU, or (no GPU, or it fails) to the CPU."""
+        g = self._gpu()
+        if g is not None:
+            try:
+                pending.append(g.submit(s, part, row))
+                self.stats[("gpu", s)] += len(part)
+                return
+            except Exception as e:  # noqa: BLE001 - fail over
+                g.broken = f"{type(e).__name__}: {e}"
+                log.error("%s: cannot queue work (%s); taking it "
+                          "out of service", g.name(), g.broken)
+        st2 = self.cpu.run(s, part)
+        self.stats[("cpu", s)] += len(part)
+        # CQE_CPU whenever the CPU did it, GPUs or not: the
+        # kernel's GPU/CPU split must tell the truth.
+        ready.append(_cqes(part, st2, abi.CQE_CPU))
 
     @staticmethod
     def _groups(reqs):

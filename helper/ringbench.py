@@ -8,6 +8,16 @@ user data, round-trip latency percentiles (submit to reap, as the driver
 sees them) and the helper's CPU seconds per GB (from the kernel's
 per-thread accounting of the helper process). The first completion of
 every configuration is checked against the CPU backend in this process.
+
+How the two sides wait (reported under ``method`` in the JSON): this
+driver, standing in for the kernel, spins on the completion ring's tail
+for up to DRIVER_SPIN seconds after each submission before it sleeps on
+its socket (the kernel would sleep on a wait queue; spinning is the
+driver's own business and takes no syscall off the helper's path). The
+helper keeps the kernel's protocol: it polls the ring for ``--spin-us``
+when idle before it sleeps in poll(), and rings one doorbell per batch
+of completions (the module's ioctl; here one byte on the socket), and
+the driver rings one per batch of submissions.
 """
 
 import datetime
@@ -26,6 +36,8 @@ from kgpu_helper.bench import parse_size, progress
 from kgpu_helper.ringdriver import RingDriver, sqe
 
 KiB, MiB = 1 << 10, 1 << 20
+#: seconds the driver spins on the CQ before sleeping on its socket
+DRIVER_SPIN = 2e-3
 SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB]
 DEPTHS = [1, 8, 32, 256]
 SERVICES = ["aes-xts-256-enc", "aes-xts-256-dec", "raid6-gen-k8",
@@ -132,7 +144,7 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
     buf_of = np.zeros(drv.entries, dtype=np.int64)
     tags = drv.submit(tmpl)
     buf_of[tags] = np.arange(len(tags))
-    spin = 2e-3
+    spin = DRIVER_SPIN
     checked = None
     lat = []
     done = errors = cpu_flagged = 0
@@ -218,15 +230,83 @@ def bare_launch_us(n=2000):
     return res
 
 
-def start_helper(sock, backend, spin_us, extra=()):
+def zero_copy_probe(be, n=2000):
+    """The batched XTS kernel on registered host memory, without the
+    ring: p50 of one 4 KiB request (launch + synchronize), and GB/s of
+    zero-copy encryption of 64 x 1 MiB requests in one launch next to the
+    copy engines' pinned H2D + D2H of the same bytes (both directions at
+    once, as the copy path uses them)."""
+    import cupy as cp
+
+    from kgpu_helper.services import KeyTable
+    from kgpu_helper.services.cupy_backend import xts_descs
+    res = {}
+    with be.device:
+        if cp.cuda.runtime.deviceGetAttribute(91, be.device.id) != 1:
+            return {"error": "no host pointers for registered memory"}
+        keys = KeyTable([bytes(range(64))])
+        size = 64 * MiB
+        mem = cp.cuda.alloc_pinned_memory(2 * size)  # registered already
+        h = np.frombuffer(mem, np.uint8, 2 * size)
+        h[:] = 7
+        base = h.ctypes.data
+        st = cp.cuda.Stream(non_blocking=True)
+        b = be.xts_batch()
+        ts = []
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            b.one(False, keys, base, base, 0, 0, 4096, 512, i, 1, 0, False,
+                  st.ptr)
+            st.synchronize()
+            ts.append(time.perf_counter_ns() - t0)
+        res["xts_one_4k_launch_sync_p50_us"] = float(
+            np.median(ts[n // 10:])) / 1e3
+        nreq = 64
+        offs = np.arange(nreq, dtype=np.uint64) * np.uint64(MiB)
+        descs, units = xts_descs(offs, offs, np.full(nreq, MiB), offs,
+                                 np.ones(nreq), np.zeros(nreq),
+                                 np.zeros(nreq), 512)
+        d_descs = cp.asarray(descs.view(np.uint8))
+        d = cp.empty(size, cp.uint8)
+
+        def timed(fn, reps=20):
+            fn()
+            st.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            st.synchronize()
+            return size / ((time.perf_counter() - t0) / reps) / 1e9
+
+        res["zero_copy_xts_64x1M_gbps"] = timed(lambda: b.many(
+            False, keys, base, base, descs, units, 512, st.ptr,
+            d_descs.data.ptr))
+        st2 = cp.cuda.Stream(non_blocking=True)
+
+        def copies():
+            cp.cuda.runtime.memcpyAsync(d.data.ptr, base, size, 1, st.ptr)
+            cp.cuda.runtime.memcpyAsync(base + size, d.data.ptr, size, 2,
+                                        st2.ptr)
+            st2.synchronize()
+        res["copy_engines_h2d_and_d2h_64M_gbps"] = timed(copies)
+        res["device_xts_64M_gbps"] = timed(lambda: b.many(
+            False, keys, d.data.ptr, d.data.ptr, descs, units, 512, st.ptr,
+            d_descs.data.ptr))
+    return {k: round(v, 2) for k, v in res.items()}
+
+
+def start_helper(sock, backend, spin_us, extra=(), xts_io=None):
     cmd = [sys.executable, "-m", "kgpu_helper.cli", "helper", "--backend",
            backend, "--ring", "shm:" + sock, "--crossover", "none",
            "--spin-us", str(spin_us), *extra]
-    return subprocess.Popen(cmd)
+    env = None
+    if xts_io:
+        env = dict(os.environ, KGPU_XTS_IO=xts_io)
+    return subprocess.Popen(cmd, env=env)
 
 
 def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
-        spin_us, progress, compare_compute=True):
+        spin_us, progress, compare_compute=True, xts_io=None):
     from kgpu_helper.services import KeyTable, get_backend
     from kgpu_helper.services.cpu import CpuBackend, cpu_name
 
@@ -236,14 +316,23 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
     keys = {64: KeyTable([key64]), 32: KeyTable([key32])}
     report = {"date": datetime.datetime.now(datetime.timezone.utc)
               .isoformat(timespec="seconds"), "cpu": cpu_name(),
-              "unit_size": unit_size, "results": [], "helpers": {}}
+              "unit_size": unit_size, "results": [], "helpers": {},
+              "method": {
+                  "driver": f"spins on the CQ tail up to {DRIVER_SPIN * 1e3:g}"
+                            " ms after submitting, then sleeps on its socket;"
+                            " one doorbell byte per submitted batch",
+                  "helper_spin_us": spin_us,
+                  "helper": "polls the SQ for helper_spin_us when idle, then"
+                            " sleeps in poll(); one doorbell per posted batch",
+                  "xts_io": xts_io or os.environ.get("KGPU_XTS_IO", "auto"),
+              }}
     for backend in backends:
         tmp = tempfile.mkdtemp(prefix="kgpu-ring-")
         sock = os.path.join(tmp, "ring.sock")
         drv = RingDriver(sock, entries=256, data_size=data_bytes)
         drv.set_key(0, key64)
         drv.set_key(1, key32)
-        proc = start_helper(sock, backend, spin_us)
+        proc = start_helper(sock, backend, spin_us, xts_io=xts_io)
         try:
             if not drv.wait_attach(120):
                 raise RuntimeError(f"the {backend} helper did not attach")
@@ -288,6 +377,10 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
         be = get_backend("cupy")
         report["device"] = be.device_name()
         report["bare_cupy"] = bare_launch_us()
+        try:
+            report["zero_copy"] = zero_copy_probe(be)
+        except Exception as e:  # noqa: BLE001 - report, do not fail
+            report["zero_copy"] = {"error": f"{type(e).__name__}: {e}"}
         if compare_compute:
             report["compute_end_to_end"] = compute_end_to_end(
                 be, [s for s in services if s != "nop"], unit_size, rng)
@@ -363,6 +456,12 @@ def print_report(rep, out=sys.stdout):
         out.write(f"bare CuPy launch+sync p50 {b['launch_sync_p50_us']:.1f} "
                   f"us; 4K copy+launch+copy+sync p50 "
                   f"{b['copy_launch_copy_4k_p50_us']:.1f} us\n")
+    if rep.get("zero_copy"):
+        out.write(f"zero-copy probe: {json.dumps(rep['zero_copy'])}\n")
+    if rep.get("method"):
+        m = rep["method"]
+        out.write(f"method: helper spin {m['helper_spin_us']:g} us, xts io "
+                  f"{m['xts_io']}; driver {m['driver']}\n")
     out.write(f"{'backend':<8}{'service':<17}{'size':>6}{'depth':>6}"
               f"{'req/s':>11}{'GB/s':>9}{'p50 us':>9}{'p99 us':>9}"
               f"{'cpu s/GB':>10}  ok\n")
@@ -408,8 +507,11 @@ def print_report(rep, out=sys.stdout):
               help="Data area of the region (bounds depth x size).")
 @click.option("--spin-us", type=float, default=50.0, show_default=True,
               help="The helper's --spin-us.")
+@click.option("--xts-io", type=click.Choice(["auto", "zerocopy", "copy"]),
+              default=None, help="The helper's XTS data path (sets "
+              "KGPU_XTS_IO for it; default: the helper's own choice).")
 def ring(backends, json_path, sizes, depths, service_list, unit_size,
-         min_time, data_size, spin_us):
+         min_time, data_size, spin_us, xts_io):
     """The helper through the ring, without the kernel module.
 
     This process plays the kernel's side of the ring ABI over shared
@@ -439,7 +541,7 @@ def ring(backends, json_path, sizes, depths, service_list, unit_size,
                 else SERVICES)
     rep = run(blist, services, size_list, depth_list, min_time,
                         int(unit_size), parse_size(data_size), spin_us,
-                        progress)
+                        progress, xts_io=xts_io)
     print_report(rep)
     if json_path:
         with open(json_path, "w") as f:

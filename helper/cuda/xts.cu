@@ -208,6 +208,15 @@ __device__ __forceinline__ void fill_tables(u32* dst, const u32* __restrict__ sr
     for (u32 i = threadIdx.x; i < TAB_WORDS; i += blockDim.x) dst[i] = src[i >> 5];
 }
 
+// One block through AES encryption with the slot's number of rounds.
+__device__ __forceinline__ void aes_enc_any(uint4 (&s)[1], const uint4* __restrict__ rk, int nr,
+                                            const u32* te, u32 l4) {
+    if (nr == 14)
+        aes_enc<14, 1>(s, rk, te, l4);
+    else
+        aes_enc<10, 1>(s, rk, te, l4);
+}
+
 // T_0 of unit u: its IV encrypted with the tweak key K2 of its slot.
 __device__ __forceinline__ uint4 unit_tweak(u64 u, const u64* __restrict__ ivs, int iv_stride,
                                             const int* __restrict__ slots, int nslots,
@@ -360,4 +369,197 @@ xts_decrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const in
             u64 total_blocks, u32 bpu, u32 group) {
     xts_impl<true>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
                    total_blocks, bpu, group);
+}
+
+// ---------------------------------------------------------------------------
+// Batched XTS over whole requests: the helper's path.
+//
+// One launch computes a batch of requests described by a table, each with
+// its own input and output offsets, first IV, IV step and key slot, so the
+// host builds no per-unit arrays: a batch is one launch (plus, above
+// XTS_INLINE requests, one copy of the table). The data are read and
+// written at in_base + offset / out_base + offset: either device staging
+// buffers or, zero-copy, the helper's cudaHostRegister'ed region itself
+// (its device pointer), so the loads and stores of the tiles go over PCIe
+// with no cudaMemcpy at all. Work split, tables and tweak groups as above;
+// the units of a launch are numbered across its requests, and the tweak
+// phase also finds each unit's request (binary search on unit0) and keeps
+// the unit's input/output offsets and slot in shared memory next to its
+// tweak.
+// ---------------------------------------------------------------------------
+
+#define XTS_INLINE 32
+
+struct XtsDesc {           // 48 bytes; cupy_backend.XTS_DESC mirrors it
+    u64 in_off;            // byte offset of the input from in_base
+    u64 out_off;           // byte offset of the output from out_base
+    u64 sector;            // IV (sector number) of the request's first unit
+    u64 unit0;             // index of its first unit among the launch's units
+    u32 step;              // IV step from one unit to the next
+    int slot;              // key slot
+    u32 plain;             // 1: IV masked to 32 bits (iv_mode "plain")
+    u32 pad;
+};
+
+struct XtsBatchArgs {      // passed by value; cupy_backend._BatchArgs
+    const unsigned char* in_base;
+    unsigned char* out_base;
+    const XtsDesc* descs;  // ndesc entries in device memory, or NULL: inl
+    const uint4* sched;
+    const u32* te0;
+    const u32* td0;
+    const u8* isbox;
+    u64 total_blocks;      // AES blocks of all requests together
+    u32 ndesc;
+    u32 bpu;
+    u32 group;
+    int nslots;
+    XtsDesc inl[XTS_INLINE];
+};
+
+struct UnitIo {            // per unit, in shared memory
+    u64 in, out;           // byte offsets of the unit's first block
+};
+
+template <bool DECRYPT>
+__device__ __forceinline__ void xts_batch_tile(const XtsBatchArgs& a, u64 b0, u64 bend, u64 u0,
+                                               const uint4* twt, const UnitIo* io,
+                                               const int* sl, const u32* te, const u32* td,
+                                               const u8* ib, u32 l4) {
+    uint4 s[XTS_BPT], t[XTS_BPT];
+    int slot[XTS_BPT];
+    bool same = true;
+    const u32 bpu = a.bpu;
+#pragma unroll
+    for (int i = 0; i < XTS_BPT; ++i) {
+        const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+        const u64 bb = b < bend ? b : bend - 1;  // tail: compute, don't store
+        const u64 u = bb / bpu;
+        const u32 j = (u32)(bb - u * bpu);
+        const u32 k = (u32)(u - u0);
+        t[i] = mul_alpha_pow(twt[k], j);
+        s[i] = xor4(*(const uint4*)(a.in_base + io[k].in + 16 * (u64)j), t[i]);
+        slot[i] = sl[k];
+        same = same && slot[i] == slot[0];
+    }
+    if (same) {
+        const uint4* rk = a.sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+        const int nr = nrounds(a.sched, slot[0]);
+        if (DECRYPT) {
+            if (nr == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
+            else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
+        } else {
+            if (nr == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
+            else aes_enc<10, XTS_BPT>(s, rk, te, l4);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < XTS_BPT; ++i) {
+            uint4 one[1] = {s[i]};
+            const uint4* rk = a.sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+            const int nr = nrounds(a.sched, slot[i]);
+            if (DECRYPT) {
+                if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
+                else aes_dec<10, 1>(one, rk, td, ib, l4);
+            } else {
+                if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
+                else aes_enc<10, 1>(one, rk, te, l4);
+            }
+            s[i] = one[0];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < XTS_BPT; ++i) {
+        const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+        if (b < bend) {  // the address again: fewer live registers over the rounds
+            const u64 u = b / bpu;
+            const u64 o = io[(u32)(u - u0)].out + 16 * (b - u * bpu);
+            *(uint4*)(a.out_base + o) = xor4(s[i], t[i]);
+        }
+    }
+}
+
+template <bool DECRYPT>
+__device__ __forceinline__ void xts_batch_impl(const XtsBatchArgs& a) {
+    extern __shared__ uint4 smem[];
+    u32* te = (u32*)smem;
+    u32* td = te + TAB_WORDS;
+    u8* ib = (u8*)(td + (DECRYPT ? TAB_WORDS : 0));
+    const u32 bpu = a.bpu;
+    const u32 per_tile = XTS_TILE / bpu + 2;  // unit slots per tile
+    const u32 nw = a.group * per_tile;
+    uint4* tw = (uint4*)(ib + (DECRYPT ? ISB_BYTES : 0));
+    UnitIo* io = (UnitIo*)(tw + nw);
+    int* sl = (int*)(io + nw);
+    const XtsDesc* D = a.descs ? a.descs : a.inl;
+    const u32 nd = a.ndesc;
+    const u64 total_blocks = a.total_blocks;
+
+    fill_tables(te, a.te0);
+    if (DECRYPT) {
+        fill_tables(td, a.td0);
+        for (u32 i = threadIdx.x; i < ISB_BYTES / 4; i += blockDim.x) {
+            const u32 e = (i >> 5) << 2;
+            ((u32*)ib)[i] = a.isbox[e] | (a.isbox[e + 1] << 8) | (a.isbox[e + 2] << 16) |
+                            ((u32)a.isbox[e + 3] << 24);
+        }
+    }
+    const u32 l4 = (threadIdx.x & 31) << 2;
+    const u64 ntiles = (total_blocks + XTS_TILE - 1) / XTS_TILE;
+    const u64 unit_bytes = 16 * (u64)bpu;
+
+    for (u64 g0 = blockIdx.x; g0 < ntiles; g0 += (u64)gridDim.x * a.group) {
+        __syncthreads();
+        for (u32 w = threadIdx.x; w < nw; w += blockDim.x) {
+            const u32 gi = w / per_tile;
+            const u64 tile = g0 + (u64)gi * gridDim.x;
+            if (tile >= ntiles) continue;
+            const u64 b0 = tile * XTS_TILE;
+            const u64 bend = min(b0 + XTS_TILE, total_blocks);
+            const u64 u = b0 / bpu + (w - gi * per_tile);
+            if (u > (bend - 1) / bpu) continue;
+            // the unit's request: the last one with unit0 <= u
+            u32 lo = 0, hi = nd - 1;
+            while (lo < hi) {
+                const u32 mid = (lo + hi + 1) >> 1;
+                if (D[mid].unit0 <= u) lo = mid;
+                else hi = mid - 1;
+            }
+            const u64 k = u - D[lo].unit0;
+            u64 iv = D[lo].sector + k * D[lo].step;
+            if (D[lo].plain) iv &= 0xffffffffull;
+            int slot = D[lo].slot;
+            slot = (slot < 0 || slot >= a.nslots) ? 0 : slot;  // validated by the host
+            UnitIo x;
+            x.in = D[lo].in_off + k * unit_bytes;
+            x.out = D[lo].out_off + k * unit_bytes;
+            io[w] = x;
+            sl[w] = slot;
+            uint4 st[1] = {make_uint4((u32)iv, (u32)(iv >> 32), 0u, 0u)};
+            aes_enc_any(st, a.sched + (size_t)slot * SLOT_U4 + RK_ENC2,
+                        nrounds(a.sched, slot), te, l4);
+            tw[w] = st[0];
+        }
+        __syncthreads();
+        for (u32 gi = 0; gi < a.group; ++gi) {
+            const u64 tile = g0 + (u64)gi * gridDim.x;
+            if (tile >= ntiles) break;
+            const u64 b0 = tile * XTS_TILE;
+            xts_batch_tile<DECRYPT>(a, b0, min(b0 + XTS_TILE, total_blocks), b0 / bpu,
+                                    tw + gi * per_tile, io + gi * per_tile, sl + gi * per_tile,
+                                    te, td, ib, l4);
+        }
+    }
+}
+
+// Entry points of the batched path. Dynamic shared memory: see
+// xts_batch_smem_bytes in cupy_backend.py.
+extern "C" __global__ void __launch_bounds__(XTS_THREADS, 4)
+xts_batch_encrypt(const __grid_constant__ XtsBatchArgs a) {
+    xts_batch_impl<false>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(XTS_THREADS, 4)
+xts_batch_decrypt(const __grid_constant__ XtsBatchArgs a) {
+    xts_batch_impl<true>(a);
 }

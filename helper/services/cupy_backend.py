@@ -12,6 +12,8 @@ This module imports CuPy at import time; import it only after
 ``probe()`` (or through ``get_backend``).
 """
 
+import ctypes
+import struct
 import weakref
 
 import cupy as cp
@@ -62,6 +64,165 @@ def xts_smem_bytes(decrypt, unit_size):
     return tables + xts_group(unit_size) * units * 16
 
 
+# ------------------------------------------------- batched XTS (xts_batch_*)
+
+#: requests whose descriptors travel inside the launch's arguments
+XTS_INLINE = 32
+#: struct XtsDesc of xts.cu, for tables built with numpy
+XTS_DESC = np.dtype([("in_off", "<u8"), ("out_off", "<u8"),
+                     ("sector", "<u8"), ("unit0", "<u8"), ("step", "<u4"),
+                     ("slot", "<i4"), ("plain", "<u4"), ("pad", "<u4")])
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+class _Desc(ctypes.Structure):
+    _fields_ = [(name, {"<u8": ctypes.c_uint64, "<u4": ctypes.c_uint32,
+                        "<i4": ctypes.c_int32}[XTS_DESC.fields[name][0].str])
+                for name in XTS_DESC.names]
+
+
+class _BatchArgs(ctypes.Structure):
+    """struct XtsBatchArgs of xts.cu (the kernel's one argument)."""
+    _fields_ = [("in_base", ctypes.c_uint64), ("out_base", ctypes.c_uint64),
+                ("descs", ctypes.c_uint64), ("sched", ctypes.c_uint64),
+                ("te0", ctypes.c_uint64), ("td0", ctypes.c_uint64),
+                ("isbox", ctypes.c_uint64), ("total_blocks", ctypes.c_uint64),
+                ("ndesc", ctypes.c_uint32), ("bpu", ctypes.c_uint32),
+                ("group", ctypes.c_uint32), ("nslots", ctypes.c_int32),
+                ("inl", _Desc * XTS_INLINE)]
+
+
+assert ctypes.sizeof(_Desc) == XTS_DESC.itemsize == 48
+_INL_OFF = _BatchArgs.inl.offset
+_ONE = struct.Struct("<QQQQIiII")  # one XtsDesc
+
+
+def xts_descs(in_off, out_off, nbytes, sector, step, slot, plain, unit_size,
+              out=None):
+    """The XTS_DESC table of a batch (arrays, one entry per request) and
+    its number of data units; ``out``: an XTS_DESC array to fill (e.g. in
+    pinned memory)."""
+    n = len(nbytes)
+    d = np.empty(n, XTS_DESC) if out is None else out[:n]
+    units = np.asarray(nbytes, dtype=np.uint64) // np.uint64(unit_size)
+    d["in_off"] = in_off
+    d["out_off"] = out_off
+    d["sector"] = sector
+    c = np.cumsum(units)
+    d["unit0"][0] = 0
+    d["unit0"][1:] = c[:-1]
+    d["step"] = step
+    d["slot"] = slot
+    d["plain"] = plain
+    d["pad"] = 0
+    return d, int(c[-1]) if n else 0
+
+
+def xts_batch_smem_bytes(decrypt, unit_size):
+    """Dynamic shared memory of one xts_batch block: tables, and per unit
+    of a group its tweak (16 bytes), input/output offsets (16) and slot
+    (4)."""
+    tables = TAB_BYTES * (2 if decrypt else 1) + (ISB_BYTES if decrypt else 0)
+    units = XTS_TILE // (unit_size // 16) + 2
+    return tables + xts_group(unit_size) * units * 36
+
+
+class XtsBatch:
+    """Launches of xts.cu's batched kernels with prebuilt arguments.
+
+    A batch of XTS requests is one launch: each request is a descriptor
+    (``XTS_DESC``: input and output byte offsets from the launch's
+    ``in_base``/``out_base``, first IV, IV step, key slot, plain or
+    plain64), and its data units are numbered after the previous
+    request's. Up to ``XTS_INLINE`` descriptors travel inside the launch
+    arguments; a larger table must already be on the device. The argument
+    block, the kernel handles, their shared-memory sizes and occupancy are
+    built once, so a launch costs a few field stores and one
+    ``cuLaunchKernel``. ``in_base``/``out_base`` may be device memory or
+    the device pointer of registered host memory (zero-copy).
+    """
+
+    def __init__(self, backend):
+        self.be = backend
+        self.args = _BatchArgs()
+        self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
+        self._pp = ctypes.addressof(self._params)
+        self._inl = ctypes.addressof(self.args) + _INL_OFF
+        a = self.args
+        a.te0 = backend._te0.data.ptr
+        a.td0 = backend._td0.data.ptr
+        a.isbox = backend._isbox.data.ptr
+        self._fn = {}
+
+    def _func(self, decrypt, unit_size):
+        key = (decrypt, unit_size)
+        hit = self._fn.get(key)
+        if hit is None:
+            with self.be.device:
+                kern = get_kernel("xts", "xts_batch_decrypt" if decrypt
+                                  else "xts_batch_encrypt")
+                fptr = kern.kernel.ptr
+                smem = xts_batch_smem_bytes(decrypt, unit_size)
+                cp.cuda.driver.funcSetAttribute(
+                    fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem)
+                try:
+                    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                        fptr, XTS_THREADS, smem)
+                except Exception:  # noqa: BLE001 - estimate
+                    per_sm = self.be._smem_per_sm // (smem + 1024)
+            hit = (kern, fptr, smem, max(1, min(8, int(per_sm))) *
+                   self.be.sm_count, xts_group(unit_size))
+            self._fn[key] = hit
+        return hit
+
+    def one(self, decrypt, keys, in_base, out_base, in_off, out_off, nbytes,
+            unit_size, sector, step, slot, plain, stream_ptr):
+        """Queue one request (no numpy, no table)."""
+        _ONE.pack_into(self.args, _INL_OFF, in_off, out_off, sector,
+                       0, step, slot, 1 if plain else 0, 0)
+        self._launch(decrypt, keys, in_base, out_base, nbytes // 16, 1, 0,
+                     unit_size, stream_ptr)
+
+    def many(self, decrypt, keys, in_base, out_base, descs, total_units,
+             unit_size, stream_ptr, d_descs=0):
+        """Queue the requests of ``descs`` (an XTS_DESC array; ``unit0``
+        filled in). Above XTS_INLINE of them ``d_descs`` is the device
+        address of the same table."""
+        n = len(descs)
+        if n <= XTS_INLINE:
+            ctypes.memmove(self._inl, descs.ctypes.data, n * 48)
+            d_descs = 0
+        elif not d_descs:
+            raise ValueError(f"{n} descriptors need a device table")
+        self._launch(decrypt, keys, in_base, out_base,
+                     total_units * (unit_size // 16), n, d_descs, unit_size,
+                     stream_ptr)
+
+    def _launch(self, decrypt, keys, in_base, out_base, total_blocks, ndesc,
+                d_descs, unit_size, stream_ptr):
+        if total_blocks == 0:
+            return
+        _kern, fptr, smem, max_grid, group = self._func(decrypt, unit_size)
+        a = self.args
+        a.in_base = in_base
+        a.out_base = out_base
+        a.descs = d_descs
+        a.sched = self.be.schedule(keys).data.ptr
+        a.nslots = len(keys)
+        a.total_blocks = total_blocks
+        a.ndesc = ndesc
+        a.bpu = unit_size // 16
+        ntiles = -(-total_blocks // XTS_TILE)
+        grid = min(ntiles, max_grid)
+        a.group = min(group, -(-ntiles // grid))
+        if smem > 48 * 1024:  # see launch_xts
+            cp.cuda.driver.funcSetAttribute(
+                fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+        cp.cuda.driver.launchKernel(fptr, grid, 1, 1, XTS_THREADS, 1, 1, smem,
+                                    stream_ptr, self._pp, 0)
+
+
 class CupyBackend(Backend):
     """AES-XTS and RAID6 on one CUDA device (``device``: its index)."""
 
@@ -81,6 +242,13 @@ class CupyBackend(Backend):
             self._stream = cp.cuda.Stream(non_blocking=True)
         self._schedules = weakref.WeakKeyDictionary()
         self._kernels = {}
+        self._batch = None
+
+    def xts_batch(self):
+        """This device's :class:`XtsBatch` launcher (made on first use)."""
+        if self._batch is None:
+            self._batch = XtsBatch(self)
+        return self._batch
 
     def device_name(self):
         return self._name

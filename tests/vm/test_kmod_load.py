@@ -10,6 +10,7 @@ pytestmark = pytest.mark.vm
 GUEST = r"""
 set -eu
 ko={ko}
+modprobe raid6_pq   # kgpu.ko's one dependency; insmod does not resolve it
 for i in 1 2 3; do
     insmod $ko
     test -c /dev/kgpu || {{ echo "no /dev/kgpu after insmod"; exit 10; }}
