@@ -5,23 +5,10 @@ registered host memory (gpu tier)."""
 import numpy as np
 import pytest
 
-from gpu_util import require_cuda
 from kgpu_helper.services import KeyTable
-from kgpu_helper.services.cpu import CpuBackend
+from test_compute_gpu import cpu, gpu  # noqa: F401 - the same fixtures
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    require_cuda()
-    from kgpu_helper.services import get_backend
-    return get_backend("cupy")
-
-
-@pytest.fixture(scope="module")
-def cpu():
-    return CpuBackend(threads=8)
 
 
 def make_batch(rng, n, unit, nslots, size_units=(1, 9)):

@@ -240,6 +240,40 @@ __device__ __forceinline__ uint4 unit_tweak(u64 u, const u64* __restrict__ ivs, 
     return s[0];
 }
 
+// The XTS_BPT blocks of a thread through AES with K1 of their slots: all
+// at once when they share a slot, else one at a time.
+template <bool DECRYPT>
+__device__ __forceinline__ void aes_blocks(uint4 (&s)[XTS_BPT], const int (&slot)[XTS_BPT],
+                                           bool same, const uint4* __restrict__ sched,
+                                           const u32* te, const u32* td, const u8* ib, u32 l4) {
+    if (same) {
+        const uint4* rk = sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+        const int nr = nrounds(sched, slot[0]);
+        if (DECRYPT) {
+            if (nr == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
+            else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
+        } else {
+            if (nr == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
+            else aes_enc<10, XTS_BPT>(s, rk, te, l4);
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < XTS_BPT; ++i) {
+        uint4 one[1] = {s[i]};
+        const uint4* rk = sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
+        const int nr = nrounds(sched, slot[i]);
+        if (DECRYPT) {
+            if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
+            else aes_dec<10, 1>(one, rk, td, ib, l4);
+        } else {
+            if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
+            else aes_enc<10, 1>(one, rk, te, l4);
+        }
+        s[i] = one[0];
+    }
+}
+
 // The data of one tile, blocks [b0, bend); twt[u - u0] = T_0 of unit u.
 template <bool DECRYPT>
 __device__ __forceinline__ void xts_tile(const uint4* in, uint4* out, u64 b0, u64 bend, u64 u0,
@@ -260,33 +294,7 @@ __device__ __forceinline__ void xts_tile(const uint4* in, uint4* out, u64 b0, u6
         slot[i] = slot_of(slots, u, nslots);
         same = same && slot[i] == slot[0];
     }
-    if (same) {
-        const uint4* rk = sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-        const int nr = nrounds(sched, slot[0]);
-        if (DECRYPT) {
-            if (nr == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
-            else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
-        } else {
-            if (nr == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
-            else aes_enc<10, XTS_BPT>(s, rk, te, l4);
-        }
-    } else {
-        // blocks of different key slots: one at a time
-#pragma unroll
-        for (int i = 0; i < XTS_BPT; ++i) {
-            uint4 one[1] = {s[i]};
-            const uint4* rk = sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-            const int nr = nrounds(sched, slot[i]);
-            if (DECRYPT) {
-                if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
-                else aes_dec<10, 1>(one, rk, td, ib, l4);
-            } else {
-                if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
-                else aes_enc<10, 1>(one, rk, te, l4);
-            }
-            s[i] = one[0];
-        }
-    }
+    aes_blocks<DECRYPT>(s, slot, same, sched, te, td, ib, l4);
 #pragma unroll
     for (int i = 0; i < XTS_BPT; ++i) {
         const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
@@ -442,32 +450,7 @@ __device__ __forceinline__ void xts_batch_tile(const XtsBatchArgs& a, u64 b0, u6
         slot[i] = sl[k];
         same = same && slot[i] == slot[0];
     }
-    if (same) {
-        const uint4* rk = a.sched + (size_t)slot[0] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-        const int nr = nrounds(a.sched, slot[0]);
-        if (DECRYPT) {
-            if (nr == 14) aes_dec<14, XTS_BPT>(s, rk, td, ib, l4);
-            else aes_dec<10, XTS_BPT>(s, rk, td, ib, l4);
-        } else {
-            if (nr == 14) aes_enc<14, XTS_BPT>(s, rk, te, l4);
-            else aes_enc<10, XTS_BPT>(s, rk, te, l4);
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < XTS_BPT; ++i) {
-            uint4 one[1] = {s[i]};
-            const uint4* rk = a.sched + (size_t)slot[i] * SLOT_U4 + (DECRYPT ? RK_DEC1 : RK_ENC1);
-            const int nr = nrounds(a.sched, slot[i]);
-            if (DECRYPT) {
-                if (nr == 14) aes_dec<14, 1>(one, rk, td, ib, l4);
-                else aes_dec<10, 1>(one, rk, td, ib, l4);
-            } else {
-                if (nr == 14) aes_enc<14, 1>(one, rk, te, l4);
-                else aes_enc<10, 1>(one, rk, te, l4);
-            }
-            s[i] = one[0];
-        }
-    }
+    aes_blocks<DECRYPT>(s, slot, same, a.sched, te, td, ib, l4);
 #pragma unroll
     for (int i = 0; i < XTS_BPT; ++i) {
         const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
@@ -553,13 +536,15 @@ __device__ __forceinline__ void xts_batch_impl(const XtsBatchArgs& a) {
 }
 
 // Entry points of the batched path. Dynamic shared memory: see
-// xts_batch_smem_bytes in cupy_backend.py.
+// xts_batch_smem_bytes in cupy_backend.py. Encryption is held to 64
+// registers (4 blocks per SM; ptxas spills 8 bytes for it); decryption's
+// 72 KiB of tables allow only 2 blocks per SM anyway.
 extern "C" __global__ void __launch_bounds__(XTS_THREADS, 4)
 xts_batch_encrypt(const __grid_constant__ XtsBatchArgs a) {
     xts_batch_impl<false>(a);
 }
 
-extern "C" __global__ void __launch_bounds__(XTS_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(XTS_THREADS)
 xts_batch_decrypt(const __grid_constant__ XtsBatchArgs a) {
     xts_batch_impl<true>(a);
 }
