@@ -245,7 +245,7 @@ static int st_round(struct st_ctx *c)
 	struct st_req *reqs;
 	struct st_batch batch;
 	u8 *scratch = NULL;
-	int i, ret = 0;
+	int i, held = 0, ret = 0;
 
 	reqs = kcalloc(ST_BATCH, sizeof(*reqs), GFP_KERNEL);
 	scratch = kmalloc(32 * 4096, GFP_KERNEL);
@@ -265,14 +265,22 @@ static int st_round(struct st_ctx *c)
 		ret = st_prepare(c, s);
 		if (ret)
 			break;
-		req = kgpu_request_get(s->len, 0);
+		/*
+		 * Wait for room only while holding nothing: the requests
+		 * held are released at the end of the round, so waiting
+		 * with some in hand could wait for ourselves (tiny ring or
+		 * data space). Without room, this one goes to the CPU, as
+		 * a target under back-pressure could choose to.
+		 */
+		req = kgpu_request_get(s->len, held ? KGPU_NOWAIT : 0);
 		if (IS_ERR(req)) {
 			if (PTR_ERR(req) == -EINTR) {
 				ret = -EINTR;
 				break;
 			}
-			continue;	/* no helper: CPU from the start */
+			continue;	/* no helper or no room: CPU */
 		}
+		held++;
 		s->req = req;
 		s->via_helper = true;
 		memcpy(req->data, s->input, s->len);

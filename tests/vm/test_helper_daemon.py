@@ -53,6 +53,13 @@ kill -TERM $HP; wait $HP; echo "rc=$?" > $O/sigterm.txt
 cat /tmp/h2.log >> $O/sigterm.txt
 kgpu status --json > $O/final.json
 rmmod kgpu
+# Back-pressure: a ring of 8 and 1 MiB of data space for 16-request rounds.
+insmod {ko} ring_entries=8 data_mb=1 timeout_ms=3000
+start_helper /tmp/h3.log
+selftest tiny 6
+kgpu status --json > $O/tiny.json
+kill -TERM $HP; wait $HP
+rmmod kgpu
 dmesg > $O/dmesg.txt
 """
 
@@ -130,6 +137,15 @@ def test_sigterm_stops_cleanly(guest):
     text = guest[1]["sigterm.txt"]
     assert text.startswith("rc=0"), text
     assert "stopping" in text
+
+
+def test_full_ring_pushes_back_and_loses_nothing(guest):
+    r = _selftest(guest[0], "tiny")
+    assert r["requests"] == 6 * 16
+    assert r["helper"] > 0 and r["cpu"] > 0, r
+    tiny = json.loads(guest[1]["tiny.json"])
+    assert tiny["ring_entries"] == 8 and tiny["waits"] > 0
+    assert tiny["timeouts"] == 0
 
 
 def test_no_kernel_complaints(guest):
