@@ -102,8 +102,12 @@ class Testbed:
     def _write_script(self, rundir, command, cwd, env):
         os.makedirs(os.path.join(rundir, "out"))
         lines = ["# written by the kgpu testbed on the host"]
+        # This interpreter's folder first: the guest's python3 and kgpu
+        # are then the ones running here (a venv's, say).
+        path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        path = f"{os.path.dirname(sys.executable)}:{path}:/usr/sbin:/sbin"
         guest_env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": path,
             "HOME": "/root", "TERM": os.environ.get("TERM", "dumb"),
             "LANG": "C.UTF-8", "KGPU_OUT": GUEST_OUT_DIR,
             "KGPU_TESTBED": "1",
