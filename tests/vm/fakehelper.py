@@ -59,6 +59,19 @@ def main(mode):
         p.register(fd, select.POLLIN)
         assert p.poll(0) == []
         assert fcntl.ioctl(fd, abi.IOC_COMPLETE) == 0
+        # Mappings the module must refuse: too long, private, offset.
+        size = int(h["region_size"])
+        for kw in (dict(length=size + 4096),
+                   dict(length=4096, flags=mmap.MAP_PRIVATE),
+                   dict(length=4096, offset=4096)):
+            try:
+                mmap.mmap(fd, **kw)
+            except OSError:
+                continue
+            raise AssertionError(f"mmap {kw} accepted")
+        # A wild completion index: nothing valid to reap, nothing breaks.
+        idx[abi.CQ_TAIL_OFF // 4] = 0x7FFFFFF0
+        assert fcntl.ioctl(fd, abi.IOC_COMPLETE) == 0
         return 0
     poller = select.poll()
     poller.register(fd, select.POLLIN)
