@@ -65,8 +65,10 @@ DIRECT_MIN = 32 << 10
 #: a chunk (one launch, one stream) closes at this many bytes
 CHUNK_BYTES = 8 << 20
 CHUNK_REQS = 1024
-#: XTS data path: "auto" (zero-copy where possible), "zerocopy", "copy"
+#: XTS data path: "auto" (zero-copy where possible, but chunks of more
+#: than ZC_MAX bytes through the copy engines), "zerocopy", "copy"
 XTS_IO = os.environ.get("KGPU_XTS_IO", "auto")
+ZC_MAX = int(os.environ.get("KGPU_XTS_ZC_MAX", 2 << 20))
 XTS_SVCS = (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC)
 RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC)
 _DUMMY_KEY = bytes(range(1, 33))
@@ -392,7 +394,9 @@ class GpuEngine:
         self.next = 0
         self.pool = _PinnedPool()
         self.events = []
-        self.zero_copy = self._can_zero_copy(xts_io or XTS_IO)
+        mode = xts_io or XTS_IO
+        self.zero_copy = self._can_zero_copy(mode)
+        self.zc_max = ZC_MAX if mode == "auto" else None
         self.batch = backend.xts_batch() if self.zero_copy else None
 
     def _can_zero_copy(self, mode):
@@ -447,7 +451,9 @@ class GpuEngine:
                         and not (row[4] | row[7]) & 15:
                     after, pinned, retry = self._xts_one(svc, row, st)
                 elif self.zero_copy and not (
-                        (reqs["in_off"] | reqs["out_off"]) & 15).any():
+                        (reqs["in_off"] | reqs["out_off"]) & 15).any() and (
+                        self.zc_max is None
+                        or int(reqs["in_len"].sum()) <= self.zc_max):
                     after, pinned, retry = self._xts_zc(svc, reqs, i, st)
                 else:
                     with st:

@@ -429,6 +429,20 @@ struct UnitIo {            // per unit, in shared memory
     u64 in, out;           // byte offsets of the unit's first block
 };
 
+// dst[j * 32 + lane] = src[j] for j < N (a table replicated once per bank,
+// as fill_tables builds it) with one global load per thread and warp
+// shuffles: a launch of a single block (a 4 KiB request) otherwise waits
+// out 32 dependent L2 round trips per table. Needs XTS_THREADS threads.
+template <u32 N>
+__device__ __forceinline__ void replicate(u32* dst, const u32* __restrict__ src) {
+    constexpr u32 PER = N / (XTS_THREADS / 32);  // source words per warp
+    static_assert(PER >= 1 && PER <= 32 && N % (XTS_THREADS / 32) == 0, "table shape");
+    const u32 lane = threadIdx.x & 31, j0 = (threadIdx.x >> 5) * PER;
+    const u32 v = lane < PER ? __ldg(src + j0 + lane) : 0u;
+#pragma unroll
+    for (u32 k = 0; k < PER; ++k) dst[(j0 + k) * 32 + lane] = __shfl_sync(0xffffffffu, v, k);
+}
+
 template <bool DECRYPT>
 __device__ __forceinline__ void xts_batch_tile(const XtsBatchArgs& a, u64 b0, u64 bend, u64 u0,
                                                const uint4* twt, const UnitIo* io,
@@ -478,14 +492,11 @@ __device__ __forceinline__ void xts_batch_impl(const XtsBatchArgs& a) {
     const u32 nd = a.ndesc;
     const u64 total_blocks = a.total_blocks;
 
-    fill_tables(te, a.te0);
+    replicate<256>(te, a.te0);
     if (DECRYPT) {
-        fill_tables(td, a.td0);
-        for (u32 i = threadIdx.x; i < ISB_BYTES / 4; i += blockDim.x) {
-            const u32 e = (i >> 5) << 2;
-            ((u32*)ib)[i] = a.isbox[e] | (a.isbox[e + 1] << 8) | (a.isbox[e + 2] << 16) |
-                            ((u32)a.isbox[e + 3] << 24);
-        }
+        replicate<256>(td, a.td0);
+        // word j of the byte table holds entries 4j..4j+3, little-endian
+        replicate<ISB_BYTES / 4 / 32>((u32*)ib, (const u32*)a.isbox);
     }
     const u32 l4 = (threadIdx.x & 31) << 2;
     const u64 ntiles = (total_blocks + XTS_TILE - 1) / XTS_TILE;

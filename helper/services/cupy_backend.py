@@ -219,8 +219,14 @@ class XtsBatch:
         if smem > 48 * 1024:  # see launch_xts
             cp.cuda.driver.funcSetAttribute(
                 fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-        cp.cuda.driver.launchKernel(fptr, grid, 1, 1, XTS_THREADS, 1, 1, smem,
-                                    stream_ptr, self._pp, 0)
+        try:
+            cp.cuda.driver.launchKernel(fptr, grid, 1, 1, XTS_THREADS, 1, 1,
+                                        smem, stream_ptr, self._pp, 0)
+        except Exception as e:
+            raise RuntimeError(
+                f"xts_batch launch failed ({e}): grid {grid}, shared memory "
+                f"{smem}, {ndesc} requests, {total_blocks} blocks, unit "
+                f"{unit_size}, decrypt {decrypt}") from e
 
 
 class CupyBackend(Backend):
