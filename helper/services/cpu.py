@@ -182,7 +182,11 @@ class CpuBackend(Backend):
         x = src.view("<u8").reshape(m, bpu, 2) ^ tw
         c = Cipher(algorithms.AES(k1), modes.ECB())
         ctx = c.decryptor() if decrypt else c.encryptor()
-        y = np.frombuffer(ctx.update(x.reshape(-1).view(np.uint8)), dtype="<u8").reshape(m, bpu, 2)
+        # update_into a buffer we own: a few times faster than update(),
+        # which allocates the output; it asks for one block of slack.
+        buf = np.empty(x.nbytes + 15, dtype=np.uint8)
+        ctx.update_into(x.reshape(-1).view(np.uint8), buf)
+        y = buf[:x.nbytes].view("<u8").reshape(m, bpu, 2)
         np.bitwise_xor(y, tw, out=dst.view("<u8").reshape(m, bpu, 2))
 
     # -------------------------------------------------------------- RAID6
