@@ -65,10 +65,14 @@ DIRECT_MIN = 32 << 10
 #: a chunk (one launch, one stream) closes at this many bytes
 CHUNK_BYTES = 8 << 20
 CHUNK_REQS = 1024
-#: XTS data path: "auto" (zero-copy where possible, but chunks of more
-#: than ZC_MAX bytes through the copy engines), "zerocopy", "copy"
+#: XTS data path: "auto" (zero-copy where the device allows it), "zerocopy",
+#: "copy". With "auto", KGPU_XTS_ZC_MAX (bytes) sends larger chunks through
+#: the copy engines instead; unset by default: on the H200 runs zero-copy
+#: was the faster path at 1 MiB x depth 32-128 in two runs out of three
+#: (helper/cuda/NOTES.md).
 XTS_IO = os.environ.get("KGPU_XTS_IO", "auto")
-ZC_MAX = int(os.environ.get("KGPU_XTS_ZC_MAX", 2 << 20))
+ZC_MAX = (int(os.environ["KGPU_XTS_ZC_MAX"])
+          if os.environ.get("KGPU_XTS_ZC_MAX") else None)
 XTS_SVCS = (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC)
 RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC)
 _DUMMY_KEY = bytes(range(1, 33))
@@ -83,6 +87,8 @@ class KeyCache:
     def __init__(self, keys_view):
         self.view = keys_view
         n = len(keys_view)
+        # generation of slot s: word 32 * s + 1 (read per request)
+        self.words = keys_view.view(np.uint32).reshape(-1) if n else None
         self.table = KeyTable([_DUMMY_KEY] * n) if n else KeyTable()
         for s in range(n):
             self.table.wipe(s)
@@ -94,7 +100,7 @@ class KeyCache:
             s = int(s)
             if s >= len(self.gen):
                 continue
-            g = int(self.view["generation"][s])
+            g = int(self.words[32 * s + 1])
             if g == self.gen[s]:
                 continue
             for _ in range(100):  # the kernel writes the generation last

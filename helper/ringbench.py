@@ -263,9 +263,9 @@ def zero_copy_probe(be, n=2000):
             np.median(ts[n // 10:])) / 1e3
         nreq = 64
         offs = np.arange(nreq, dtype=np.uint64) * np.uint64(MiB)
-        descs, units = xts_descs(offs, offs, np.full(nreq, MiB), offs,
-                                 np.ones(nreq), np.zeros(nreq),
-                                 np.zeros(nreq), 512)
+        ones = np.ones(nreq, dtype=np.int64)
+        descs, units = xts_descs(offs, offs, ones * MiB, offs, ones,
+                                 ones * 0, ones * 0, 512)
         d_descs = cp.asarray(descs.view(np.uint8))
         d = cp.empty(size, cp.uint8)
 

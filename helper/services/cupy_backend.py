@@ -153,6 +153,7 @@ class XtsBatch:
         a.td0 = backend._td0.data.ptr
         a.isbox = backend._isbox.data.ptr
         self._fn = {}
+        self._smem_set = {}  # function -> the limit last set on it
 
     def _func(self, decrypt, unit_size):
         key = (decrypt, unit_size)
@@ -166,6 +167,7 @@ class XtsBatch:
                 cp.cuda.driver.funcSetAttribute(
                     fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     smem)
+                self._smem_set[fptr] = smem
                 try:
                     per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                         fptr, XTS_THREADS, smem)
@@ -216,9 +218,15 @@ class XtsBatch:
         ntiles = -(-total_blocks // XTS_TILE)
         grid = min(ntiles, max_grid)
         a.group = min(group, -(-ntiles // grid))
-        if smem > 48 * 1024:  # see launch_xts
+        if self._smem_set.get(fptr) != smem:
+            # The dynamic shared-memory limit is set to exactly what this
+            # launch asks for whenever that changes: launches of 46592
+            # bytes failed (CUDA_ERROR_INVALID_VALUE, H200, cupy 14.2)
+            # after the limit had been raised to 70784 for another unit
+            # size, and passed with the limit set to their own size.
             cp.cuda.driver.funcSetAttribute(
                 fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+            self._smem_set[fptr] = smem
         try:
             cp.cuda.driver.launchKernel(fptr, grid, 1, 1, XTS_THREADS, 1, 1,
                                         smem, stream_ptr, self._pp, 0)
