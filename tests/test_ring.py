@@ -90,6 +90,42 @@ def test_back_pressure_and_wrap_around(drv):
     t.close()
 
 
+def test_entries_split_across_the_ring_end(drv):
+    """Batches that straddle the end of the 8-entry rings, and batches of
+    one (the byte-copy paths), come through field for field."""
+    t = attach(drv)
+    for start_n, n in ((5, 5), (3, 1), (1, 7), (6, 4)):
+        # move the indexes to `start_n` past a multiple of the ring size
+        pre = np.concatenate([sqe(abi.SVC_NOP) for _ in range(start_n)])
+        drv.submit(pre)
+        got = t.drain()
+        c = np.zeros(len(got), abi.CQE)
+        c["seq"], c["tag"] = got["seq"], got["tag"]
+        t.post(c)
+        drv.wait(timeout=2)
+        reqs = np.concatenate([sqe(abi.SVC_XTS_ENC, in_off=4096 * i,
+                                   in_len=512 + i, sector=(1 << 63) + i,
+                                   key_slot=i, unit_size=512)
+                               for i in range(n)])
+        tags = drv.submit(reqs)
+        got = t.drain()
+        assert len(got) == n
+        assert list(got["tag"]) == list(tags)
+        for f in ("in_off", "in_len", "sector", "key_slot", "service"):
+            assert (got[f] == reqs[f]).all(), f
+        c = np.zeros(n, abi.CQE)
+        c["seq"], c["tag"] = got["seq"], got["tag"]
+        c["status"] = -np.arange(n)
+        t.post(c)
+        done = []
+        while len(done) < n:
+            done.extend(drv.wait(timeout=2).tolist())
+        assert sorted((d[0], d[2]) for d in done) == sorted(
+            (int(tg), -i) for i, tg in enumerate(tags))
+    assert drv.bad_completions == 0
+    t.close()
+
+
 def test_driver_drops_bad_completions(drv):
     t = attach(drv)
     drv.submit(np.concatenate([sqe(abi.SVC_NOP), sqe(abi.SVC_NOP)]))
