@@ -146,7 +146,7 @@ class KgpuNetlink(GenericNetlinkSocket):
 
     def set_crossover(self, svc_id, nbytes):
         """Requests of service ``svc_id`` below ``nbytes`` stay on the
-        kernel's CPU. Needs CAP_SYS_ADMIN (PermissionError otherwise)."""
+        kernel's CPU. Needs CAP_NET_ADMIN (PermissionError otherwise)."""
         try:
             self.nlm_request(crossover_request(svc_id, nbytes),
                              msg_type=self.prid,
@@ -154,7 +154,7 @@ class KgpuNetlink(GenericNetlinkSocket):
         except NetlinkError as e:
             if e.code == errno.EPERM:
                 raise PermissionError(
-                    "setting the crossover needs root (CAP_SYS_ADMIN)") \
+                    "setting the crossover needs root (CAP_NET_ADMIN)") \
                     from None
             raise
 

@@ -54,6 +54,7 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/version.h>
 #include <linux/vmalloc.h>
 
 #include "kgpu_internal.h"
@@ -72,9 +73,14 @@ module_param(key_slots, uint, 0444);
 MODULE_PARM_DESC(key_slots, "XTS key slots in the shared region, 1..4096");
 
 static unsigned int timeout_ms = 5000;
-module_param(timeout_ms, uint, 0644);
+static int kgpu_set_timeout(const char *val, const struct kernel_param *kp);
+static const struct kernel_param_ops kgpu_timeout_ops = {
+	.set	= kgpu_set_timeout,
+	.get	= param_get_uint,
+};
+module_param_cb(timeout_ms, &kgpu_timeout_ops, &timeout_ms, 0644);
 MODULE_PARM_DESC(timeout_ms,
-		 "A request the helper has not completed by then goes to the CPU");
+		 "A request the helper has not completed by then goes to the CPU (10..60000)");
 
 const char *const kgpu_svc_names[KGPU_SVC_COUNT] = {
 	[KGPU_SVC_NOP] = "nop",
@@ -110,6 +116,7 @@ static struct kgpu_core {
 	u64 next_seq;
 	struct list_head inflight;
 	u32 ninflight;
+	u32 stale;		/* timed out, still owned by the helper */
 
 	bool attached;
 	pid_t helper_pid;
@@ -183,29 +190,44 @@ static struct kgpu_request *kgpu_try_get(u32 nblocks)
 	return req;
 }
 
+/*
+ * A helper that still owns requests which timed out is behind by more
+ * than the timeout, or stuck: give it nothing new until it catches up
+ * (its late completions arrive) or detaches. This is also what keeps a
+ * stopped helper from holding every tag while submitters wait.
+ */
+static bool kgpu_usable_locked(void)
+{
+	return kg.attached && !kg.stale;
+}
+
 /**
  * kgpu_request_get - a request with a buffer of at least @len bytes
  * @len: bytes of the buffer in the shared region
- * @flags: KGPU_NOWAIT, or 0 to wait for room
+ * @flags: KGPU_NOWAIT, or 0 to wait (at most timeout_ms) for room
  *
- * Returns the request, or ERR_PTR(-ENODEV) when no helper is attached,
- * -E2BIG when @len can never fit, -EAGAIN (KGPU_NOWAIT) when the ring or
- * the data space is full, -EINTR when a wait was killed.
+ * Returns the request, or ERR_PTR(-ENODEV) when no helper is attached or
+ * the helper is behind (see kgpu_usable_locked()), -E2BIG when @len can
+ * never fit, -EAGAIN when the ring or the data space stayed full, -EINTR
+ * when a wait was killed. done() callbacks must pass KGPU_NOWAIT: they may
+ * run in the helper's own context.
  */
 struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
 {
 	struct kgpu_request *req = NULL;
-	unsigned long irqf;
+	unsigned long deadline, irqf;
 	bool waited = false;
 	u32 nblocks, frees;
+	long left;
 
 	if (!len || len > (size_t)kg.data_blocks * KGPU_DATA_ALIGN)
 		return ERR_PTR(-E2BIG);
 	nblocks = DIV_ROUND_UP(len, KGPU_DATA_ALIGN);
+	deadline = jiffies + msecs_to_jiffies(READ_ONCE(timeout_ms));
 
 	for (;;) {
 		spin_lock_irqsave(&kg.lock, irqf);
-		if (!kg.attached) {
+		if (!kgpu_usable_locked()) {
 			spin_unlock_irqrestore(&kg.lock, irqf);
 			return ERR_PTR(-ENODEV);
 		}
@@ -218,12 +240,15 @@ struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
 		spin_unlock_irqrestore(&kg.lock, irqf);
 		if (req)
 			return req;
-		if (flags & KGPU_NOWAIT)
+		left = (long)(deadline - jiffies);
+		if ((flags & KGPU_NOWAIT) || left <= 0)
 			return ERR_PTR(-EAGAIN);
-		/* Woken by every free and by a detach; then try again. */
-		if (wait_event_killable(kg.space_wq,
+		/* Woken by every free, timeout and detach; then try again. */
+		left = wait_event_killable_timeout(kg.space_wq,
 					!READ_ONCE(kg.attached) ||
-					READ_ONCE(kg.frees) != frees))
+					READ_ONCE(kg.stale) ||
+					READ_ONCE(kg.frees) != frees, left);
+		if (left < 0)
 			return ERR_PTR(-EINTR);
 	}
 }
@@ -240,9 +265,15 @@ static bool kgpu_params_valid(const struct kgpu_request *req)
 {
 	const struct kgpu_sqe *p = &req->params;
 
-	return p->service < KGPU_SVC_COUNT &&
-	       (u64)p->in_off + p->in_len <= req->size &&
-	       (u64)p->out_off + p->out_len <= req->size;
+	if (p->service >= KGPU_SVC_COUNT || p->flags)
+		return false;
+	if (p->in_off > req->size || p->in_len > req->size - p->in_off ||
+	    p->out_off > req->size || p->out_len > req->size - p->out_off)
+		return false;
+	if ((p->service == KGPU_SVC_XTS_ENC || p->service == KGPU_SVC_XTS_DEC) &&
+	    (p->key_slot >= key_slots || !test_bit(p->key_slot, kg.key_map)))
+		return false;
+	return true;
 }
 
 static void kgpu_arm_timeout(void)
@@ -266,12 +297,15 @@ void kgpu_submit(struct kgpu_request *req)
 	unsigned long irqf;
 	bool valid = kgpu_params_valid(req);
 
+	if (WARN_ON_ONCE(!req->busy || !req->user_ref || req->helper_ref ||
+			 req->completed || !req->done))
+		return;
 	spin_lock_irqsave(&kg.lock, irqf);
 	st = &kg.svc[req->params.service < KGPU_SVC_COUNT ?
 		     req->params.service : KGPU_SVC_NOP];
 	st->requests++;
 	st->bytes += req->params.in_len;
-	if (!kg.attached || !valid) {
+	if (!kgpu_usable_locked() || !valid) {
 		if (!valid)
 			st->errors++;
 		st->fallback++;
@@ -325,7 +359,8 @@ EXPORT_SYMBOL_GPL(kgpu_request_put);
 
 bool kgpu_offload(unsigned int service, size_t len)
 {
-	if (service >= KGPU_SVC_COUNT || !READ_ONCE(kg.attached))
+	if (service >= KGPU_SVC_COUNT || !READ_ONCE(kg.attached) ||
+	    READ_ONCE(kg.stale))
 		return false;
 	return len >= READ_ONCE(kg.svc[service].crossover);
 }
@@ -388,6 +423,7 @@ static int kgpu_reap(void)
 		st = &kg.svc[req->params.service];
 		if (req->completed) {
 			/* Timed out before: the CPU already did it. */
+			kg.stale--;
 			kgpu_release_locked(req);
 			continue;
 		}
@@ -407,7 +443,8 @@ static int kgpu_reap(void)
 		}
 	}
 	kg.cq_head += n;
-	WRITE_ONCE(kg.hdr->cq_head, kg.cq_head);
+	/* Our reads of the entries before the helper may reuse them. */
+	smp_store_release(&kg.hdr->cq_head, kg.cq_head);
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
 	kgpu_run_done(&ok, 0);
@@ -430,6 +467,7 @@ static void kgpu_timeout_fn(struct work_struct *work)
 		list_move_tail(&req->node, &expired);
 		kg.ninflight--;
 		req->completed = true;
+		kg.stale++;
 		kg.timeouts++;
 		kg.svc[req->params.service].fallback++;
 	}
@@ -440,16 +478,56 @@ static void kgpu_timeout_fn(struct work_struct *work)
 		pr_warn_ratelimited("helper did not complete requests within %u ms; doing them on the CPU\n",
 				    READ_ONCE(timeout_ms));
 	kgpu_run_done(&expired, KGPU_FALLBACK);
+	if (!list_empty(&expired))
+		wake_up_all(&kg.space_wq);	/* waiters give up: helper behind */
 	if (more)
 		kgpu_arm_timeout();
 }
 
+static int kgpu_set_timeout(const char *val, const struct kernel_param *kp)
+{
+	unsigned int ms;
+	int ret = kstrtouint(val, 0, &ms);
+
+	if (ret)
+		return ret;
+	if (ms < 10 || ms > 60000)
+		return -EINVAL;
+	WRITE_ONCE(timeout_ms, ms);
+	/* Re-arm now rather than when a longer timer fires (if loaded). */
+	if (kg.wq)
+		kgpu_arm_timeout();
+	return 0;
+}
+
 /* ---- the helper's file ------------------------------------------------- */
+
+/*
+ * Pages a GPU driver pinned (cudaHostRegister) can outlive the helper's
+ * mapping and file: its DMA may still be running. A new helper would get
+ * buffers that the old DMA still writes, so it waits until they are free.
+ */
+static bool kgpu_region_pinned(void)
+{
+	size_t off;
+
+	for (off = 0; off < kg.region_size; off += PAGE_SIZE) {
+		struct page *page = vmalloc_to_page(kg.region + off);
+
+		if (page && folio_maybe_dma_pinned(page_folio(page)))
+			return true;
+	}
+	return false;
+}
 
 static int kgpu_open(struct inode *inode, struct file *file)
 {
 	unsigned long irqf;
 
+	if (kgpu_region_pinned()) {
+		pr_warn_ratelimited("the region is still pinned for DMA by the previous helper; try again\n");
+		return -EAGAIN;
+	}
 	spin_lock_irqsave(&kg.lock, irqf);
 	if (kg.attached) {
 		spin_unlock_irqrestore(&kg.lock, irqf);
@@ -493,6 +571,7 @@ static int kgpu_release(struct inode *inode, struct file *file)
 		}
 		kgpu_release_locked(req);
 	}
+	kg.stale = 0;
 	kg.sq_tail = 0;
 	kg.cq_head = 0;
 	WRITE_ONCE(kg.hdr->sq_tail, 0);
@@ -518,6 +597,14 @@ static int kgpu_mmap(struct file *file, struct vm_area_struct *vma)
 	if (vma->vm_pgoff || len > kg.region_size ||
 	    !(vma->vm_flags & VM_SHARED))
 		return -EINVAL;
+	/* A forked child must not keep the helper's region (and it) alive. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTCOPY);
+	vm_flags_clear(vma, VM_MAYEXEC);
+#else
+	vma->vm_flags |= VM_DONTCOPY;
+	vma->vm_flags &= ~VM_MAYEXEC;
+#endif
 	return remap_vmalloc_range(vma, kg.region, 0);
 }
 
@@ -591,6 +678,7 @@ int kgpu_key_set(int slot, const u8 *key, unsigned int len)
 		return -EINVAL;
 	ks = &kg.keys[slot];
 	WRITE_ONCE(ks->key_len, 0);
+	smp_wmb();	/* the slot reads empty before its bytes change */
 	memcpy(ks->key, key, len);
 	WRITE_ONCE(ks->generation, ks->generation + 1);
 	/* The key before its length: a helper never reads a half-set key. */
@@ -779,6 +867,7 @@ static void __exit kgpu_exit(void)
 	kgpu_netlink_exit();
 	cancel_delayed_work_sync(&kg.timeout_work);
 	destroy_workqueue(kg.wq);
+	kg.wq = NULL;
 	kgpu_region_free();
 	pr_info("unloaded\n");
 }

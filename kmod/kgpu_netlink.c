@@ -14,7 +14,7 @@
 static struct genl_family kgpu_genl_family;
 
 static const struct nla_policy kgpu_genl_policy[KGPU_ATTR_MAX + 1] = {
-	[KGPU_ATTR_SVC_ID]		= { .type = NLA_U32 },
+	[KGPU_ATTR_SVC_ID]		= NLA_POLICY_MAX(NLA_U32, KGPU_SVC_COUNT - 1),
 	[KGPU_ATTR_SVC_CROSSOVER]	= { .type = NLA_U32 },
 };
 
@@ -86,8 +86,10 @@ static int kgpu_genl_get_stats(struct sk_buff *skb, struct genl_info *info)
 	kgpu_get_stats(st);
 	hdr = genlmsg_put_reply(msg, info, &kgpu_genl_family, 0,
 				KGPU_CMD_GET_STATS);
-	if (!hdr)
+	if (!hdr) {
+		ret = -EMSGSIZE;
 		goto out;
+	}
 	ret = kgpu_fill_stats(msg, st);
 	if (ret)
 		goto out;
@@ -131,7 +133,6 @@ static struct genl_family kgpu_genl_family __ro_after_init = {
 	.module		= THIS_MODULE,
 	.small_ops	= kgpu_genl_ops,
 	.n_small_ops	= ARRAY_SIZE(kgpu_genl_ops),
-	.resv_start_op	= KGPU_CMD_SET_CROSSOVER + 1,
 };
 
 int kgpu_netlink_init(void)

@@ -300,7 +300,7 @@ static int st_round(struct st_ctx *c)
 		struct st_req *s = &reqs[i];
 		const u8 *got;
 
-		if (!s->len || !s->expect)
+		if (!s->len || !s->input || !s->expect)
 			continue;
 		if (s->via_helper && s->status == 0) {
 			got = s->req->data;
@@ -345,9 +345,13 @@ static int st_setup(struct st_ctx *c)
 {
 	int i, ret;
 
-	for (i = 0; i < ST_NKEYS; i++) {
+	/* Before anything can fail: teardown puts only the slots we got. */
+	for (i = 0; i < ST_NKEYS; i++)
 		c->slot[i] = -1;
-		c->tfm[i] = crypto_alloc_skcipher("xts(aes)", 0, 0);
+	for (i = 0; i < ST_NKEYS; i++) {
+		/* Synchronous only: our IVs live on the stack. */
+		c->tfm[i] = crypto_alloc_skcipher("xts(aes)", 0,
+						  CRYPTO_ALG_ASYNC);
 		if (IS_ERR(c->tfm[i])) {
 			ret = PTR_ERR(c->tfm[i]);
 			c->tfm[i] = NULL;
@@ -399,7 +403,10 @@ static ssize_t st_write(struct file *file, const char __user *ubuf,
 	c = kzalloc(sizeof(*c), GFP_KERNEL);
 	if (!c)
 		return -ENOMEM;
-	mutex_lock(&st_lock);
+	if (mutex_lock_killable(&st_lock)) {
+		kfree(c);
+		return -EINTR;
+	}
 	ret = st_setup(c);
 	for (i = 0; i < rounds && !ret; i++) {
 		ret = st_round(c);

@@ -162,7 +162,7 @@ struct kgpu_version {
  * KGPU_CMD_GET_STATS answers with the global attributes and one nested
  * KGPU_ATTR_SERVICE per service. KGPU_CMD_SET_CROSSOVER takes
  * KGPU_ATTR_SVC_ID and KGPU_ATTR_SVC_CROSSOVER: requests smaller than that
- * many bytes are done on the kernel's CPU (needs CAP_SYS_ADMIN).
+ * many bytes are done on the kernel's CPU (needs CAP_NET_ADMIN).
  */
 #define KGPU_GENL_NAME		"kgpu"
 #define KGPU_GENL_VERSION	1
