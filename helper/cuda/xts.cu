@@ -70,8 +70,16 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 
 // Replicated inverse S-box of bytes: entry e of lane l at byte
 // (e >> 2) * 128 + l * 4 + (e & 3), i.e. in word (e >> 2) * 32 + l.
-__device__ __forceinline__ u32 isb(const u8* t, u32 e, u32 l4) {
-    return t[((e >> 2) << 7) | l4 | (e & 3)];
+// Lookup of byte n of x: the byte by PRMT, its row into the address by
+// LEA, its place in the word by LOP3, then an explicit ld.shared.u8
+// (ibl: the table's shared address + lane * 4). Through a generic u8
+// pointer this took about twice the instructions; AES-256-dec went from
+// 294 to 301 GB/s at 64 MiB (H200).
+__device__ __forceinline__ u32 isb_at(u32 ibl, u32 x, int n) {
+    const u32 e = __byte_perm(x, 0, 0x4440 | n);
+    u32 v;
+    asm volatile("ld.shared.u8 %0, [%1];" : "=r"(v) : "r"((((e >> 2) << 7) + ibl) | (e & 3)));
+    return v;
 }
 
 __device__ __forceinline__ uint4 xor4(uint4 a, uint4 b) {
@@ -128,7 +136,7 @@ __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__
 template <int NR, int B>
 __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__ rk,
                                         const u32* td_, const u8* ib, u32 l4) {
-    const u32 td = smem_addr(td_) + l4;
+    const u32 td = smem_addr(td_) + l4, ibl = smem_addr(ib) + l4;
     uint4 k = __ldg(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
@@ -155,9 +163,9 @@ __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__
     for (int i = 0; i < B; ++i) {
         const uint4 a = s[i];
         uint4 t;
-#define LASTD(c0, c1, c2, c3)                                            \
-        (isb(ib, (c0) & 0xffu, l4) | (isb(ib, ((c1) >> 8) & 0xffu, l4) << 8) | \
-         (isb(ib, ((c2) >> 16) & 0xffu, l4) << 16) | (isb(ib, (c3) >> 24, l4) << 24))
+#define LASTD(c0, c1, c2, c3)                                                     \
+        (isb_at(ibl, c0, 0) | (isb_at(ibl, c1, 1) << 8) | (isb_at(ibl, c2, 2) << 16) | \
+         (isb_at(ibl, c3, 3) << 24))
         t.x = LASTD(a.x, a.w, a.z, a.y) ^ k.x;
         t.y = LASTD(a.y, a.x, a.w, a.z) ^ k.y;
         t.z = LASTD(a.z, a.y, a.x, a.w) ^ k.z;
@@ -275,21 +283,39 @@ __device__ __forceinline__ void aes_blocks(uint4 (&s)[XTS_BPT], const int (&slot
 }
 
 // The data of one tile, blocks [b0, bend); twt[u - u0] = T_0 of unit u.
+// Decryption finds each block's unit and place in it from b0 / bpu once
+// per tile and 32-bit offsets, with a shift where bpu is a power of two
+// (sh = log2(bpu); 32: divide), not a 64-bit division per block (measured
+// there only, together with isb_at).
 template <bool DECRYPT>
 __device__ __forceinline__ void xts_tile(const uint4* in, uint4* out, u64 b0, u64 bend, u64 u0,
                                          u32 bpu, const uint4* twt,
                                          const int* __restrict__ slots, int nslots,
                                          const uint4* __restrict__ sched, const u32* te,
-                                         const u32* td, const u8* ib, u32 l4) {
+                                         const u32* td, const u8* ib, u32 l4, u32 sh = 32) {
     uint4 s[XTS_BPT], t[XTS_BPT];
     int slot[XTS_BPT];
     bool same = true;
+    const u64 ub = !DECRYPT ? 0 : sh < 32 ? b0 >> sh : b0 / bpu;  // unit of block b0
+    const u32 r0 = (u32)(b0 - ub * bpu), last = (u32)(bend - 1 - b0);
 #pragma unroll
     for (int i = 0; i < XTS_BPT; ++i) {
-        const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
-        const u64 bb = b < bend ? b : bend - 1;  // tail: compute, don't store
-        const u64 u = bb / bpu;
-        t[i] = mul_alpha_pow(twt[u - u0], (u32)(bb - u * bpu));
+        u64 u, bb;
+        u32 j;
+        if (DECRYPT) {
+            const u32 o = min((u32)(i * XTS_THREADS) + threadIdx.x, last);  // tail: compute
+            const u32 off = r0 + o;
+            const u32 q = sh < 32 ? off >> sh : off / bpu;
+            j = off - q * bpu;
+            u = ub + q;
+            bb = b0 + o;
+        } else {
+            const u64 b = b0 + i * XTS_THREADS + threadIdx.x;
+            bb = b < bend ? b : bend - 1;  // tail: compute, don't store
+            u = bb / bpu;
+            j = (u32)(bb - u * bpu);
+        }
+        t[i] = mul_alpha_pow(twt[u - u0], j);
         s[i] = xor4(in[bb], t[i]);
         slot[i] = slot_of(slots, u, nslots);
         same = same && slot[i] == slot[0];
@@ -371,12 +397,69 @@ xts_encrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const in
                     total_blocks, bpu, group);
 }
 
-extern "C" __global__ void __launch_bounds__(XTS_THREADS)
+// Decryption needs Td0 and the inverse S-box for the data but T0 for the
+// tweaks (XTS encrypts them): holding all three (72 KiB) left room for
+// only 2 blocks per SM. So a block first computes the tweaks of every unit
+// of all its tiles with T0, into tw (one uint4 per unit, device memory:
+// about 3% of the data's size), then overwrites T0 with Td0 and runs its
+// tiles with no further barrier. 40 KiB of tables: 4 blocks per SM, as
+// for encryption. A unit straddling two blocks' tiles gets its tweak
+// written twice, with the same bytes; each block reads only those it
+// wrote itself (visible to it after __syncthreads). 64 registers (4 blocks
+// per SM); 3 blocks of 80 registers and 5 of 48 (with spills) were slower.
+__device__ __forceinline__ void xts_dec_impl(const uint4* in, uint4* out,
+                                             const u64* __restrict__ ivs, int iv_stride,
+                                             const int* __restrict__ slots, int nslots,
+                                             const uint4* __restrict__ sched,
+                                             const u32* __restrict__ te0,
+                                             const u32* __restrict__ td0,
+                                             const u8* __restrict__ isbox, u64 total_blocks,
+                                             u32 bpu, uint4* tw) {
+    extern __shared__ uint4 smem[];
+    u32* tab = (u32*)smem;  // T0 for the tweaks, then Td0
+    u8* ib = (u8*)(tab + TAB_WORDS);
+
+    fill_tables(tab, te0);
+    for (u32 i = threadIdx.x; i < ISB_BYTES / 4; i += blockDim.x) {
+        const u32 e = (i >> 5) << 2;  // as in xts_impl
+        ((u32*)ib)[i] = isbox[e] | (isbox[e + 1] << 8) | (isbox[e + 2] << 16) |
+                        ((u32)isbox[e + 3] << 24);
+    }
+    const u32 l4 = (threadIdx.x & 31) << 2;
+    const u64 ntiles = (total_blocks + XTS_TILE - 1) / XTS_TILE;
+    const u64 mine = blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    // units a tile can touch: all 1024 / bpu of its own when bpu divides a
+    // tile, else at most 2 + 1022 / bpu
+    const u32 per_tile = XTS_TILE % bpu == 0 ? XTS_TILE / bpu : 2 + (XTS_TILE - 2) / bpu;
+    __syncthreads();
+    for (u64 w = threadIdx.x; w < mine * per_tile; w += blockDim.x) {
+        const u64 gi = w / per_tile;
+        const u64 b0 = (blockIdx.x + gi * gridDim.x) * XTS_TILE;
+        const u64 bend = min(b0 + XTS_TILE, total_blocks);
+        const u64 u = b0 / bpu + (w - gi * per_tile);
+        if (u > (bend - 1) / bpu) continue;
+        tw[u] = unit_tweak(u, ivs, iv_stride, slots, nslots, sched, tab, l4);
+    }
+    __syncthreads();  // tweaks written, T0 no longer read
+    fill_tables(tab, td0);
+    __syncthreads();
+    const u32 sh = (bpu & (bpu - 1)) == 0 ? __ffs(bpu) - 1 : 32;
+    for (u64 tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const u64 b0 = tile * XTS_TILE;
+        xts_tile<true>(in, out, b0, min(b0 + XTS_TILE, total_blocks), 0, bpu, tw, slots, nslots,
+                       sched, nullptr, tab, ib, l4, sh);
+    }
+}
+
+// tw: one uint4 per data unit, device memory the kernel may overwrite;
+// group is not used (the tweaks are computed before any tile).
+extern "C" __global__ void __launch_bounds__(XTS_THREADS, 4)
 xts_decrypt(const uint4* in, uint4* out, const u64* ivs, int iv_stride, const int* slots,
             int nslots, const uint4* sched, const u32* te0, const u32* td0, const u8* isbox,
-            u64 total_blocks, u32 bpu, u32 group) {
-    xts_impl<true>(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox,
-                   total_blocks, bpu, group);
+            u64 total_blocks, u32 bpu, u32 group, uint4* tw) {
+    (void)group;
+    xts_dec_impl(in, out, ivs, iv_stride, slots, nslots, sched, te0, td0, isbox, total_blocks,
+                 bpu, tw);
 }
 
 // ---------------------------------------------------------------------------

@@ -58,10 +58,13 @@ def xts_group(unit_size):
 
 
 def xts_smem_bytes(decrypt, unit_size):
-    """Dynamic shared memory of one XTS block: tables + a group's tweaks."""
-    tables = TAB_BYTES * (2 if decrypt else 1) + (ISB_BYTES if decrypt else 0)
+    """Dynamic shared memory of one XTS block: encryption, T0 + a group's
+    tweaks; decryption, one T-table (T0, then Td0) + the inverse S-box
+    (its tweaks go to device memory)."""
+    if decrypt:
+        return TAB_BYTES + ISB_BYTES
     units = XTS_TILE // (unit_size // 16) + 2
-    return tables + xts_group(unit_size) * units * 16
+    return TAB_BYTES + xts_group(unit_size) * units * 16
 
 
 # ------------------------------------------------- batched XTS (xts_batch_*)
@@ -355,13 +358,16 @@ class CupyBackend(Backend):
         grid = min(ntiles, per_sm * self.sm_count)
         group = min(xts_group(unit_size), -(-ntiles // grid))
         iv_stride = 2 if d_ivs.ndim == 2 else 1
-        kern((grid,), (XTS_THREADS,),
-             (d_in, d_out, d_ivs, np.int32(iv_stride),
-              d_slots if d_slots is not None else np.uint64(0),
-              np.int32(len(keys)), self.schedule(keys), self._te0, self._td0,
-              self._isbox, np.uint64(total), np.uint32(bpu),
-              np.uint32(group)),
-             shared_mem=smem)
+        args = (d_in, d_out, d_ivs, np.int32(iv_stride),
+                d_slots if d_slots is not None else np.uint64(0),
+                np.int32(len(keys)), self.schedule(keys), self._te0,
+                self._td0, self._isbox, np.uint64(total), np.uint32(bpu),
+                np.uint32(group))
+        if decrypt:
+            # the units' tweaks (xts_decrypt); from the pool of the current
+            # stream, so reused only after this launch
+            args += (cp.empty(-(-total // bpu) * 16, cp.uint8),)
+        kern((grid,), (XTS_THREADS,), args, shared_mem=smem)
 
     # -------------------------------------------------------------- RAID6
 
