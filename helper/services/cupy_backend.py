@@ -314,6 +314,11 @@ class CupyBackend(Backend):
         """The device copy of a KeyTable's schedule (refreshed on change)."""
         hit = self._schedules.get(keys)
         if hit is None or hit[0] != keys.version:
+            if hit is not None:
+                # Kernels queued on any stream may still read the old
+                # copy (launches hold its raw pointer): let them finish
+                # before it goes back to the pool. Key changes are rare.
+                self.synchronize()
             with self.device:
                 hit = (keys.version, cp.asarray(keys.schedule))
             self._schedules[keys] = hit
