@@ -23,7 +23,7 @@ set -u
 O=$KGPU_OUT
 S=/sys/kernel/debug/kgpu/selftest
 modprobe raid6_pq
-insmod {ko} timeout_ms=3000
+insmod {ko} timeout_ms=30000
 start_helper() {{  # start_helper <log>
     kgpu helper --backend cpu > $1 2>&1 &
     HP=$!
@@ -34,7 +34,7 @@ start_helper() {{  # start_helper <log>
     echo "helper did not attach"; cat $1; return 1
 }}
 selftest() {{  # selftest <name> <rounds>
-    timeout -s KILL 200 sh -c "echo $2 > $S"
+    timeout -s KILL 300 sh -c "echo $2 > $S"
     echo "$1 rc=$? $(cat $S)" >> $O/results
 }}
 kgpu status > $O/status-none.txt 2>&1
@@ -54,7 +54,7 @@ cat /tmp/h2.log >> $O/sigterm.txt
 kgpu status --json > $O/final.json
 rmmod kgpu
 # Back-pressure: a ring of 8 and 1 MiB of data space for 16-request rounds.
-insmod {ko} ring_entries=8 data_mb=1 timeout_ms=3000
+insmod {ko} ring_entries=8 data_mb=1 timeout_ms=30000
 start_helper /tmp/h3.log
 selftest tiny 6
 kgpu status --json > $O/tiny.json
@@ -69,7 +69,7 @@ def guest():
     from kgpu_testbed import Testbed, TestbedError
 
     try:
-        tb = Testbed(kernel="6.12", timeout=600)
+        tb = Testbed(kernel="6.12", timeout=900)
     except TestbedError as e:
         pytest.skip(str(e))
     ko = f"{build_modules(tb.kernel)}/kgpu.ko"

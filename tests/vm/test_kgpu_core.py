@@ -23,7 +23,7 @@ O=$KGPU_OUT
 # Bad parameters are refused, nothing is left behind.
 insmod {ko} ring_entries=100 2>/dev/null && echo "bad-param accepted" >> $O/results
 insmod {ko} data_mb=0 2>/dev/null && echo "bad-param accepted" >> $O/results
-insmod {ko} timeout_ms=5000 ring_entries=64 data_mb=4
+insmod {ko} timeout_ms=30000 ring_entries=64 data_mb=4
 S=/sys/kernel/debug/kgpu/selftest
 start() {{
     python3 tests/vm/fakehelper.py $1 > /tmp/h.$1 2>&1 &
@@ -64,7 +64,7 @@ def guest(request):
     from kgpu_testbed import Testbed, TestbedError
 
     try:
-        tb = Testbed(kernel=request.param, timeout=300)
+        tb = Testbed(kernel=request.param, timeout=600)
     except TestbedError as e:
         pytest.skip(str(e))
     ko = f"{build_modules(tb.kernel)}/kgpu.ko"
