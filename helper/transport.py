@@ -67,6 +67,17 @@ def _check_arch():
             f"{platform.machine()}")
 
 
+def _check_identity(magic, version, what):
+    """Refuse anything that is not a kgpu region of our ABI version."""
+    if magic != abi.MAGIC:
+        raise TransportError(f"{what} is not kgpu's (magic {magic:#x}, not "
+                             f"{abi.MAGIC:#x})")
+    if version != abi.ABI_VERSION:
+        raise TransportError(
+            f"{what} speaks ABI {version}, this helper speaks "
+            f"{abi.ABI_VERSION}: install matching versions")
+
+
 class Region:
     """Typed views of a mapped region (any buffer with the ABI layout).
 
@@ -84,13 +95,8 @@ class Region:
         self.hdr = self.buf[:abi.REGION_HDR.itemsize].view(abi.REGION_HDR)[0]
         self.idx = memoryview(buf)[:abi.REGION_HDR.itemsize].cast("I")
         h = self.hdr
-        if int(h["magic"]) != abi.MAGIC:
-            raise TransportError(f"region magic is {int(h['magic']):#x}, "
-                                 f"not {abi.MAGIC:#x} ('kgpu')")
-        if int(h["abi_version"]) != abi.ABI_VERSION:
-            raise TransportError(
-                f"region ABI version {int(h['abi_version'])}, this helper "
-                f"speaks {abi.ABI_VERSION}: use a matching helper")
+        _check_identity(int(h["magic"]), int(h["abi_version"]),
+                        "the region")
         for name, dt in (("sqe_size", abi.SQE), ("cqe_size", abi.CQE),
                          ("key_slot_size", abi.KEY_SLOT)):
             if int(h[name]) != dt.itemsize:
@@ -302,13 +308,8 @@ class KernelTransport(Transport):
             raise TransportError(f"KGPU_IOC_VERSION failed on {self.path}: "
                                  f"{e}") from None
         v = np.frombuffer(raw, dtype=abi.VERSION)[0]
-        if int(v["magic"]) != abi.MAGIC:
-            raise TransportError(f"{self.path} is not a kgpu device (magic "
-                                 f"{int(v['magic']):#x})")
-        if int(v["abi_version"]) != abi.ABI_VERSION:
-            raise TransportError(
-                f"the kgpu module speaks ABI {int(v['abi_version'])}, this "
-                f"helper speaks {abi.ABI_VERSION}: install matching versions")
+        _check_identity(int(v["magic"]), int(v["abi_version"]),
+                        f"the device {self.path}")
 
     def _map(self):
         # The first page holds the header with the region's size.
