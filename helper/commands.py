@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -99,6 +100,12 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
     _setup_logging(verbose)
     gpu_list = _parse_gpus(gpus)
     cross = _crossover_bytes(crossover)
+    # Until the serving loop takes over, SIGTERM/SIGINT only note the
+    # request (start-up, calibration included, can take seconds); the
+    # helper then stops as soon as it is up, and exits 0.
+    early_stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: early_stop.append(True))
     try:
         t = open_transport(ring_spec)
     except TransportError as e:
@@ -116,6 +123,8 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
         _send_crossover(t, be, cpu, cross)
         h = Helper(t, be, gpus=extra, spin=spin_us * 1e-6, cpu_backend=cpu)
         h.install_signals()
+        if early_stop:
+            h.request_stop()
         log.info("serving")
         try:
             n = h.serve(max_requests=max_requests)

@@ -103,13 +103,24 @@ class KeyCache:
             g = int(self.words[32 * s + 1])
             if g == self.gen[s]:
                 continue
-            for _ in range(100):  # the kernel writes the generation last
+            # A sequence count (uapi/kgpu.h): odd while the kernel rewrites
+            # the slot; a read counts only between two equal even values.
+            for _ in range(1000):
+                g = int(self.words[32 * s + 1])
+                if g & 1:
+                    continue
                 klen = int(self.view["key_len"][s])
                 key = self.view["key"][s, :64].tobytes()[:klen]
-                g2 = int(self.view["generation"][s])
-                if g2 == g:
+                if int(self.words[32 * s + 1]) == g:
                     break
-                g = g2
+            else:
+                # Still changing: cache nothing, so the next batch reads
+                # it again; this one's requests find the slot unloaded.
+                if self.loaded[s]:
+                    self.table.wipe(s)
+                self.loaded[s] = False
+                self.gen[s] = None
+                continue
             if klen in (32, 64):
                 self.table.set(s, key)
                 self.loaded[s] = True
@@ -649,8 +660,20 @@ class GpuEngine:
                   self.broken)
         if not ch.retry_ok:
             return _cqes(ch.reqs, EIO)
-        st = self.cpu.run(ch.svc, ch.reqs)
-        return _cqes(ch.reqs, st, abi.CQE_CPU)
+        return _cqes(ch.reqs, _cpu_run(self.cpu, ch.svc, ch.reqs),
+                     abi.CQE_CPU)
+
+
+def _cpu_run(cpu, svc, reqs):
+    """cpu.run(), with a failure answered -EIO (the kernel then redoes the
+    requests from its own copy) instead of taking the helper down."""
+    try:
+        return cpu.run(svc, reqs)
+    except Exception as e:  # noqa: BLE001 - answer, never die
+        log.error("cpu backend failed on %d %s request(s): %s: %s",
+                  len(reqs), abi.SERVICE_NAMES.get(svc, svc),
+                  type(e).__name__, e)
+        return EIO
 
 
 # ------------------------------------------------------------------ helper
@@ -795,11 +818,10 @@ class Helper:
                 g.broken = f"{type(e).__name__}: {e}"
                 log.error("%s: cannot queue work (%s); taking it "
                           "out of service", g.name(), g.broken)
-        st2 = self.cpu.run(s, part)
         self.stats[("cpu", s)] += len(part)
         # CQE_CPU whenever the CPU did it, GPUs or not: the
         # kernel's GPU/CPU split must tell the truth.
-        ready.append(_cqes(part, st2, abi.CQE_CPU))
+        ready.append(_cqes(part, _cpu_run(self.cpu, s, part), abi.CQE_CPU))
 
     @staticmethod
     def _groups(reqs):
@@ -911,7 +933,15 @@ class Helper:
                 out = []
                 if sqes is not None and len(sqes):
                     idle_since = time.monotonic()
-                    ready, pend = self.dispatch(sqes)
+                    try:
+                        ready, pend = self.dispatch(sqes)
+                    except Exception as e:  # noqa: BLE001 - a bug of ours
+                        # Answer the whole batch -EIO (the kernel redoes
+                        # it) once no GPU can still be writing any of it.
+                        log.error("batch of %d failed: %s: %s", len(sqes),
+                                  type(e).__name__, e)
+                        self._quiesce()
+                        ready, pend = [_cqes(sqes, EIO)], []
                     out.extend(ready)
                     self.inflight.extend(pend)
                 while self.inflight and self.inflight[0].done():
@@ -938,13 +968,17 @@ class Helper:
                     log.warning("could not post a chunk at exit: %s", e)
         return answered
 
-    def close(self):
+    def _quiesce(self):
+        """Wait until no GPU work of ours is running."""
         for g in self.gpus:
             try:
                 for s in g.streams:
                     s.synchronize()
             except Exception:  # noqa: BLE001
                 pass
+
+    def close(self):
+        self._quiesce()
         self._unregister()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:

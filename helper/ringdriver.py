@@ -132,24 +132,28 @@ class RingDriver:
 
     def set_key(self, slot, key):
         """Load a raw XTS key (K1 || K2, 32 or 64 bytes) into a key slot,
-        generation last, as the module's ``key set`` does."""
+        in the module's order (see _write_key)."""
         key = bytes(key)
         if len(key) not in (32, 64):
             raise ValueError(f"XTS key must be 32 or 64 bytes, got "
                              f"{len(key)}")
+        self._write_key(slot, key)
+
+    def wipe_key(self, slot):
+        self._write_key(slot, b"")
+
+    def _write_key(self, slot, key):
+        # The module's sequence count (uapi/kgpu.h): generation odd while
+        # the slot changes, even again after; same order of stores.
         ks = self.region.keys[slot:slot + 1]
         gen = int(ks["generation"][0])
+        if gen & 1:
+            gen += 1
+        ks["generation"] = (gen + 1) & _MASK32
         ks["key"] = 0
         ks["key"][0, :len(key)] = np.frombuffer(key, np.uint8)
         ks["key_len"] = len(key)
-        ks["generation"] = (gen + 1) & _MASK32
-
-    def wipe_key(self, slot):
-        ks = self.region.keys[slot:slot + 1]
-        gen = int(ks["generation"][0])
-        ks["key"] = 0
-        ks["key_len"] = 0
-        ks["generation"] = (gen + 1) & _MASK32
+        ks["generation"] = (gen + 2) & _MASK32
 
     # ------------------------------------------------------ attach/detach
 

@@ -292,6 +292,10 @@ class KernelTransport(Transport):
             if e.errno in (errno.EACCES, errno.EPERM):
                 raise TransportError(f"no permission to open {path}: run "
                                      f"the helper as root") from None
+            if e.errno == errno.EAGAIN:
+                raise TransportError(
+                    f"{path}: the previous helper's GPU still has the region "
+                    f"pinned for DMA; try again in a moment") from None
             raise TransportError(f"cannot open {path}: {e}") from None
         try:
             self._check_version()
@@ -323,8 +327,12 @@ class KernelTransport(Transport):
             first.close()
         if size < mmap.PAGESIZE:
             raise TransportError(f"region_size {size} is too small")
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
-                            mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise TransportError(f"cannot map the {size >> 20} MiB region "
+                                 f"of {self.path}: {e}") from None
         self.region = Region(self.mm)
 
     def fileno(self):

@@ -669,20 +669,29 @@ int kgpu_key_get(void)
 }
 EXPORT_SYMBOL_GPL(kgpu_key_get);
 
+/*
+ * A key slot is written under a sequence count, as uapi/kgpu.h describes:
+ * generation odd while the slot changes, even again once it is stable.
+ */
+static void kgpu_key_write(struct kgpu_key_slot *ks, const u8 *key,
+			   unsigned int len)
+{
+	WRITE_ONCE(ks->generation, ks->generation + 1);
+	smp_wmb();
+	memzero_explicit(ks->key, sizeof(ks->key));
+	if (len)
+		memcpy(ks->key, key, len);
+	WRITE_ONCE(ks->key_len, len);
+	smp_wmb();
+	WRITE_ONCE(ks->generation, ks->generation + 1);
+}
+
 /* Call only while no request uses @slot (dm: table load, suspended). */
 int kgpu_key_set(int slot, const u8 *key, unsigned int len)
 {
-	struct kgpu_key_slot *ks;
-
 	if (slot < 0 || slot >= key_slots || (len != 32 && len != 64))
 		return -EINVAL;
-	ks = &kg.keys[slot];
-	WRITE_ONCE(ks->key_len, 0);
-	smp_wmb();	/* the slot reads empty before its bytes change */
-	memcpy(ks->key, key, len);
-	WRITE_ONCE(ks->generation, ks->generation + 1);
-	/* The key before its length: a helper never reads a half-set key. */
-	smp_store_release(&ks->key_len, len);
+	kgpu_key_write(&kg.keys[slot], key, len);
 	return 0;
 }
 EXPORT_SYMBOL_GPL(kgpu_key_set);
@@ -695,9 +704,7 @@ void kgpu_key_put(int slot)
 	if (slot < 0 || slot >= key_slots)
 		return;
 	ks = &kg.keys[slot];
-	WRITE_ONCE(ks->key_len, 0);
-	memzero_explicit(ks->key, sizeof(ks->key));
-	WRITE_ONCE(ks->generation, ks->generation + 1);
+	kgpu_key_write(ks, NULL, 0);
 	spin_lock_irqsave(&kg.lock, irqf);
 	clear_bit(slot, kg.key_map);
 	spin_unlock_irqrestore(&kg.lock, irqf);

@@ -5,6 +5,7 @@ Results are checked against independent oracles: OpenSSL's own XTS (one
 ECB construction) and the byte-by-byte RAID6 reference in raid6_ref.py.
 """
 
+import errno
 import os
 import signal
 import subprocess
@@ -281,3 +282,63 @@ def test_sigterm_finishes_the_batch_and_restart_after_kill9(tmp_path):
         assert p.wait(20) == 0
     finally:
         d.close()
+
+
+def test_key_slot_read_only_when_stable():
+    """The key slots' sequence count (uapi/kgpu.h): a slot caught with an
+    odd generation (the kernel rewriting it) is not cached; once even, the
+    key is loaded, and a later change is picked up."""
+    from kgpu_helper.daemon import KeyCache
+
+    slots = np.zeros(2, dtype=abi.KEY_SLOT)
+    cache = KeyCache(slots)
+    key = bytes(range(64))
+    slots["generation"][1] = 1                # writer in the middle
+    slots["key_len"][1] = 64
+    slots["key"][1] = np.frombuffer(key, np.uint8)
+    cache.refresh([1])
+    assert not cache.loaded[1]
+    slots["generation"][1] = 2                # stable
+    cache.refresh([1])
+    assert cache.loaded[1] and cache.table.key(1) == key
+    slots["generation"][1] = 3                # wiped
+    slots["key_len"][1] = 0
+    slots["generation"][1] = 4
+    cache.refresh([1])
+    assert not cache.loaded[1]
+
+
+def test_backend_failure_answers_eio_and_helper_keeps_serving(srv):
+    """A backend that raises must not take the helper (and the requests
+    it drained) down: those requests are answered -EIO, which sends them
+    to the kernel's CPU, and the next batch is served."""
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise MemoryError("simulated backend failure")
+
+    cpu = srv.h.cpu.be            # the CpuEngine's backend
+    good = cpu.raid6_gen
+    k, unit = 4, 512
+    off = srv.buf(bytes((k + 2) * unit))
+    gen = sqe(abi.SVC_RAID6_GEN, in_off=off, out_off=off,
+              in_len=(k + 2) * unit, out_len=(k + 2) * unit,
+              unit_size=unit, ndisks=k + 2, fail_a=abi.RAID6_NONE,
+              fail_b=abi.RAID6_NONE)
+    data = bytes(4096)
+    xoff = srv.buf(data)
+    xts = sqe(abi.SVC_XTS_ENC, in_off=xoff, out_off=xoff, in_len=4096,
+              out_len=4096, unit_size=512, sector=1, sector_step=1)
+    nop = sqe(abi.SVC_NOP)
+    cpu.raid6_gen = broken
+    try:
+        res = srv.run(np.concatenate([nop, xts, gen]))
+        assert calls
+        assert [r[2] for r in res] == [0, 0, -errno.EIO]
+        (r,) = srv.run(gen)            # one at a time: the same answer
+        assert r[2] == -errno.EIO
+    finally:
+        cpu.raid6_gen = good
+    (r,) = srv.run(gen)
+    assert r[2] == 0 and srv.th.is_alive()

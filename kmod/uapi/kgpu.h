@@ -134,8 +134,13 @@ struct kgpu_cqe {
 
 /*
  * struct kgpu_key_slot - a raw XTS key (K1 || K2), set by the kernel at
- * table load or "key set", wiped at "key wipe" or unload. generation
- * changes on every set, so the helper knows when to expand it again.
+ * table load or "key set", wiped at "key wipe" or unload.
+ *
+ * generation is a sequence count: the kernel makes it odd, rewrites
+ * key_len and key, then makes it even again. A reader takes generation,
+ * then key_len and key, then generation again, and uses what it read only
+ * if both were the same even number; the helper re-expands a slot
+ * whenever its generation changed.
  */
 struct kgpu_key_slot {
 	__u32 key_len;		/* 32 or 64 bytes; 0: empty */
