@@ -452,7 +452,10 @@ class GpuEngine:
         buf = self.stage[i]
         if buf is None or buf.size < nbytes:
             self.stage[i] = None
-            buf = cp.empty(max(nbytes, 1 << 20), dtype=cp.uint8)
+            # Allocated on (and so freed back to) stream i's pool: work
+            # still queued on that stream is ordered before any reuse.
+            with self.streams[i]:
+                buf = cp.empty(max(nbytes, 1 << 20), dtype=cp.uint8)
             self.stage[i] = buf
         return buf
 
@@ -818,6 +821,11 @@ class Helper:
                 g.broken = f"{type(e).__name__}: {e}"
                 log.error("%s: cannot queue work (%s); taking it "
                           "out of service", g.name(), g.broken)
+                # Part of the chunk may be queued already: the CPU may
+                # redo it only once nothing on the GPU can still write.
+                if not self._quiesce():
+                    ready.append(_cqes(part, EIO))
+                    return
         self.stats[("cpu", s)] += len(part)
         # CQE_CPU whenever the CPU did it, GPUs or not: the
         # kernel's GPU/CPU split must tell the truth.
@@ -969,13 +977,16 @@ class Helper:
         return answered
 
     def _quiesce(self):
-        """Wait until no GPU work of ours is running."""
+        """Wait until no GPU work of ours is running; False if a stream
+        could not be waited for (its work may still be running)."""
+        ok = True
         for g in self.gpus:
-            try:
-                for s in g.streams:
+            for s in g.streams:
+                try:
                     s.synchronize()
-            except Exception:  # noqa: BLE001
-                pass
+                except Exception:  # noqa: BLE001
+                    ok = False
+        return ok
 
     def close(self):
         self._quiesce()
