@@ -41,12 +41,12 @@ deps:
 	@bash testbed/deps.sh
 	@$(MAKE) -s pydeps
 
-# The Python package (editable) with its test dependencies; quiet when the
-# installed one is already current.
+# The Python package (editable, from this checkout) with its test
+# dependencies; quiet when that is already what is installed. An editable
+# install of another checkout is replaced, so tests always run this code.
 pydeps:
-	@$(PYTHON) -c 'import kgpu_helper, kgpu_testbed, click, cryptography, numpy, pyroute2, pytest' 2>/dev/null \
-		&& $(PIP) show -q kgpu >/dev/null 2>&1 \
-		|| $(PIP) install -q --disable-pip-version-check -e '.[test]'
+	@$(PYTHON) -c 'import os, sys, click, cryptography, numpy, pyroute2, pytest, kgpu_testbed, kgpu_helper as k; sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))) != os.path.realpath("$(SRC)"))' 2>/dev/null \
+		|| $(PIP) install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 
 test: deps
 	@for k in $(TEST_KDIRS); do $(MAKE) -s modules KDIR=$$k || exit 1; done
