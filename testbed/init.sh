@@ -44,7 +44,8 @@ mount -t devtmpfs devtmpfs $r/dev
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts devpts $r/dev/pts
 mount -t tmpfs tmpfs $r/dev/shm
-mount -t tmpfs tmpfs $r/tmp
+# /tmp stays the host's, seen through the overlay (writes land in the
+# tmpfs upper layer): a checkout under the host's /tmp must stay visible.
 mount -t tmpfs tmpfs $r/run
 mount -t debugfs debugfs $r/sys/kernel/debug 2>/dev/null
 mount -t configfs configfs $r/sys/kernel/config 2>/dev/null

@@ -15,10 +15,15 @@ def tb():
     return Testbed(timeout=300)
 
 
-def test_status_output_and_files(tb):
-    r = tb.run('uname -r; echo payload > "$KGPU_OUT/x.txt"; exit 7')
+def test_status_output_and_files(tb, tmp_path):
+    # The host's /tmp is the guest's too (a CI clone may live there), and
+    # the command runs in the caller's directory.
+    (tmp_path / "marker").write_text("host-side\n")
+    r = tb.run('uname -r; cat marker; echo payload > "$KGPU_OUT/x.txt"; '
+               'exit 7', cwd=str(tmp_path))
     assert r.rc == 7
     assert tb.kernel.release in r.output
+    assert "host-side" in r.output
     assert r.files["x.txt"] == b"payload\n"
 
 
