@@ -121,7 +121,10 @@ class Testbed:
         guest_env.update(env or {})
         for k, v in guest_env.items():
             lines.append(f"export {k}={shlex.quote(v)}")
-        lines.append(f"cd {shlex.quote(cwd)} 2>/dev/null || cd /")
+        q = shlex.quote(cwd)
+        lines.append(f"cd {q} 2>/dev/null || {{ echo \"testbed: \"{q}\" is "
+                     f"not visible in the guest (/run, /dev, /proc and /sys "
+                     f"are its own); running in /\" >&2; cd /; }}")
         lines.append(command)
         with open(os.path.join(rundir, "cmd.sh"), "w") as f:
             f.write("\n".join(lines) + "\n")
