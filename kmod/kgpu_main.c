@@ -196,9 +196,10 @@ static struct kgpu_request *kgpu_try_get(u32 nblocks)
  * (its late completions arrive) or detaches. This is also what keeps a
  * stopped helper from holding every tag while submitters wait.
  */
-static bool kgpu_usable_locked(void)
+static bool kgpu_usable(void)
 {
-	return kg.attached && !kg.stale;
+	/* READ_ONCE: also asked without kg.lock, by kgpu_offload(). */
+	return READ_ONCE(kg.attached) && !READ_ONCE(kg.stale);
 }
 
 /**
@@ -207,7 +208,7 @@ static bool kgpu_usable_locked(void)
  * @flags: KGPU_NOWAIT, or 0 to wait (at most timeout_ms) for room
  *
  * Returns the request, or ERR_PTR(-ENODEV) when no helper is attached or
- * the helper is behind (see kgpu_usable_locked()), -E2BIG when @len can
+ * the helper is behind (see kgpu_usable()), -E2BIG when @len can
  * never fit, -EAGAIN when the ring or the data space stayed full, -EINTR
  * when a wait was killed. done() callbacks must pass KGPU_NOWAIT: they may
  * run in the helper's own context.
@@ -227,7 +228,7 @@ struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
 
 	for (;;) {
 		spin_lock_irqsave(&kg.lock, irqf);
-		if (!kgpu_usable_locked()) {
+		if (!kgpu_usable()) {
 			spin_unlock_irqrestore(&kg.lock, irqf);
 			return ERR_PTR(-ENODEV);
 		}
@@ -305,7 +306,7 @@ void kgpu_submit(struct kgpu_request *req)
 		     req->params.service : KGPU_SVC_NOP];
 	st->requests++;
 	st->bytes += req->params.in_len;
-	if (!kgpu_usable_locked() || !valid) {
+	if (!kgpu_usable() || !valid) {
 		if (!valid)
 			st->errors++;
 		st->fallback++;
@@ -359,8 +360,7 @@ EXPORT_SYMBOL_GPL(kgpu_request_put);
 
 bool kgpu_offload(unsigned int service, size_t len)
 {
-	if (service >= KGPU_SVC_COUNT || !READ_ONCE(kg.attached) ||
-	    READ_ONCE(kg.stale))
+	if (service >= KGPU_SVC_COUNT || !kgpu_usable())
 		return false;
 	return len >= READ_ONCE(kg.svc[service].crossover);
 }

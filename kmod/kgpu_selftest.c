@@ -172,7 +172,7 @@ static void st_pick(struct st_ctx *c, struct st_req *s)
 		p->key_slot = c->slot[key];
 		p->reserved = key;	/* which tfm: the self-test's own note */
 	} else {
-		unsigned int n = 4 + st_rand(13), k = n - 2;
+		unsigned int n = 4 + st_rand(13);
 
 		p->service = kind == 2 ? KGPU_SVC_RAID6_GEN : KGPU_SVC_RAID6_REC;
 		p->ndisks = n;
@@ -184,7 +184,6 @@ static void st_pick(struct st_ctx *c, struct st_req *s)
 			p->fail_b = KGPU_RAID6_NONE;
 		if (p->service == KGPU_SVC_RAID6_GEN)
 			p->fail_a = p->fail_b = KGPU_RAID6_NONE;
-		(void)k;
 	}
 	p->in_len = s->len;
 	p->out_len = s->len;
