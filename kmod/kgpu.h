@@ -73,6 +73,18 @@ struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags);
 void kgpu_submit(struct kgpu_request *req);
 void kgpu_request_put(struct kgpu_request *req);
 
+/*
+ * The page behind req->data + @off, for a target that wants to put the
+ * region's own pages into a bio (no copy), or NULL when the region has no
+ * struct pages (device memory, such as an ivshmem BAR): the target must then
+ * bounce through pages of its own. The page stays valid until
+ * kgpu_request_put().
+ */
+struct page *kgpu_data_page(const struct kgpu_request *req, size_t off);
+
+/* The largest len that kgpu_request_get() can ever grant, in bytes. */
+size_t kgpu_max_request(void);
+
 /* True when a helper is attached and len is at least the crossover. */
 bool kgpu_offload(unsigned int service, size_t len);
 

@@ -358,6 +358,28 @@ void kgpu_request_put(struct kgpu_request *req)
 }
 EXPORT_SYMBOL_GPL(kgpu_request_put);
 
+struct page *kgpu_data_page(const struct kgpu_request *req, size_t off)
+{
+	if (WARN_ON_ONCE(!req->data || off >= req->size))
+		return NULL;
+	/* The region is vmalloc_user() memory: every page has a struct page. */
+	return vmalloc_to_page(req->data + off);
+}
+EXPORT_SYMBOL_GPL(kgpu_data_page);
+
+/*
+ * A quarter of the data space, at most 4 MiB: large enough for a launch to
+ * pay off, small enough that several requests are always in flight.
+ */
+size_t kgpu_max_request(void)
+{
+	size_t max = (size_t)kg.data_blocks * KGPU_DATA_ALIGN / 4;
+
+	max = min_t(size_t, max, 4u << 20);
+	return max_t(size_t, max, KGPU_DATA_ALIGN);
+}
+EXPORT_SYMBOL_GPL(kgpu_max_request);
+
 bool kgpu_offload(unsigned int service, size_t len)
 {
 	if (service >= KGPU_SVC_COUNT || !kgpu_usable())

@@ -37,8 +37,11 @@ if [ -n "$missing" ] || [ "$have612" = 0 ]; then
 			echo "deps: no 6.12 kernel headers found in the apt sources" >&2
 			exit 1
 		fi
+		# The signed image can be a virtual package with no candidate
+		# (apt-cache show still succeeds on it): ask for a candidate.
 		img="linux-image-$rel"
-		apt-cache show "$img" >/dev/null 2>&1 || img="linux-image-$rel-unsigned"
+		apt-cache policy "$img" 2>/dev/null | grep -q 'Candidate: [0-9]' ||
+			img="linux-image-$rel-unsigned"
 		pkgs="$pkgs $img linux-headers-$rel"
 	fi
 	# shellcheck disable=SC2086

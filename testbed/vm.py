@@ -8,6 +8,7 @@ off. Whatever happens, no QEMU process outlives the call: a guest that
 does not finish in time is killed with a message saying so.
 """
 
+import fcntl
 import os
 import re
 import select
@@ -27,6 +28,9 @@ QEMU = "qemu-system-x86_64"
 # Guest path of the per-run share; commands may leave files in $KGPU_OUT.
 GUEST_RUN_DIR = "/run/kgpu"
 GUEST_OUT_DIR = GUEST_RUN_DIR + "/out"
+# One guest at a time on this machine: two TCG guests on a small host
+# starve each other into timeouts. Every boot holds this lock.
+LOCK_PATH = os.environ.get("KGPU_TESTBED_LOCK", "/tmp/kgpu-testbed.lock")
 
 
 class TestbedError(RuntimeError):
@@ -143,6 +147,10 @@ class Testbed:
                           echo=True).rc
 
     def _boot(self, command, mode, cwd, env, timeout, echo):
+        with _guest_lock(self.log):
+            return self._boot_locked(command, mode, cwd, env, timeout, echo)
+
+    def _boot_locked(self, command, mode, cwd, env, timeout, echo):
         timeout = timeout or self.timeout
         initrd = initramfs_for(self.kernel, log=self.log)
         start = time.monotonic()
@@ -205,6 +213,27 @@ class Testbed:
         finally:
             _kill(proc)
         return _clean(b"".join(chunks))
+
+
+class _guest_lock:
+    """Holds LOCK_PATH for one boot; says so when it has to wait."""
+
+    def __init__(self, log):
+        self.log = log
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log(f"waiting for another guest to finish ({LOCK_PATH})")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)   # closing drops the lock
+        return False
 
 
 # The kernel's last word at power-off, not the command's output.
