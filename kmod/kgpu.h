@@ -54,6 +54,7 @@ struct kgpu_request {
 	/* Set by the core, read-only for the submitter. */
 	void *data;		/* the request's buffer in the shared region */
 	size_t size;		/* its length, at least what was asked */
+	u16 cqe_flags;		/* with done(req, 0): KGPU_CQE_* of the answer */
 
 	/* Private to the core. */
 	u32 tag;

@@ -182,6 +182,7 @@ static struct kgpu_request *kgpu_try_get(u32 nblocks)
 	req->nblocks = nblocks;
 	req->data = kg.data + (size_t)start * KGPU_DATA_ALIGN;
 	req->size = (size_t)nblocks * KGPU_DATA_ALIGN;
+	req->cqe_flags = 0;
 	req->busy = true;
 	req->user_ref = true;
 	req->helper_ref = false;
@@ -457,6 +458,7 @@ static int kgpu_reap(void)
 			st->fallback++;
 			list_add_tail(&req->node, &failed);
 		} else {
+			req->cqe_flags = flags;
 			if (flags & KGPU_CQE_CPU)
 				st->helper_cpu++;
 			else
