@@ -66,6 +66,9 @@ if [ "$mode" = shell ]; then
 	setsid -c chroot $r /bin/bash /run/kgpu/cmd.sh </dev/ttyS0 >/dev/ttyS0 2>&1
 	rc=$?
 else
+	# The host boots again a guest that stops before this line (an early
+	# oops under TCG); the text is COMMAND_MARKER in vm.py.
+	echo "kgpu-init: running the command"
 	chroot $r /bin/bash /run/kgpu/cmd.sh </dev/null
 	rc=$?
 fi
