@@ -5,7 +5,9 @@ cached initramfs, the guest mounts the host root read-only over 9p under a
 tmpfs overlay, runs the command as root from the caller's working
 directory, writes its exit status to a small per-run 9p share and powers
 off. Whatever happens, no QEMU process outlives the call: a guest that
-does not finish in time is killed with a message saying so.
+does not finish in time is killed with a message saying so, and QEMU is
+killed with the process that started it (a test run stopped by SIGTERM
+leaves no guest behind to starve the next ones).
 
 The init prints COMMAND_MARKER just before it runs the command. A guest
 that stops without it (an early oops or panic under TCG, a boot that
@@ -14,6 +16,7 @@ BOOTS boots in all. A guest that dies after the marker is never booted
 again: that is the command's failure, reported as such.
 """
 
+import ctypes
 import fcntl
 import os
 import re
@@ -170,9 +173,10 @@ class Testbed:
         Streams the guest console to stdout when ``echo``; returns a
         RunResult. A guest that stops before the command starts (panic,
         oops, no command after ``boot_timeout`` s) is booted again, BOOTS
-        boots at most, each with ``timeout`` s. Raises TestbedError if the
-        guest died or timed out once the command had started, or if no
-        boot reached it.
+        boots at most; each boot has ``timeout`` s from its start to power
+        off, and a ``timeout`` shorter than ``boot_timeout`` stays a plain
+        timeout. Raises TestbedError if the guest died or timed out once
+        the command had started, or if no boot reached it.
         """
         timeout = timeout or self.timeout
         cwd = cwd or os.getcwd()
@@ -196,8 +200,7 @@ class Testbed:
                         f"{self.qemu} failed before the guest started (exit "
                         f"status 1, a QEMU error: not retried):\n"
                         f"{output[-3000:]}")
-                why = _why_stopped(output, status,
-                                   min(self.boot_timeout, timeout))
+                why = _why_stopped(output, status, self.boot_timeout)
                 if boot == BOOTS:
                     raise TestbedError(
                         f"the guest ({self.kernel.release}) stopped before "
@@ -221,7 +224,7 @@ class Testbed:
                          "Ctrl-A X kills the VM")
                 proc = subprocess.Popen(
                     self._qemu_argv(initrd, rundir, "shell"),
-                    start_new_session=False)
+                    start_new_session=False, preexec_fn=_die_with_parent)
                 try:
                     proc.wait()
                 finally:
@@ -244,27 +247,28 @@ class Testbed:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent)
         chunks = []
         pending = b""
         marker = COMMAND_MARKER.encode()
         started, hide_marker, tail = False, echo, b""
         start = time.monotonic()
         deadline = start + timeout
-        boot_deadline = start + min(self.boot_timeout, timeout)
+        boot_deadline = start + self.boot_timeout
         try:
             fd = proc.stdout.fileno()
             while True:
                 now = time.monotonic()
-                if not started and now >= boot_deadline:
-                    return _strip_marker(b"".join(chunks)), False, None
                 if now >= deadline:
                     raise TestbedError(
                         f"the guest did not finish within {timeout:.0f} s; "
                         "QEMU was killed. Last console output:\n"
                         + _strip_marker(b"".join(chunks))[-3000:])
-                left = (deadline if started else boot_deadline) - now
-                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+                if not started and now >= boot_deadline:
+                    return _strip_marker(b"".join(chunks)), False, None
+                end = deadline if started else min(deadline, boot_deadline)
+                ready, _, _ = select.select([fd], [], [], min(end - now, 1.0))
                 if not ready:
                     continue
                 data = os.read(fd, 65536)
@@ -287,7 +291,7 @@ class Testbed:
 
 
 class _guest_lock:
-    """Holds LOCK_PATH for one boot; says so when it has to wait."""
+    """Holds LOCK_PATH for one run (all its boots); says so when it waits."""
 
     def __init__(self, log):
         self.log = log
@@ -350,6 +354,13 @@ def _why_stopped(output, status, boot_timeout):
 
 def _clean(data):
     return data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+
+
+def _die_with_parent():
+    """In QEMU before exec: SIGKILL when this process dies, even where no
+    ``finally`` runs (SIGTERM, SIGKILL), so that no guest is orphaned."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill(proc):

@@ -5,8 +5,11 @@ does, and runs the command on the host the way the guest's init would."""
 
 import os
 import re
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -31,6 +34,8 @@ FAKE_QEMU = textwrap.dedent(r'''
         say("qemu-system-x86_64: -kernel: could not open")
         sys.exit(1)
     if what == "hang":
+        with open(os.path.join(here, "pid"), "w") as f:
+            f.write(str(os.getpid()))
         time.sleep(600)
     if what == "oops":
         say("[    2.213000] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
@@ -105,6 +110,13 @@ def test_hang_before_the_command_is_killed_and_booted_again(fake, tmp_path):
     assert "no command after 2 s" in log[0]
 
 
+def test_timeout_before_the_boot_deadline_stays_a_timeout(fake, tmp_path):
+    tb, log, boots = fake("hang", "ok", boot_timeout=30)
+    with pytest.raises(vm.TestbedError, match="did not finish within 2 s"):
+        tb.run("true", cwd=str(tmp_path), timeout=2, echo=False)
+    assert boots() == 1
+
+
 def test_three_boots_at_most(fake, tmp_path):
     tb, log, boots = fake("oops", "oops", "oops", "ok")
     with pytest.raises(vm.TestbedError, match="each of 3 boots.*Oops: int3"):
@@ -141,6 +153,46 @@ def test_marker_is_not_echoed(fake, tmp_path, capsys):
     assert "visible" in out and "Oops: int3" in out
     assert vm.COMMAND_MARKER not in out
     assert not re.search(r"reboot: Power down", out)
+
+
+DRIVER = """
+import sys
+from kgpu_testbed import vm
+from kgpu_testbed.kernels import Kernel
+here = sys.argv[1]
+vm.initramfs_for = lambda kernel, log=None: here + "/initrd"
+vm.LOCK_PATH = here + "/lock"
+vm.Testbed(kernel=Kernel("6.12.0-fake", here + "/vmlinuz"),
+           qemu=here + "/qemu-system-x86_64").run("true", echo=False)
+"""
+
+
+def test_qemu_dies_with_a_killed_caller(fake, tmp_path):
+    fake("hang")
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)])
+    pidfile = tmp_path / "pid"
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    qemu = int(pidfile.read_text())
+    driver.send_signal(signal.SIGTERM)    # no finally runs
+    driver.wait()
+    for _ in range(100):
+        if not _alive(qemu):
+            return
+        time.sleep(0.05)
+    os.kill(qemu, signal.SIGKILL)
+    pytest.fail("QEMU outlived the process that started it")
+
+
+def _alive(pid):
+    """Running (a zombie that no init has reaped yet is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_marker_stripped_once():
