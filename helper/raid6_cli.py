@@ -1,0 +1,299 @@
+"""``kgpu raid6``: open md-compatible RAID6 arrays with the gpu-raid6 target.
+
+The target's table line is
+``0 <len> gpu-raid6 <layout> <chunk_sectors> <#devs> <dev0>... [2 data_offset <sectors>]``;
+this module builds it, either from a layout and chunk given by hand or
+from what ``mdadm --examine`` says about members of an array that mdadm
+created, and runs dmsetup. The pure parts (table lines, --examine parsing)
+are plain functions, tested without a kernel.
+"""
+
+import re
+import subprocess
+
+import click
+
+# Layouts the target knows, by the names md (mdadm) and dm-raid use; the
+# value is the name written into the table line.
+LAYOUTS = {
+    "left-asymmetric": "left-asymmetric",
+    "right-asymmetric": "right-asymmetric",
+    "left-symmetric": "left-symmetric",
+    "right-symmetric": "right-symmetric",
+    "raid6_zr": "raid6_zr",
+    "ddf-zero-restart": "raid6_zr",
+    "raid6_nr": "raid6_nr",
+    "ddf-N-restart": "raid6_nr",
+}
+MIN_DEVS, MAX_DEVS = 4, 32
+MISSING = "-"
+
+
+class Raid6Error(ValueError):
+    """Something about the members or the geometry that we refuse."""
+
+
+def parse_chunk(text):
+    """Chunk size in sectors from '64K', '512k', '1M' or a number of KiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise Raid6Error(f"chunk size must look like 64K or 1M, got {text!r}")
+    kib = int(m.group(1)) * (1024 if m.group(2) in ("m", "M") else 1)
+    sectors = kib * 2
+    if sectors < 8 or sectors & (sectors - 1):
+        raise Raid6Error(f"chunk size must be a power of two of at least 4K, "
+                         f"got {text!r}")
+    return sectors
+
+
+def table_line(layout, chunk_sectors, devices, length, data_offset=0):
+    """The dmsetup table line for the target (one line, no newline)."""
+    if layout not in LAYOUTS:
+        raise Raid6Error(f"unknown layout {layout!r}; known: "
+                         f"{', '.join(sorted(LAYOUTS))}")
+    n = len(devices)
+    if not MIN_DEVS <= n <= MAX_DEVS:
+        raise Raid6Error(f"RAID6 needs {MIN_DEVS} to {MAX_DEVS} members, "
+                         f"got {n}")
+    missing = sum(1 for d in devices if d == MISSING)
+    if missing > 2:
+        raise Raid6Error(f"{missing} members missing: RAID6 survives at most "
+                         f"two")
+    if length <= 0:
+        raise Raid6Error("the members are too small for one row of chunks")
+    line = (f"0 {length} gpu-raid6 {LAYOUTS[layout]} {chunk_sectors} {n} "
+            + " ".join(devices))
+    if data_offset:
+        line += f" 2 data_offset {data_offset}"
+    return line
+
+
+def length_from_members(member_sectors, chunk_sectors, ndevs, data_offset=0):
+    """Sectors of the array: whole rows of chunks on the smallest member."""
+    usable = min(member_sectors) - data_offset
+    if usable < chunk_sectors:
+        raise Raid6Error(f"members of {min(member_sectors)} sectors hold no "
+                         f"whole chunk after data_offset {data_offset}")
+    rows = usable // chunk_sectors
+    return rows * (ndevs - 2) * chunk_sectors
+
+
+_FIELD = re.compile(r"^\s*([A-Za-z][A-Za-z ]*?)\s*:\s*(.*?)\s*$")
+
+
+def parse_examine(text):
+    """The fields of one member's ``mdadm --examine`` output, as a dict.
+
+    Returns keys: uuid, level, raid_devices, layout, chunk_sectors,
+    data_offset, array_sectors (or None), role (int, or None for a spare),
+    events (or None).
+    """
+    fields = {}
+    for line in text.splitlines():
+        m = _FIELD.match(line)
+        if m and m.group(1) not in fields:
+            fields[m.group(1)] = m.group(2)
+    if "Raid Level" not in fields:
+        raise Raid6Error("no md superblock found (mdadm --examine shows no "
+                         "Raid Level)")
+
+    def number(key, default=None):
+        v = fields.get(key)
+        if v is None:
+            return default
+        m = re.match(r"(\d+)", v)
+        if not m:
+            raise Raid6Error(f"cannot read {key!r}: {v!r}")
+        return int(m.group(1))
+
+    role = None
+    r = fields.get("Device Role") or fields.get("this")
+    if r:
+        m = re.search(r"Active device (\d+)", r)
+        role = int(m.group(1)) if m else None
+    chunk = fields.get("Chunk Size")
+    array = fields.get("Array Size")
+    array_sectors = None
+    if array:
+        m = re.match(r"(\d+)\s*(\w*)", array)
+        if m:   # KiB unless it says sectors
+            array_sectors = int(m.group(1)) * (
+                1 if m.group(2).startswith("sector") else 2)
+    return {
+        "uuid": fields.get("Array UUID") or fields.get("UUID"),
+        "level": fields["Raid Level"].strip().lower(),
+        "raid_devices": number("Raid Devices"),
+        "layout": (fields.get("Layout") or "").strip(),
+        "chunk_sectors": parse_chunk(chunk) if chunk else None,
+        "data_offset": number("Data Offset", 0),
+        "array_sectors": array_sectors,
+        "role": role,
+        "events": number("Events"),
+    }
+
+
+def geometry_from_examines(examines):
+    """Layout, chunk, ordered devices, data_offset and length of an array.
+
+    ``examines``: {device path: parsed --examine}. Members the dict does
+    not name become "-". Refuses members of different arrays or
+    geometries, spares, and arrays that are not RAID6.
+    """
+    if not examines:
+        raise Raid6Error("no members given")
+    first_dev, first = next(iter(examines.items()))
+    for dev, e in examines.items():
+        if e["level"] != "raid6":
+            raise Raid6Error(f"{dev} is a member of a {e['level']} array, "
+                             f"not raid6")
+        for key, what in (("uuid", "array UUID"), ("raid_devices",
+                          "number of members"), ("layout", "layout"),
+                          ("chunk_sectors", "chunk size"),
+                          ("data_offset", "data offset")):
+            if e[key] != first[key]:
+                raise Raid6Error(f"{dev} and {first_dev} disagree on the "
+                                 f"{what}: {e[key]} vs {first[key]}")
+        if e["role"] is None:
+            raise Raid6Error(f"{dev} is not an active member (a spare?)")
+    n = first["raid_devices"]
+    if not n or not MIN_DEVS <= n <= MAX_DEVS:
+        raise Raid6Error(f"the array has {n} members; the target takes "
+                         f"{MIN_DEVS} to {MAX_DEVS}")
+    if first["layout"] not in LAYOUTS:
+        raise Raid6Error(f"layout {first['layout']!r} is not supported; "
+                         f"supported: {', '.join(sorted(LAYOUTS))}")
+    devices = [MISSING] * n
+    for dev, e in examines.items():
+        if not 0 <= e["role"] < n:
+            raise Raid6Error(f"{dev} claims role {e['role']} of {n}")
+        if devices[e["role"]] != MISSING:
+            raise Raid6Error(f"{dev} and {devices[e['role']]} both claim "
+                             f"role {e['role']}")
+        devices[e["role"]] = dev
+    events = {e["events"] for e in examines.values()}
+    if len(events) > 1:
+        raise Raid6Error(f"the members' event counts differ ({sorted(events)}):"
+                         f" some member is stale; let mdadm --assemble sort "
+                         f"it out first")
+    length = first["array_sectors"]
+    if not length:
+        raise Raid6Error("mdadm --examine shows no Array Size")
+    return {"layout": first["layout"], "chunk_sectors": first["chunk_sectors"],
+            "devices": devices, "data_offset": first["data_offset"],
+            "length": length}
+
+
+def _run(argv):
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise click.ClickException(f"{argv[0]} is not installed") from None
+    return p
+
+
+def _member_sectors(dev):
+    p = _run(["blockdev", "--getsz", dev])
+    if p.returncode != 0:
+        raise click.ClickException(f"cannot read the size of {dev}: "
+                                   f"{p.stderr.strip()}")
+    return int(p.stdout.strip())
+
+
+def _dmsetup_create(name, line, dry_run):
+    if dry_run:
+        click.echo(line)
+        return
+    p = _run(["dmsetup", "create", name, "--table", line])
+    if p.returncode != 0:
+        raise click.ClickException(
+            f"dmsetup create {name} failed: {p.stderr.strip()} (the kernel's "
+            f"reason is in dmesg; table: {line})")
+    _run(["dmsetup", "mknodes", name])
+    click.echo(f"/dev/mapper/{name}: {line}")
+
+
+@click.group("raid6")
+def raid6():
+    """Open md RAID6 arrays (or new ones) with the gpu-raid6 target.
+
+    The members keep exactly md's on-disk format, so an array can be used
+    through gpu-raid6 and later assembled by mdadm, and the reverse. Stop
+    the md array first: a member belongs to one of them at a time.
+    """
+
+
+@raid6.command("create")
+@click.argument("name")
+@click.argument("devices", nargs=-1, required=True)
+@click.option("--from-mdadm", "from_mdadm", is_flag=True,
+              help="Read level, layout, chunk, member order, data offset and "
+                   "size from `mdadm --examine` of each member; members not "
+                   "given are opened as missing.")
+@click.option("--layout", type=click.Choice(sorted(LAYOUTS)),
+              help="md layout (left-symmetric is mdadm's default, raid6_zr "
+                   "alias ddf-zero-restart is LVM's).")
+@click.option("--chunk", help="Chunk size, e.g. 64K or 512K.")
+@click.option("--data-offset", type=click.IntRange(0), default=0,
+              show_default=True, help="Sectors before the data on each member.")
+@click.option("--sectors", type=click.IntRange(1),
+              help="Array length in sectors (default: whole rows of chunks on "
+                   "the smallest member; give it for md arrays with metadata "
+                   "at the end, or use --from-mdadm).")
+@click.option("--dry-run", is_flag=True, help="Print the table line only.")
+def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
+           dry_run):
+    """Create device NAME over DEVICES ("-" for a missing member).
+
+    \b
+    kgpu raid6 create r6 --layout left-symmetric --chunk 64K /dev/sd[b-e]
+    kgpu raid6 create r6 --from-mdadm /dev/sdb /dev/sdc /dev/sdd
+    """
+    try:
+        if from_mdadm:
+            if layout or chunk or data_offset or sectors:
+                raise Raid6Error("--from-mdadm reads the geometry itself; "
+                                 "leave out --layout/--chunk/--data-offset/"
+                                 "--sectors")
+            examines = {}
+            for dev in devices:
+                if dev == MISSING:
+                    continue
+                p = _run(["mdadm", "--examine", dev])
+                if p.returncode != 0:
+                    raise Raid6Error(f"mdadm --examine {dev} failed: "
+                                     f"{(p.stderr or p.stdout).strip()}")
+                examines[dev] = parse_examine(p.stdout)
+            g = geometry_from_examines(examines)
+            line = table_line(g["layout"], g["chunk_sectors"], g["devices"],
+                              g["length"], g["data_offset"])
+        else:
+            if not layout or not chunk:
+                raise Raid6Error("give --layout and --chunk, or --from-mdadm")
+            cs = parse_chunk(chunk)
+            present = [d for d in devices if d != MISSING]
+            if not present:
+                raise Raid6Error("no member devices given")
+            length = sectors or length_from_members(
+                [_member_sectors(d) for d in present], cs, len(devices),
+                data_offset)
+            line = table_line(layout, cs, list(devices), length, data_offset)
+    except Raid6Error as e:
+        raise click.ClickException(str(e)) from None
+    _dmsetup_create(name, line, dry_run)
+
+
+@raid6.command("remove")
+@click.argument("name")
+def remove(name):
+    """Remove the gpu-raid6 device NAME (the members are left as they are)."""
+    p = _run(["dmsetup", "table", name])
+    if p.returncode != 0:
+        raise click.ClickException(f"no device {name}: {p.stderr.strip()}")
+    if " gpu-raid6 " not in f" {p.stdout} ":
+        raise click.ClickException(f"{name} is not a gpu-raid6 device: "
+                                   f"{p.stdout.strip()}")
+    p = _run(["dmsetup", "remove", name])
+    if p.returncode != 0:
+        raise click.ClickException(f"dmsetup remove {name} failed: "
+                                   f"{p.stderr.strip()}")
+    click.echo(f"removed {name}")

@@ -1,0 +1,167 @@
+"""`kgpu raid6`: table lines and `mdadm --examine` parsing, no kernel needed.
+
+The --examine samples have the shape of mdadm 4.2's output for version 1.2
+and 1.0 superblocks (Debian 12's mdadm, the one the VM tests run); the VM
+test test_gpu_raid6.py::test_cli_opens_mdadm_array checks the same parser
+against the real mdadm.
+"""
+
+import pytest
+from click.testing import CliRunner
+
+from kgpu_helper.cli import cli
+from kgpu_helper.raid6_cli import (Raid6Error, geometry_from_examines,
+                                   length_from_members, parse_chunk,
+                                   parse_examine, table_line)
+
+EXAMINE_12 = """\
+/dev/loop{role}:
+          Magic : a92b4efc
+        Version : 1.2
+    Feature Map : 0x0
+     Array UUID : {uuid}
+           Name : (none):0
+  Creation Time : Wed Dec  2 11:45:00 2026
+     Raid Level : {level}
+   Raid Devices : 5
+
+ Avail Dev Size : 2048 sectors (1024.00 KiB 1048.58 kB)
+     Array Size : 3072 KiB (3.00 MiB 3.15 MB)
+    Data Offset : 2048 sectors
+   Super Offset : 8 sectors
+   Unused Space : before=1968 sectors, after=0 sectors
+          State : clean
+    Device UUID : 1d2e3f40:5a6b7c8d:9e0f1a2b:3c4d5e6f
+
+    Update Time : Wed Dec  2 11:45:01 2026
+  Bad Block Log : 512 entries available at offset 16 sectors
+       Checksum : 3c5a2b1f - correct
+         Events : {events}
+
+         Layout : {layout}
+     Chunk Size : 64K
+
+   Device Role : Active device {role}
+   Array State : AAAAA ('A' == active, '.' == missing, 'R' == replacing)
+"""
+
+EXAMINE_10 = """\
+/dev/loop0:
+          Magic : a92b4efc
+        Version : 1.0
+    Feature Map : 0x0
+     Array UUID : 0b1c2d3e:4f5a6b7c:8d9e0f1a:2b3c4d5e
+           Name : (none):0
+  Creation Time : Wed Dec  2 11:45:00 2026
+     Raid Level : raid6
+   Raid Devices : 4
+
+ Avail Dev Size : 4064 sectors (1984.00 KiB 2.03 MB)
+     Array Size : 3968 KiB (3.88 MiB 4.06 MB)
+  Used Dev Size : 3968 sectors (1984.00 KiB 2.03 MB)
+   Super Offset : 4080 sectors
+   Unused Space : before=0 sectors, after=96 sectors
+          State : clean
+    Device UUID : 6f5e4d3c:2b1a0f9e:8d7c6b5a:4f3e2d1c
+
+    Update Time : Wed Dec  2 11:45:01 2026
+  Bad Block Log : 512 entries available at offset -8 sectors
+       Checksum : 1a2b3c4d - correct
+         Events : 17
+
+         Layout : ddf-zero-restart
+     Chunk Size : 512K
+
+   Device Role : Active device 0
+   Array State : AAAA ('A' == active, '.' == missing, 'R' == replacing)
+"""
+
+UUID = "7a3f1c52:0d9b6e41:8e2f6a77:1c4b9d03"
+
+
+def ex(role, uuid=UUID, level="raid6", layout="left-symmetric", events=0):
+    return parse_examine(EXAMINE_12.format(role=role, uuid=uuid, level=level,
+                                           layout=layout, events=events))
+
+
+def test_parse_examine_12():
+    e = ex(3)
+    assert e == {"uuid": UUID, "level": "raid6", "raid_devices": 5,
+                 "layout": "left-symmetric", "chunk_sectors": 128,
+                 "data_offset": 2048, "array_sectors": 6144, "role": 3,
+                 "events": 0}
+
+
+def test_parse_examine_10_has_no_data_offset_line():
+    e = parse_examine(EXAMINE_10)
+    assert e["data_offset"] == 0 and e["chunk_sectors"] == 1024
+    assert e["layout"] == "ddf-zero-restart" and e["array_sectors"] == 7936
+
+
+def test_parse_examine_without_superblock():
+    with pytest.raises(Raid6Error, match="no md superblock"):
+        parse_examine("mdadm: No md superblock detected on /dev/loop0.\n")
+
+
+def test_geometry_orders_members_by_role_and_fills_missing():
+    g = geometry_from_examines({"/dev/b": ex(1), "/dev/d": ex(4),
+                                "/dev/a": ex(0), "/dev/c": ex(3)})
+    assert g["devices"] == ["/dev/a", "/dev/b", "-", "/dev/c", "/dev/d"]
+    line = table_line(g["layout"], g["chunk_sectors"], g["devices"],
+                      g["length"], g["data_offset"])
+    assert line == ("0 6144 gpu-raid6 left-symmetric 128 5 /dev/a /dev/b - "
+                    "/dev/c /dev/d 2 data_offset 2048")
+
+
+def test_ddf_layout_becomes_raid6_zr():
+    assert table_line("ddf-zero-restart", 1024, ["a", "b", "c", "d"],
+                      7936) == "0 7936 gpu-raid6 raid6_zr 1024 4 a b c d"
+
+
+@pytest.mark.parametrize("examines,why", [
+    ({"/dev/a": ex(0), "/dev/b": ex(1, uuid="1:2:3:4")}, "array UUID"),
+    ({"/dev/a": ex(0), "/dev/b": ex(1, layout="right-symmetric")}, "layout"),
+    ({"/dev/a": ex(0, level="raid5"), "/dev/b": ex(1, level="raid5")},
+     "raid5 array, not raid6"),
+    ({"/dev/a": ex(0), "/dev/b": ex(0)}, "both claim role 0"),
+    ({"/dev/a": ex(0), "/dev/b": ex(1, events=5)}, "stale"),
+    ({"/dev/a": ex(0, layout="ddf-N-continue")}, "not supported"),
+])
+def test_geometry_refuses(examines, why):
+    with pytest.raises(Raid6Error, match=why):
+        geometry_from_examines(examines)
+
+
+def test_table_line_refusals():
+    with pytest.raises(Raid6Error, match="4 to 32 members"):
+        table_line("left-symmetric", 128, ["a", "b", "c"], 100)
+    with pytest.raises(Raid6Error, match="at most two"):
+        table_line("left-symmetric", 128, ["a", "-", "-", "-"], 100)
+    with pytest.raises(Raid6Error, match="unknown layout"):
+        table_line("left-diagonal", 128, ["a", "b", "c", "d"], 100)
+
+
+def test_chunk_and_length():
+    assert parse_chunk("64K") == 128 and parse_chunk("1M") == 2048
+    assert parse_chunk("512") == 1024
+    with pytest.raises(Raid6Error, match="power of two"):
+        parse_chunk("48K")
+    # 6 members of 1000 sectors, 64K chunks: 7 rows of 4 data chunks
+    assert length_from_members([1000] * 6, 128, 6) == 7 * 4 * 128
+    assert length_from_members([1000, 3000, 1100, 5000], 128, 4, 100) == \
+        7 * 2 * 128
+    with pytest.raises(Raid6Error, match="no whole chunk"):
+        length_from_members([100] * 4, 128, 4)
+
+
+def test_cli_dry_run_and_refusals():
+    r = CliRunner().invoke(cli, ["raid6", "create", "x", "--layout",
+                                 "raid6_zr", "--chunk", "64K", "--sectors",
+                                 "4096", "--dry-run", "a", "-", "c", "d"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == "0 4096 gpu-raid6 raid6_zr 128 4 a - c d"
+    r = CliRunner().invoke(cli, ["raid6", "create", "x", "a", "b", "c", "d"])
+    assert r.exit_code != 0 and "--from-mdadm" in r.output
+    r = CliRunner().invoke(cli, ["raid6", "create", "x", "--from-mdadm",
+                                 "--chunk", "64K", "a"])
+    assert r.exit_code != 0 and "reads the geometry itself" in r.output
