@@ -18,7 +18,7 @@ every size and offset here matches it.
 import numpy as np
 
 MAGIC = 0x6B677075
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # enum kgpu_service
 SVC_NOP, SVC_XTS_ENC, SVC_XTS_DEC, SVC_RAID6_GEN, SVC_RAID6_REC = range(5)
@@ -55,7 +55,13 @@ REGION_HDR_FIELDS = [
     ("keys_off", "__u64", 1),
     ("data_off", "__u64", 1),
     ("data_size", "__u64", 1),
-    ("reserved", "__u64", 6),
+    ("rw_off", "__u64", 1),
+    ("idx_off", "__u64", 1),
+    ("reserved", "__u64", 4),
+]
+
+# struct kgpu_ring_idx: the page of ring indexes, at idx_off.
+RING_IDX_FIELDS = [
     ("sq_tail", "__u32", 1),
     ("pad_sq_tail", "__u32", 15),
     ("sq_head", "__u32", 1),
@@ -109,6 +115,7 @@ VERSION_FIELDS = [
 # C struct name -> field list, for the layout test.
 STRUCTS = {
     "kgpu_region_hdr": REGION_HDR_FIELDS,
+    "kgpu_ring_idx": RING_IDX_FIELDS,
     "kgpu_sqe": SQE_FIELDS,
     "kgpu_cqe": CQE_FIELDS,
     "kgpu_key_slot": KEY_SLOT_FIELDS,
@@ -126,16 +133,17 @@ def dtype_of(fields):
 
 
 REGION_HDR = dtype_of(REGION_HDR_FIELDS)
+RING_IDX = dtype_of(RING_IDX_FIELDS)
 SQE = dtype_of(SQE_FIELDS)
 CQE = dtype_of(CQE_FIELDS)
 KEY_SLOT = dtype_of(KEY_SLOT_FIELDS)
 VERSION = dtype_of(VERSION_FIELDS)
 
-# Byte offsets of the ring indexes inside the header.
-SQ_TAIL_OFF = REGION_HDR.fields["sq_tail"][1]
-SQ_HEAD_OFF = REGION_HDR.fields["sq_head"][1]
-CQ_TAIL_OFF = REGION_HDR.fields["cq_tail"][1]
-CQ_HEAD_OFF = REGION_HDR.fields["cq_head"][1]
+# Byte offsets of the ring indexes inside struct kgpu_ring_idx.
+SQ_TAIL_OFF = RING_IDX.fields["sq_tail"][1]
+SQ_HEAD_OFF = RING_IDX.fields["sq_head"][1]
+CQ_TAIL_OFF = RING_IDX.fields["cq_tail"][1]
+CQ_HEAD_OFF = RING_IDX.fields["cq_head"][1]
 
 
 # ioctl numbers, as <asm-generic/ioctl.h> builds them.
@@ -159,5 +167,5 @@ ATTR_NAMES = [
     "KGPU_ATTR_SVC_ID", "KGPU_ATTR_SVC_NAME", "KGPU_ATTR_SVC_REQUESTS",
     "KGPU_ATTR_SVC_BYTES", "KGPU_ATTR_SVC_GPU", "KGPU_ATTR_SVC_HELPER_CPU",
     "KGPU_ATTR_SVC_FALLBACK", "KGPU_ATTR_SVC_ERRORS",
-    "KGPU_ATTR_SVC_CROSSOVER", "KGPU_ATTR_PAD",
+    "KGPU_ATTR_SVC_CROSSOVER", "KGPU_ATTR_PAD", "KGPU_ATTR_HELPER_STALLED",
 ]

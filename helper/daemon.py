@@ -720,7 +720,11 @@ class Helper:
 
     def _register(self, backend):
         import cupy as cp
-        ptr, size = self.region.buf.ctypes.data, self.region.buf.size
+        # The writable part only (ring indexes, rings, data): the header
+        # and keys below rw_off are mapped read-only, which CUDA's default
+        # registration refuses; the GPU never needs them.
+        r = self.region
+        ptr, size = r.buf.ctypes.data + r.rw_off, r.buf.size - r.rw_off
         try:
             with backend.device:
                 # Portable | Mapped: every GPU may copy from it, and the
@@ -737,7 +741,8 @@ class Helper:
         if self._registered:
             import cupy as cp
             try:
-                cp.cuda.runtime.hostUnregister(self.region.buf.ctypes.data)
+                cp.cuda.runtime.hostUnregister(self.region.buf.ctypes.data
+                                               + self.region.rw_off)
             except Exception as e:  # noqa: BLE001
                 log.warning("hostUnregister: %s", e)
             self._registered = False

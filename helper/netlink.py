@@ -51,12 +51,13 @@ ATTR_TYPES = {
     "KGPU_ATTR_SVC_ERRORS": "uint64",
     "KGPU_ATTR_SVC_CROSSOVER": "uint32",
     "KGPU_ATTR_PAD": "hex",
+    "KGPU_ATTR_HELPER_STALLED": "uint32",
 }
 NLA_MAP = tuple((name, ATTR_TYPES[name]) for name in abi.ATTR_NAMES)
 
-GLOBAL_ATTRS = ("HELPER_PID", "RING_ENTRIES", "INFLIGHT", "DATA_SIZE",
-                "DATA_USED", "TIMEOUT_MS", "TIMEOUTS", "ATTACHES",
-                "BAD_COMPLETIONS", "WAITS")
+GLOBAL_ATTRS = ("HELPER_PID", "HELPER_STALLED", "RING_ENTRIES", "INFLIGHT",
+                "DATA_SIZE", "DATA_USED", "TIMEOUT_MS", "TIMEOUTS",
+                "ATTACHES", "BAD_COMPLETIONS", "WAITS")
 SERVICE_ATTRS = ("REQUESTS", "BYTES", "GPU", "HELPER_CPU", "FALLBACK",
                  "ERRORS", "CROSSOVER")
 
@@ -165,8 +166,11 @@ def format_stats(st):
         return "?" if n is None else f"{n / (1 << 20):.1f} MiB"
 
     pid = st.get("helper_pid")
+    stalled = (", STALLED: a request got no answer in time; requests go "
+               "to the CPU until it answers" if st.get("helper_stalled")
+               else "")
     lines = [f"helper:    {'attached, pid ' + str(pid) if pid else 'none'}"
-             f" (attaches so far: {st.get('attaches')})",
+             f"{stalled} (attaches so far: {st.get('attaches')})",
              f"ring:      {st.get('inflight')}/{st.get('ring_entries')} "
              f"requests in flight; data {mib(st.get('data_used'))} of "
              f"{mib(st.get('data_size'))} in use",

@@ -46,19 +46,23 @@ def _align(n, a):
 
 
 def layout(entries, key_slots, data_size, data_align=PAGE):
-    """Region offsets as the module lays them out: header page, SQ, CQ,
-    key slots, then the data area, each part page-aligned."""
+    """Region offsets as the module lays them out: the helper's read-only
+    part (header page, key slots), then its read-write part from rw_off
+    (ring index page, SQ, CQ, data area), each part page-aligned."""
     if entries < 1 or entries & (entries - 1):
         raise ValueError(f"ring entries must be a power of two, got "
                          f"{entries}")
-    sq_off = PAGE
+    keys_off = PAGE
+    rw_off = _align(keys_off + key_slots * abi.KEY_SLOT.itemsize, PAGE)
+    idx_off = rw_off
+    sq_off = idx_off + PAGE
     cq_off = _align(sq_off + entries * abi.SQE.itemsize, PAGE)
-    keys_off = _align(cq_off + entries * abi.CQE.itemsize, PAGE)
-    data_off = _align(keys_off + key_slots * abi.KEY_SLOT.itemsize,
+    data_off = _align(cq_off + entries * abi.CQE.itemsize,
                       max(PAGE, data_align))
     size = _align(data_off + data_size, PAGE)
-    return dict(sq_off=sq_off, cq_off=cq_off, keys_off=keys_off,
-                data_off=data_off, data_size=data_size, region_size=size)
+    return dict(keys_off=keys_off, rw_off=rw_off, idx_off=idx_off,
+                sq_off=sq_off, cq_off=cq_off, data_off=data_off,
+                data_size=data_size, region_size=size)
 
 
 class RingDriver:
@@ -86,7 +90,7 @@ class RingDriver:
         for k, v in lay.items():
             hdr[k] = v
         del hdr
-        self.region = Region(self.mm)
+        self.region = Region(self.mm, owner=True)
         self.entries = entries
         self.data_off = lay["data_off"]
         self.data_size = data_size

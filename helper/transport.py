@@ -5,10 +5,12 @@ interface (:class:`Transport`):
 
 - :class:`KernelTransport`: ``/dev/kgpu`` of the kgpu module. ``open``
   attaches (one helper at a time: EBUSY), ``KGPU_IOC_VERSION`` checks
-  magic and ABI version, the region is mmapped from offset 0,
+  magic and ABI version, the region is mapped in its two parts (header and
+  keys read-only, the rest read-write: see :func:`map_region`),
   ``poll(POLLIN)`` waits for submissions, ``KGPU_IOC_COMPLETE`` rings the
   doorbell once per batch of completions, ``close`` detaches (the kernel
-  then completes whatever was in flight on its CPU).
+  then completes whatever was in flight on its CPU). The attachment
+  belongs to this process: a child forked without exec has none.
 - :class:`ShmTransport`: the same region layout in shared memory,
   created by :mod:`kgpu_helper.ringdriver` (the user-space stand-in for
   the kernel). Attaching is connecting to the driver's Unix socket
@@ -24,6 +26,7 @@ are plain stores. The module is x86-64 only for that reason (see
 ``_check_arch``).
 """
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -39,7 +42,7 @@ from kgpu_helper import abi
 DEVICE = "/dev/kgpu"
 _MASK32 = 0xFFFFFFFF
 
-# Word (uint32) indexes of the four ring indexes in the header.
+# Word (uint32) indexes of the four ring indexes in struct kgpu_ring_idx.
 _SQ_TAIL = abi.SQ_TAIL_OFF // 4
 _SQ_HEAD = abi.SQ_HEAD_OFF // 4
 _CQ_TAIL = abi.CQ_TAIL_OFF // 4
@@ -78,22 +81,84 @@ def _check_identity(magic, version, what):
             f"{abi.ABI_VERSION}: install matching versions")
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _header(fd):
+    """(region_size, rw_off) from the read-only header page of ``fd``."""
+    first = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        hdr = np.frombuffer(first, dtype=abi.REGION_HDR, count=1)[0]
+        _check_identity(int(hdr["magic"]), int(hdr["abi_version"]),
+                        "the region")
+        size, rw_off = int(hdr["region_size"]), int(hdr["rw_off"])
+        del hdr
+    finally:
+        first.close()
+    if not (mmap.PAGESIZE <= rw_off < size) or rw_off % mmap.PAGESIZE:
+        raise TransportError(f"region of {size} bytes with its writable "
+                             f"part at {rw_off}: not a valid layout")
+    return size, rw_off
+
+
+def map_region(fd, what):
+    """Map the region of ``fd`` the way the ABI asks: one contiguous range
+    of ``region_size`` bytes, ``[0, rw_off)`` (header, keys) read-only and
+    ``[rw_off, region_size)`` read-write, so that region offsets are the
+    same on both sides. Returns an ``mmap.mmap`` whose close() unmaps all
+    of it (it stands for the whole range: a store below ``rw_off``
+    through it faults, as intended)."""
+    size, rw_off = _header(fd)
+    # Reserve the range, then lay the two parts over it (MAP_FIXED).
+    mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                   mmap.PROT_READ | mmap.PROT_WRITE)
+    anchor = ctypes.c_char.from_buffer(mm)
+    base = ctypes.addressof(anchor)
+    del anchor
+    try:
+        for off, length, prot in (
+                (0, rw_off, mmap.PROT_READ),
+                (rw_off, size - rw_off, mmap.PROT_READ | mmap.PROT_WRITE)):
+            got = _libc.mmap(base + off, length, prot,
+                             mmap.MAP_SHARED | _MAP_FIXED, fd, off)
+            if got == _MAP_FAILED or got != base + off:
+                err = ctypes.get_errno()
+                raise TransportError(
+                    f"cannot map the {size >> 20} MiB region of {what} "
+                    f"({'read-write' if off else 'read-only'} part at "
+                    f"{off}): {os.strerror(err)}")
+    except BaseException:
+        mm.close()
+        raise
+    return mm
+
+
 class Region:
     """Typed views of a mapped region (any buffer with the ABI layout).
 
     ``hdr`` is the header as a numpy record, ``sq``/``cq``/``keys`` the
     rings and key slots as structured arrays, ``buf`` the whole region as
-    uint8 (request offsets are region offsets), ``idx`` the header as
-    uint32 words for fast access to the ring indexes.
+    uint8 (request offsets are region offsets), ``idx`` struct
+    kgpu_ring_idx as uint32 words for fast access to the ring indexes.
+    ``rw_off``: where the helper's writable part starts; below it (header,
+    keys) the views are read-only unless ``owner`` (the ring driver, the
+    kernel's stand-in, writes the keys).
     """
 
-    def __init__(self, buf):
+    def __init__(self, buf, owner=False):
         self.mem = buf
         self.buf = np.frombuffer(buf, dtype=np.uint8)
-        if self.buf.size < abi.REGION_HDR.itemsize:
-            raise TransportError("region smaller than its header")
-        self.hdr = self.buf[:abi.REGION_HDR.itemsize].view(abi.REGION_HDR)[0]
-        self.idx = memoryview(buf)[:abi.REGION_HDR.itemsize].cast("I")
+        if self.buf.size < mmap.PAGESIZE:
+            raise TransportError("region smaller than its header page")
+        hdr = self.buf[:abi.REGION_HDR.itemsize].view(abi.REGION_HDR)
+        if not owner:
+            hdr.flags.writeable = False
+        self.hdr = hdr[0]
         h = self.hdr
         _check_identity(int(h["magic"]), int(h["abi_version"]),
                         "the region")
@@ -108,27 +173,39 @@ class Region:
                                  f"power of two")
         self.mask = self.entries - 1
         self.size = int(h["region_size"])
+        self.rw_off = int(h["rw_off"])
+        if (self.rw_off < mmap.PAGESIZE or self.rw_off % mmap.PAGESIZE
+                or self.size > self.buf.size or self.rw_off >= self.size):
+            raise TransportError(f"region of {self.size} bytes (mapped "
+                                 f"{self.buf.size}) with its writable part "
+                                 f"at {self.rw_off}: not a valid layout")
         self.data_off = int(h["data_off"])
         self.data_size = int(h["data_size"])
         self.nkeys = int(h["key_slots"])
 
-        def part(off, count, dt):
+        def part(off, count, dt, writable):
             off = int(off)
             end = off + count * dt.itemsize
-            if off < abi.REGION_HDR.itemsize or end > self.buf.size:
+            lo, hi = ((self.rw_off, self.size) if writable
+                      else (abi.REGION_HDR.itemsize, self.rw_off))
+            if off < lo or end > hi:
                 raise TransportError(f"region part at {off} of {count} x "
-                                     f"{dt.itemsize} bytes lies outside it")
+                                     f"{dt.itemsize} bytes lies outside "
+                                     f"its part [{lo}, {hi})")
             return self.buf[off:end].view(dt)
 
-        self.sq = part(h["sq_off"], self.entries, abi.SQE)
-        self.cq = part(h["cq_off"], self.entries, abi.CQE)
+        self.sq = part(h["sq_off"], self.entries, abi.SQE, True)
+        self.cq = part(h["cq_off"], self.entries, abi.CQE, True)
         self.sq_off = int(h["sq_off"])
         self.cq_off = int(h["cq_off"])
+        idx_off = int(h["idx_off"])
+        part(idx_off, 1, abi.RING_IDX, True)
         self.mv = memoryview(buf).cast("B")
-        self.keys = part(h["keys_off"], self.nkeys, abi.KEY_SLOT)
-        if (self.data_off + self.data_size > self.buf.size
-                or self.data_off < abi.REGION_HDR.itemsize):
-            raise TransportError("region data area lies outside it")
+        self.idx = self.mv[idx_off:idx_off + abi.RING_IDX.itemsize].cast("I")
+        self.keys = part(h["keys_off"], self.nkeys, abi.KEY_SLOT, False)
+        if not owner:
+            self.keys.flags.writeable = False
+        part(self.data_off, self.data_size, np.dtype(np.uint8), True)
 
     def read(self, ring_off, dtype, start, n):
         """Copy of ``n`` entries of the ring at ``ring_off`` from ``start``
@@ -158,7 +235,7 @@ class Region:
     def release(self):
         """Drop every view so that the mapping can be closed."""
         self.hdr = self.sq = self.cq = self.keys = self.buf = None
-        if self.idx is not None:
+        if getattr(self, "idx", None) is not None:
             self.idx.release()
             self.idx = None
         if getattr(self, "mv", None) is not None:
@@ -316,23 +393,11 @@ class KernelTransport(Transport):
                         f"the device {self.path}")
 
     def _map(self):
-        # The first page holds the header with the region's size.
-        first = mmap.mmap(self.fd, mmap.PAGESIZE, mmap.MAP_SHARED,
-                          mmap.PROT_READ)
         try:
-            hdr = np.frombuffer(first, dtype=abi.REGION_HDR, count=1)[0]
-            size = int(hdr["region_size"])
-            del hdr
-        finally:
-            first.close()
-        if size < mmap.PAGESIZE:
-            raise TransportError(f"region_size {size} is too small")
-        try:
-            self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mm = map_region(self.fd, self.path)
         except OSError as e:
-            raise TransportError(f"cannot map the {size >> 20} MiB region "
-                                 f"of {self.path}: {e}") from None
+            raise TransportError(f"cannot map the region of {self.path}: "
+                                 f"{e}") from None
         self.region = Region(self.mm)
 
     def fileno(self):
@@ -385,9 +450,7 @@ class ShmTransport(Transport):
             self.sock.setblocking(False)
             fd = fds[0]
             try:
-                size = os.fstat(fd).st_size
-                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED,
-                                    mmap.PROT_READ | mmap.PROT_WRITE)
+                self.mm = map_region(fd, path)
             finally:
                 os.close(fd)
             self.region = Region(self.mm)

@@ -61,7 +61,7 @@ struct kgpu_request {
 	u32 first_block;
 	u32 nblocks;
 	u64 seq;
-	unsigned long deadline;
+	unsigned long submitted;	/* jiffies */
 	bool busy;		/* not free */
 	bool user_ref;		/* the submitter holds it */
 	bool helper_ref;	/* the helper may touch its buffer */

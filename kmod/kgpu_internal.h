@@ -25,6 +25,7 @@ struct kgpu_svc_stats {
 /* A consistent copy of the counters, for netlink and debugfs. */
 struct kgpu_stats {
 	pid_t helper_pid;
+	bool helper_stalled;
 	u32 ring_entries;
 	u32 inflight;
 	u64 data_size;
@@ -46,5 +47,6 @@ int kgpu_netlink_init(void);
 void kgpu_netlink_exit(void);
 
 int kgpu_selftest_init(struct dentry *dir);
+void kgpu_selftest_exit(void);
 
 #endif /* _KGPU_INTERNAL_H */

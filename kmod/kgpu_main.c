@@ -4,14 +4,17 @@
  * gpu-raid6) and the user-space helper that runs their arithmetic on GPUs.
  *
  * Structures. One region of vmalloc_user() memory, allocated at load time
- * and laid out as uapi/kgpu.h describes: header page, submission ring,
- * completion ring, key slots, data space. The helper attaches by opening
- * /dev/kgpu (one helper at a time) and mmaps the region; it registers the
- * mapping with CUDA, so the GPU copies straight from and to the pages the
- * targets filled. Next to the region the core keeps, in kernel memory the
- * helper cannot touch, one struct kgpu_request per ring entry (the "tag"),
- * a bitmap of the data space in KGPU_DATA_ALIGN blocks, and a FIFO of the
- * requests the helper owns, oldest first.
+ * and laid out as uapi/kgpu.h describes: a read-only part (header page,
+ * key slots) and a read-write part (ring indexes, submission ring,
+ * completion ring, data space). The helper attaches by opening /dev/kgpu
+ * (one helper at a time) and maps the two parts; it registers the
+ * writable part with CUDA, so the GPU copies straight from and to the
+ * pages the targets filled. Next to the region the core keeps, in kernel
+ * memory the helper cannot touch, one struct kgpu_request per ring entry
+ * (the "tag"), a bitmap of the data space in KGPU_DATA_ALIGN blocks, a
+ * FIFO of the requests the helper owns, oldest first, and its own copy of
+ * the header and of every key slot: the truth, written back to the region
+ * at every attach, so that nothing a helper did outlives it.
  *
  * Hot path. kgpu_request_get() takes a free tag and a run of data blocks;
  * kgpu_submit() copies the parameters into the next SQ entry, publishes
@@ -27,28 +30,39 @@
  * Locking. kg.lock (irq-safe) protects the tags, the data bitmap, the SQ
  * producer side, the CQ consumer side, the in-flight list, the helper
  * state and the counters. done() callbacks run after it is dropped, always
- * in process context. There is no other lock in the core.
+ * in process context. Two mutexes sit outside it, never nested with each
+ * other: kg.key_mutex orders key writes against the write-back at attach,
+ * and kgpu_param_lock orders timeout_ms writes against load and unload
+ * (the timer is re-armed only while kg.live).
  *
- * Failure. A request the helper has not completed timeout_ms after its
- * submission is completed with KGPU_FALLBACK: the submitter redoes it on
- * the CPU. Its buffer stays reserved until the helper completes it after
- * all or detaches, because the GPU may still be writing there. When the
- * helper's file is released (exit, crash, kill -9), every request it owned
- * is completed with KGPU_FALLBACK, the ring indexes start again at zero,
- * and the next open attaches a new helper; the module need not be
- * reloaded. With no helper attached, kgpu_request_get() fails with -ENODEV
- * and the targets use the CPU from the start.
+ * Failure. A request the helper has not completed timeout_ms (the value
+ * now, not at submission) after its submission is completed with
+ * KGPU_FALLBACK: the submitter redoes it on the CPU. Its buffer stays
+ * reserved until the helper completes it after all or detaches, because
+ * the GPU may still be writing there. The helper is then "stalled" (the
+ * log says so once, and `kgpu status`): one request at a time still goes
+ * to it as a probe, the rest to the CPU, until it answers any request
+ * again, which ends the stall (logged too). When the process that
+ * attached closes its last descriptor of the file or exits (crash,
+ * kill -9; a child it forked keeps nothing), every request it owned is
+ * completed with KGPU_FALLBACK,
+ * its mappings are torn down, the ring indexes start again at zero, and
+ * the next open attaches a new helper; the module need not be reloaded.
+ * With no helper attached, kgpu_request_get() fails with -ENODEV and the
+ * targets use the CPU from the start.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/bitmap.h>
 #include <linux/debugfs.h>
+#include <linux/fdtable.h>
 #include <linux/fs.h>
 #include <linux/jiffies.h>
 #include <linux/log2.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/poll.h>
 #include <linux/sched.h>
 #include <linux/slab.h>
@@ -73,6 +87,8 @@ module_param(key_slots, uint, 0444);
 MODULE_PARM_DESC(key_slots, "XTS key slots in the shared region, 1..4096");
 
 static unsigned int timeout_ms = 5000;
+/* Orders timeout_ms writes against load and unload; see kg.live. */
+static DEFINE_MUTEX(kgpu_param_lock);
 static int kgpu_set_timeout(const char *val, const struct kernel_param *kp);
 static const struct kernel_param_ops kgpu_timeout_ops = {
 	.set	= kgpu_set_timeout,
@@ -96,7 +112,9 @@ static struct kgpu_core {
 	/* The region and its parts (kernel addresses). */
 	void *region;
 	size_t region_size;
+	size_t rw_off;
 	struct kgpu_region_hdr *hdr;
+	struct kgpu_ring_idx *idx;
 	struct kgpu_sqe *sq;
 	struct kgpu_cqe *cq;
 	struct kgpu_key_slot *keys;
@@ -106,6 +124,9 @@ static struct kgpu_core {
 	u32 data_blocks;
 
 	/* Kernel-only bookkeeping. */
+	struct kgpu_region_hdr hdr_copy;	/* the header, as it must be */
+	struct kgpu_key_slot *key_copy;		/* every slot, as it must be */
+	struct mutex key_mutex;
 	struct kgpu_request *reqs;
 	unsigned long *data_map;
 	unsigned long *key_map;
@@ -118,13 +139,26 @@ static struct kgpu_core {
 	u32 ninflight;
 	u32 stale;		/* timed out, still owned by the helper */
 
+	/*
+	 * The helper: the file it opened and the file table of the process
+	 * that opened it (the owner passed to ->flush). attached: requests
+	 * may go to it (set once the region is written back, cleared when
+	 * it starts to detach). stalled: one of its requests timed out and
+	 * it has not answered anything since; probe: the one request it may
+	 * hold meanwhile.
+	 */
+	struct file *helper_file;
+	fl_owner_t helper_owner;
 	bool attached;
+	bool stalled;
+	struct kgpu_request *probe;
 	pid_t helper_pid;
 
 	wait_queue_head_t poll_wq;
 	wait_queue_head_t space_wq;
 	struct workqueue_struct *wq;
 	struct delayed_work timeout_work;
+	bool live;		/* timeout_work may be armed (kgpu_param_lock) */
 	struct dentry *debugfs;
 
 	/* Counters. */
@@ -192,15 +226,17 @@ static struct kgpu_request *kgpu_try_get(u32 nblocks)
 }
 
 /*
- * A helper that still owns requests which timed out is behind by more
- * than the timeout, or stuck: give it nothing new until it catches up
- * (its late completions arrive) or detaches. This is also what keeps a
- * stopped helper from holding every tag while submitters wait.
+ * A stalled helper (one of its requests timed out, and it has answered
+ * nothing since) is behind by more than the timeout, or stuck: it gets one
+ * request at a time, a probe, and the rest goes to the CPU. Its first
+ * answer ends the stall. This is also what keeps a stopped helper from
+ * holding every tag while submitters wait.
  */
 static bool kgpu_usable(void)
 {
 	/* READ_ONCE: also asked without kg.lock, by kgpu_offload(). */
-	return READ_ONCE(kg.attached) && !READ_ONCE(kg.stale);
+	return READ_ONCE(kg.attached) &&
+	       !(READ_ONCE(kg.stalled) && READ_ONCE(kg.probe));
 }
 
 /**
@@ -209,7 +245,8 @@ static bool kgpu_usable(void)
  * @flags: KGPU_NOWAIT, or 0 to wait (at most timeout_ms) for room
  *
  * Returns the request, or ERR_PTR(-ENODEV) when no helper is attached or
- * the helper is behind (see kgpu_usable()), -E2BIG when @len can
+ * the helper is stalled and already holds its probe or has no room (see
+ * kgpu_usable()), -E2BIG when @len can
  * never fit, -EAGAIN when the ring or the data space stayed full, -EINTR
  * when a wait was killed. done() callbacks must pass KGPU_NOWAIT: they may
  * run in the helper's own context.
@@ -234,6 +271,13 @@ struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
 			return ERR_PTR(-ENODEV);
 		}
 		req = kgpu_try_get(nblocks);
+		if (kg.stalled) {
+			/* The probe, or nothing: never wait for a stalled helper. */
+			if (req)
+				kg.probe = req;
+			spin_unlock_irqrestore(&kg.lock, irqf);
+			return req ? req : ERR_PTR(-ENODEV);
+		}
 		frees = kg.frees;
 		if (!req && !waited) {
 			kg.waits++;
@@ -248,7 +292,7 @@ struct kgpu_request *kgpu_request_get(size_t len, unsigned int flags)
 		/* Woken by every free, timeout and detach; then try again. */
 		left = wait_event_killable_timeout(kg.space_wq,
 					!READ_ONCE(kg.attached) ||
-					READ_ONCE(kg.stale) ||
+					READ_ONCE(kg.stalled) ||
 					READ_ONCE(kg.frees) != frees, left);
 		if (left < 0)
 			return ERR_PTR(-EINTR);
@@ -307,7 +351,10 @@ void kgpu_submit(struct kgpu_request *req)
 		     req->params.service : KGPU_SVC_NOP];
 	st->requests++;
 	st->bytes += req->params.in_len;
-	if (!kgpu_usable() || !valid) {
+	/* Got before a stall began: only the probe goes to a stalled helper. */
+	if (!kg.attached || (kg.stalled && kg.probe != req) || !valid) {
+		if (kg.probe == req)
+			kg.probe = NULL;
 		if (!valid)
 			st->errors++;
 		st->fallback++;
@@ -320,7 +367,7 @@ void kgpu_submit(struct kgpu_request *req)
 
 	req->seq = ++kg.next_seq;
 	req->helper_ref = true;
-	req->deadline = jiffies + msecs_to_jiffies(READ_ONCE(timeout_ms));
+	req->submitted = jiffies;
 	list_add_tail(&req->node, &kg.inflight);
 	kg.ninflight++;
 
@@ -334,7 +381,7 @@ void kgpu_submit(struct kgpu_request *req)
 		       req->params.out_off;
 	kg.sq_tail++;
 	/* The entry before the index: pairs with the helper's read of it. */
-	smp_store_release(&kg.hdr->sq_tail, kg.sq_tail);
+	smp_store_release(&kg.idx->sq_tail, kg.sq_tail);
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
 	wake_up_interruptible(&kg.poll_wq);
@@ -352,6 +399,8 @@ void kgpu_request_put(struct kgpu_request *req)
 	unsigned long irqf;
 
 	spin_lock_irqsave(&kg.lock, irqf);
+	if (kg.probe == req)	/* got as the probe, never submitted */
+		kg.probe = NULL;
 	req->user_ref = false;
 	kgpu_release_locked(req);
 	spin_unlock_irqrestore(&kg.lock, irqf);
@@ -401,22 +450,29 @@ static void kgpu_run_done(struct list_head *list, int status)
 
 /* ---- completions --------------------------------------------------------- */
 
-/* Reap [cq_head, cq_tail); returns the number of valid completions. */
-static int kgpu_reap(void)
+/*
+ * Reap [cq_head, cq_tail) for the helper's @file; returns the number of
+ * valid completions.
+ */
+static int kgpu_reap(struct file *file)
 {
 	LIST_HEAD(ok);
 	LIST_HEAD(failed);
 	struct kgpu_request *req;
 	unsigned long irqf;
+	bool resumed = false;
 	u32 tail, n, i;
 	int reaped = 0;
+	pid_t pid;
 
 	spin_lock_irqsave(&kg.lock, irqf);
-	if (!kg.attached) {
+	if (!kg.attached || kg.helper_file != file ||
+	    kg.helper_owner != current->files) {
 		spin_unlock_irqrestore(&kg.lock, irqf);
 		return -ENODEV;
 	}
-	tail = smp_load_acquire(&kg.hdr->cq_tail);
+	pid = kg.helper_pid;
+	tail = smp_load_acquire(&kg.idx->cq_tail);
 	n = tail - kg.cq_head;
 	if (n > kg.entries) {
 		/* A helper bug: more completions than could exist. */
@@ -443,6 +499,14 @@ static int kgpu_reap(void)
 		}
 		req->helper_ref = false;
 		reaped++;
+		/* Any answer shows the helper is alive: the stall is over. */
+		if (kg.probe == req)
+			kg.probe = NULL;
+		if (kg.stalled) {
+			kg.stalled = false;
+			kg.probe = NULL;
+			resumed = true;
+		}
 		st = &kg.svc[req->params.service];
 		if (req->completed) {
 			/* Timed out before: the CPU already did it. */
@@ -468,25 +532,36 @@ static int kgpu_reap(void)
 	}
 	kg.cq_head += n;
 	/* Our reads of the entries before the helper may reuse them. */
-	smp_store_release(&kg.hdr->cq_head, kg.cq_head);
+	smp_store_release(&kg.idx->cq_head, kg.cq_head);
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
+	if (resumed)
+		pr_info("helper %d answers again; offloading resumed\n", pid);
 	kgpu_run_done(&ok, 0);
 	kgpu_run_done(&failed, KGPU_FALLBACK);
 	wake_up(&kg.space_wq);
 	return reaped;
 }
 
+/*
+ * Expire the requests submitted at least timeout_ms ago. The timeout is
+ * read now, so that a lower value also reaches the requests in flight;
+ * since every request gets the same one, deadlines follow submission
+ * order and the scan stops at the first request still in time.
+ */
 static void kgpu_timeout_fn(struct work_struct *work)
 {
 	LIST_HEAD(expired);
 	struct kgpu_request *req, *next;
+	unsigned int ms = READ_ONCE(timeout_ms);
+	unsigned long tmo = msecs_to_jiffies(ms);
 	unsigned long irqf;
-	bool more;
+	bool stalled = false, more;
+	pid_t pid;
 
 	spin_lock_irqsave(&kg.lock, irqf);
 	list_for_each_entry_safe(req, next, &kg.inflight, node) {
-		if (time_before(jiffies, req->deadline))
+		if (time_before(jiffies, req->submitted + tmo))
 			break;	/* FIFO: the rest are younger */
 		list_move_tail(&req->node, &expired);
 		kg.ninflight--;
@@ -494,13 +569,23 @@ static void kgpu_timeout_fn(struct work_struct *work)
 		kg.stale++;
 		kg.timeouts++;
 		kg.svc[req->params.service].fallback++;
+		if (kg.probe == req)
+			kg.probe = NULL;	/* the next request probes */
+		if (!kg.stalled) {
+			kg.stalled = true;
+			stalled = true;
+		}
 	}
 	more = !list_empty(&kg.inflight);
+	pid = kg.helper_pid;
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
+	if (stalled)
+		pr_warn("helper %d stalled: a request got no answer within %u ms; requests go to the CPU (one at a time still to the helper) until it answers again\n",
+			pid, ms);
 	if (!list_empty(&expired))
 		pr_warn_ratelimited("helper did not complete requests within %u ms; doing them on the CPU\n",
-				    READ_ONCE(timeout_ms));
+				    ms);
 	kgpu_run_done(&expired, KGPU_FALLBACK);
 	if (!list_empty(&expired))
 		wake_up_all(&kg.space_wq);	/* waiters give up: helper behind */
@@ -517,10 +602,17 @@ static int kgpu_set_timeout(const char *val, const struct kernel_param *kp)
 		return ret;
 	if (ms < 10 || ms > 60000)
 		return -EINVAL;
+	/*
+	 * Parameters stay writable while the module loads and unloads: arm
+	 * the timer only between the end of kgpu_init() and the start of
+	 * kgpu_exit(), never after its cancel.
+	 */
+	mutex_lock(&kgpu_param_lock);
 	WRITE_ONCE(timeout_ms, ms);
-	/* Re-arm now rather than when a longer timer fires (if loaded). */
-	if (kg.wq)
+	/* Re-arm now rather than when a longer timer fires. */
+	if (kg.live)
 		kgpu_arm_timeout();
+	mutex_unlock(&kgpu_param_lock);
 	return 0;
 }
 
@@ -544,32 +636,57 @@ static bool kgpu_region_pinned(void)
 	return false;
 }
 
+/*
+ * Write the kernel's header and keys back and start the ring indexes at
+ * zero. Only at attach, before the new helper can map anything: the
+ * previous one's mappings are gone (exit, munmap, or torn down at detach).
+ */
+static void kgpu_region_restore(void)
+{
+	mutex_lock(&kg.key_mutex);
+	memcpy(kg.hdr, &kg.hdr_copy, sizeof(kg.hdr_copy));
+	memcpy(kg.keys, kg.key_copy, key_slots * sizeof(*kg.keys));
+	memset(kg.idx, 0, sizeof(*kg.idx));
+	mutex_unlock(&kg.key_mutex);
+}
+
 static int kgpu_open(struct inode *inode, struct file *file)
 {
 	unsigned long irqf;
+	pid_t pid = task_tgid_nr(current);
 
 	if (kgpu_region_pinned()) {
 		pr_warn_ratelimited("the region is still pinned for DMA by the previous helper; try again\n");
 		return -EAGAIN;
 	}
 	spin_lock_irqsave(&kg.lock, irqf);
-	if (kg.attached) {
+	if (kg.helper_file) {
 		spin_unlock_irqrestore(&kg.lock, irqf);
 		return -EBUSY;
 	}
+	/* Ours, not yet attached: nothing is submitted until restored. */
+	kg.helper_file = file;
+	kg.helper_owner = current->files;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	kgpu_region_restore();
+
+	spin_lock_irqsave(&kg.lock, irqf);
 	kg.attached = true;
-	kg.helper_pid = task_tgid_nr(current);
+	kg.stalled = false;
+	kg.probe = NULL;
+	kg.helper_pid = pid;
 	kg.attaches++;
 	spin_unlock_irqrestore(&kg.lock, irqf);
-	pr_info("helper %d attached\n", task_tgid_nr(current));
+	pr_info("helper %d attached\n", pid);
 	return 0;
 }
 
 /*
- * The last reference to the helper's file is gone, its mappings with it:
- * nothing in user space can touch the region any more.
+ * Detach the helper if @file is its file: complete on the CPU whatever it
+ * owned, tear down its mappings, start the ring over.
  */
-static int kgpu_release(struct inode *inode, struct file *file)
+static void kgpu_detach(struct file *file)
 {
 	LIST_HEAD(orphans);
 	unsigned long irqf;
@@ -577,8 +694,23 @@ static int kgpu_release(struct inode *inode, struct file *file)
 	pid_t pid;
 
 	spin_lock_irqsave(&kg.lock, irqf);
-	pid = kg.helper_pid;
+	if (kg.helper_file != file || !kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return;
+	}
+	/* No new request, mapping or doorbell from here on. */
 	kg.attached = false;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	/*
+	 * Mappings left (a helper that closed its file but kept the region
+	 * mapped) fault from now on. Every mapping of the region is this
+	 * helper's: the next one cannot open before helper_file is cleared.
+	 */
+	unmap_mapping_range(file->f_mapping, 0, 0, 1);
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	pid = kg.helper_pid;
 	kg.helper_pid = 0;
 	list_splice_init(&kg.inflight, &orphans);
 	kg.ninflight = 0;
@@ -596,12 +728,16 @@ static int kgpu_release(struct inode *inode, struct file *file)
 		kgpu_release_locked(req);
 	}
 	kg.stale = 0;
+	kg.stalled = false;
+	kg.probe = NULL;
 	kg.sq_tail = 0;
 	kg.cq_head = 0;
-	WRITE_ONCE(kg.hdr->sq_tail, 0);
-	WRITE_ONCE(kg.hdr->sq_head, 0);
-	WRITE_ONCE(kg.hdr->cq_tail, 0);
-	WRITE_ONCE(kg.hdr->cq_head, 0);
+	WRITE_ONCE(kg.idx->sq_tail, 0);
+	WRITE_ONCE(kg.idx->sq_head, 0);
+	WRITE_ONCE(kg.idx->cq_tail, 0);
+	WRITE_ONCE(kg.idx->cq_head, 0);
+	kg.helper_file = NULL;
+	kg.helper_owner = NULL;
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
 	if (n)
@@ -611,16 +747,73 @@ static int kgpu_release(struct inode *inode, struct file *file)
 		pr_info("helper %d detached\n", pid);
 	kgpu_run_done(&orphans, KGPU_FALLBACK);
 	wake_up_all(&kg.space_wq);
+}
+
+static int kgpu_same_file(const void *p, struct file *file, unsigned int fd)
+{
+	return file == p;
+}
+
+/*
+ * Called at every close() of a descriptor of the file, and for each one
+ * at exit, once that descriptor is out of the file table @id. The helper
+ * is the process that opened the file: closing its last descriptor of it
+ * (a dup, such as the one Python's mmap keeps, counts) or exiting
+ * detaches, while a child it forked (another file table) that still holds
+ * the file keeps nothing.
+ */
+static int kgpu_flush(struct file *file, fl_owner_t id)
+{
+	if (READ_ONCE(kg.helper_file) != file ||
+	    READ_ONCE(kg.helper_owner) != id)
+		return 0;
+	if (iterate_fd(id, 0, kgpu_same_file, file))
+		return 0;
+	kgpu_detach(file);
 	return 0;
 }
 
+/* The last reference to a file is gone; detach if it is still attached. */
+static int kgpu_release(struct inode *inode, struct file *file)
+{
+	kgpu_detach(file);
+	return 0;
+}
+
+/*
+ * Two parts, as uapi/kgpu.h describes: below rw_off (header and key
+ * slots) read-only, from rw_off on read-write. Only the helper's own
+ * process maps, and only while attached.
+ */
 static int kgpu_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	unsigned long len = vma->vm_end - vma->vm_start;
+	unsigned long off;
+	unsigned long irqf;
+	bool ours;
 
-	if (vma->vm_pgoff || len > kg.region_size ||
+	spin_lock_irqsave(&kg.lock, irqf);
+	ours = kg.attached && kg.helper_file == file &&
+	       kg.helper_owner == current->files;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+	if (!ours)
+		return -ENODEV;
+	if (vma->vm_pgoff >= kg.region_size >> PAGE_SHIFT ||
 	    !(vma->vm_flags & VM_SHARED))
 		return -EINVAL;
+	off = vma->vm_pgoff << PAGE_SHIFT;
+	if (len > kg.region_size - off)
+		return -EINVAL;
+	if (off < kg.rw_off) {
+		/* Header and keys: neither now nor after an mprotect(). */
+		if (vma->vm_flags & VM_WRITE)
+			return -EACCES;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+		vm_flags_clear(vma, VM_MAYWRITE);
+#else
+		vma->vm_flags &= ~VM_MAYWRITE;
+#endif
+	}
 	/* A forked child must not keep the helper's region (and it) alive. */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
 	vm_flags_set(vma, VM_DONTCOPY);
@@ -629,13 +822,16 @@ static int kgpu_mmap(struct file *file, struct vm_area_struct *vma)
 	vma->vm_flags |= VM_DONTCOPY;
 	vma->vm_flags &= ~VM_MAYEXEC;
 #endif
-	return remap_vmalloc_range(vma, kg.region, 0);
+	return remap_vmalloc_range(vma, kg.region, vma->vm_pgoff);
 }
 
 static __poll_t kgpu_poll(struct file *file, poll_table *wait)
 {
 	poll_wait(file, &kg.poll_wq, wait);
-	if (READ_ONCE(kg.hdr->sq_head) != READ_ONCE(kg.hdr->sq_tail))
+	/* A file that is not (or no longer) the helper's has nothing to do. */
+	if (READ_ONCE(kg.helper_file) != file || !READ_ONCE(kg.attached))
+		return EPOLLERR | EPOLLHUP;
+	if (READ_ONCE(kg.idx->sq_head) != READ_ONCE(kg.sq_tail))
 		return EPOLLIN | EPOLLRDNORM;
 	return 0;
 }
@@ -653,7 +849,7 @@ static long kgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 			return -EFAULT;
 		return 0;
 	case KGPU_IOC_COMPLETE:
-		return kgpu_reap();
+		return kgpu_reap(file);
 	default:
 		return -ENOTTY;
 	}
@@ -662,6 +858,7 @@ static long kgpu_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 static const struct file_operations kgpu_fops = {
 	.owner		= THIS_MODULE,
 	.open		= kgpu_open,
+	.flush		= kgpu_flush,
 	.release	= kgpu_release,
 	.mmap		= kgpu_mmap,
 	.poll		= kgpu_poll,
@@ -696,18 +893,29 @@ EXPORT_SYMBOL_GPL(kgpu_key_get);
 /*
  * A key slot is written under a sequence count, as uapi/kgpu.h describes:
  * generation odd while the slot changes, even again once it is stable.
+ * The kernel's copy (@copy) is written first and is the truth: the slot
+ * in the region gets it back at every attach. Under kg.key_mutex.
  */
-static void kgpu_key_write(struct kgpu_key_slot *ks, const u8 *key,
-			   unsigned int len)
+static void kgpu_key_write(int slot, const u8 *key, unsigned int len)
 {
-	WRITE_ONCE(ks->generation, ks->generation + 1);
+	struct kgpu_key_slot *copy = &kg.key_copy[slot];
+	struct kgpu_key_slot *ks = &kg.keys[slot];
+	u32 gen = copy->generation;
+
+	memzero_explicit(copy->key, sizeof(copy->key));
+	if (len)
+		memcpy(copy->key, key, len);
+	copy->key_len = len;
+	copy->generation = gen + 2;
+
+	WRITE_ONCE(ks->generation, gen + 1);
 	smp_wmb();
 	memzero_explicit(ks->key, sizeof(ks->key));
 	if (len)
 		memcpy(ks->key, key, len);
 	WRITE_ONCE(ks->key_len, len);
 	smp_wmb();
-	WRITE_ONCE(ks->generation, ks->generation + 1);
+	WRITE_ONCE(ks->generation, gen + 2);
 }
 
 /* Call only while no request uses @slot (dm: table load, suspended). */
@@ -715,20 +923,22 @@ int kgpu_key_set(int slot, const u8 *key, unsigned int len)
 {
 	if (slot < 0 || slot >= key_slots || (len != 32 && len != 64))
 		return -EINVAL;
-	kgpu_key_write(&kg.keys[slot], key, len);
+	mutex_lock(&kg.key_mutex);
+	kgpu_key_write(slot, key, len);
+	mutex_unlock(&kg.key_mutex);
 	return 0;
 }
 EXPORT_SYMBOL_GPL(kgpu_key_set);
 
 void kgpu_key_put(int slot)
 {
-	struct kgpu_key_slot *ks;
 	unsigned long irqf;
 
 	if (slot < 0 || slot >= key_slots)
 		return;
-	ks = &kg.keys[slot];
-	kgpu_key_write(ks, NULL, 0);
+	mutex_lock(&kg.key_mutex);
+	kgpu_key_write(slot, NULL, 0);
+	mutex_unlock(&kg.key_mutex);
 	spin_lock_irqsave(&kg.lock, irqf);
 	clear_bit(slot, kg.key_map);
 	spin_unlock_irqrestore(&kg.lock, irqf);
@@ -743,6 +953,7 @@ void kgpu_get_stats(struct kgpu_stats *st)
 
 	spin_lock_irqsave(&kg.lock, irqf);
 	st->helper_pid = kg.attached ? kg.helper_pid : 0;
+	st->helper_stalled = kg.attached && kg.stalled;
 	st->ring_entries = kg.entries;
 	st->inflight = kg.ninflight;
 	st->data_size = (u64)kg.data_blocks * KGPU_DATA_ALIGN;
@@ -787,15 +998,20 @@ static int kgpu_check_params(void)
 
 static int kgpu_region_alloc(void)
 {
-	size_t sq_off = PAGE_SIZE;
+	/* Read-only for the helper: header, keys. Then ring indexes on. */
+	size_t keys_off = PAGE_SIZE;
+	size_t rw_off = keys_off +
+			PAGE_ALIGN(key_slots * sizeof(struct kgpu_key_slot));
+	size_t idx_off = rw_off;
+	size_t sq_off = idx_off + PAGE_SIZE;
 	size_t cq_off = sq_off + PAGE_ALIGN(ring_entries * sizeof(struct kgpu_sqe));
-	size_t keys_off = cq_off + PAGE_ALIGN(ring_entries * sizeof(struct kgpu_cqe));
-	size_t data_off = keys_off +
-			  PAGE_ALIGN(key_slots * sizeof(struct kgpu_key_slot));
+	size_t data_off = cq_off +
+			  PAGE_ALIGN(ring_entries * sizeof(struct kgpu_cqe));
 	size_t data_size = (size_t)data_mb << 20;
-	struct kgpu_region_hdr *h;
+	struct kgpu_region_hdr *h = &kg.hdr_copy;
 
 	BUILD_BUG_ON(sizeof(struct kgpu_region_hdr) > PAGE_SIZE);
+	BUILD_BUG_ON(sizeof(struct kgpu_ring_idx) > PAGE_SIZE);
 	BUILD_BUG_ON(sizeof(struct kgpu_sqe) != 64);
 	BUILD_BUG_ON(sizeof(struct kgpu_cqe) != 16);
 	BUILD_BUG_ON(sizeof(struct kgpu_key_slot) != 128);
@@ -805,15 +1021,16 @@ static int kgpu_region_alloc(void)
 	if (!kg.region)
 		return -ENOMEM;
 	kg.entries = ring_entries;
+	kg.rw_off = rw_off;
 	kg.hdr = kg.region;
+	kg.keys = kg.region + keys_off;
+	kg.idx = kg.region + idx_off;
 	kg.sq = kg.region + sq_off;
 	kg.cq = kg.region + cq_off;
-	kg.keys = kg.region + keys_off;
 	kg.data = kg.region + data_off;
 	kg.data_off = data_off;
 	kg.data_blocks = data_size / KGPU_DATA_ALIGN;
 
-	h = kg.hdr;
 	h->magic = KGPU_MAGIC;
 	h->abi_version = KGPU_ABI_VERSION;
 	h->region_size = kg.region_size;
@@ -828,11 +1045,15 @@ static int kgpu_region_alloc(void)
 	h->keys_off = keys_off;
 	h->data_off = data_off;
 	h->data_size = data_size;
+	h->rw_off = rw_off;
+	h->idx_off = idx_off;
+	memcpy(kg.hdr, h, sizeof(*h));
 
+	kg.key_copy = kcalloc(key_slots, sizeof(*kg.key_copy), GFP_KERNEL);
 	kg.reqs = kcalloc(ring_entries, sizeof(*kg.reqs), GFP_KERNEL);
 	kg.data_map = bitmap_zalloc(kg.data_blocks, GFP_KERNEL);
 	kg.key_map = bitmap_zalloc(key_slots, GFP_KERNEL);
-	if (!kg.reqs || !kg.data_map || !kg.key_map)
+	if (!kg.key_copy || !kg.reqs || !kg.data_map || !kg.key_map)
 		return -ENOMEM;
 	return 0;
 }
@@ -842,6 +1063,7 @@ static void kgpu_region_free(void)
 	bitmap_free(kg.key_map);
 	bitmap_free(kg.data_map);
 	kfree(kg.reqs);
+	kfree_sensitive(kg.key_copy);
 	if (kg.keys)
 		memzero_explicit(kg.keys, key_slots * sizeof(*kg.keys));
 	vfree(kg.region);
@@ -855,6 +1077,7 @@ static int __init kgpu_init(void)
 	if (ret)
 		return ret;
 	spin_lock_init(&kg.lock);
+	mutex_init(&kg.key_mutex);
 	INIT_LIST_HEAD(&kg.inflight);
 	init_waitqueue_head(&kg.poll_wq);
 	init_waitqueue_head(&kg.space_wq);
@@ -877,14 +1100,22 @@ static int __init kgpu_init(void)
 	kg.debugfs = debugfs_create_dir("kgpu", NULL);
 	kgpu_selftest_init(kg.debugfs);
 
+	/* From here on a timeout_ms write may arm the timer. */
+	mutex_lock(&kgpu_param_lock);
+	kg.live = true;
+	mutex_unlock(&kgpu_param_lock);
+
 	pr_info("loaded, ABI %u: %u ring entries, %u MiB data, %u key slots, timeout %u ms\n",
-		KGPU_ABI_VERSION, ring_entries, data_mb, key_slots, timeout_ms);
+		KGPU_ABI_VERSION, ring_entries, data_mb, key_slots,
+		READ_ONCE(timeout_ms));
 	return 0;
 
 bad_netlink:
 	kgpu_netlink_exit();
 bad_wq:
+	/* Never armed: kg.live was not set. */
 	destroy_workqueue(kg.wq);
+	kg.wq = NULL;
 bad_region:
 	kgpu_region_free();
 	return ret;
@@ -892,8 +1123,17 @@ bad_region:
 
 static void __exit kgpu_exit(void)
 {
-	/* No helper (it holds a module reference) and no submitter is left. */
+	/*
+	 * No helper (it holds a module reference) and no submitter is left,
+	 * but timeout_ms stays writable until after we return: stop its
+	 * writes from arming the timer before cancelling it for good.
+	 */
+	mutex_lock(&kgpu_param_lock);
+	kg.live = false;
+	mutex_unlock(&kgpu_param_lock);
+
 	debugfs_remove_recursive(kg.debugfs);
+	kgpu_selftest_exit();
 	misc_deregister(&kgpu_misc);
 	kgpu_netlink_exit();
 	cancel_delayed_work_sync(&kg.timeout_work);

@@ -51,6 +51,7 @@ static int kgpu_fill_stats(struct sk_buff *skb, const struct kgpu_stats *st)
 	unsigned int i;
 
 	if (nla_put_u32(skb, KGPU_ATTR_HELPER_PID, st->helper_pid) ||
+	    nla_put_u32(skb, KGPU_ATTR_HELPER_STALLED, st->helper_stalled) ||
 	    nla_put_u32(skb, KGPU_ATTR_RING_ENTRIES, st->ring_entries) ||
 	    nla_put_u32(skb, KGPU_ATTR_INFLIGHT, st->inflight) ||
 	    nla_put_u64_64bit(skb, KGPU_ATTR_DATA_SIZE, st->data_size,

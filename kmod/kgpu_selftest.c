@@ -3,6 +3,7 @@
  * kgpu core: self-test of the channel, reachable from user space.
  *
  *	echo N > /sys/kernel/debug/kgpu/selftest	run N rounds
+ *	echo 0 > /sys/kernel/debug/kgpu/selftest	release its key slots
  *	cat /sys/kernel/debug/kgpu/selftest		the last report
  *
  * Each round submits a batch of random requests from inside the kernel
@@ -13,6 +14,12 @@
  * come back as KGPU_FALLBACK and are done here on the CPU, as a target
  * would; with no helper attached everything is done on the CPU. The write
  * fails with -EIO on the first wrong byte, so `echo` reports it.
+ *
+ * Keys are used the way a target uses them: set once, at the first run,
+ * into up to ST_NKEYS key slots (fewer if fewer are free; with none, no
+ * XTS), and kept across runs and helpers until `echo 0` or unload. A
+ * writer killed while waiting gives up at once: the batch is freed by
+ * whichever completion comes last.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -46,21 +53,36 @@ struct st_req {
 	struct st_batch *batch;
 };
 
+/*
+ * One round's requests. pending: requests not done yet, plus one while
+ * submitting; refs: the round's writer and whoever ends pending, so that
+ * a writer killed while waiting can leave the batch to the last done().
+ */
 struct st_batch {
 	atomic_t pending;
+	atomic_t refs;
 	struct completion all_done;
+	struct st_req reqs[ST_BATCH];
 };
 
-struct st_ctx {
+/* The self-test's keys: set at the first run, kept until released. */
+struct st_keys {
 	struct crypto_skcipher *tfm[ST_NKEYS];
 	u8 key[ST_NKEYS][64];
 	unsigned int keylen[ST_NKEYS];
 	int slot[ST_NKEYS];
+	unsigned int n;		/* keys in slots */
+	bool ready;
+};
+
+struct st_ctx {
+	struct st_keys *k;
 	/* Counts for the report. */
 	u64 rounds, requests, bytes, helper, fallback, cpu_only;
 };
 
-static DEFINE_MUTEX(st_lock);
+static DEFINE_MUTEX(st_lock);	/* protects st_keys and st_report */
+static struct st_keys st_keys = { .slot = { [0 ... ST_NKEYS - 1] = -1 } };
 static char st_report[512];
 
 static u32 st_rand(u32 n)
@@ -144,24 +166,47 @@ static void st_raid6(const struct kgpu_sqe *p, u8 *buf)
 
 /* ---- one batch ----------------------------------------------------------- */
 
+static void st_batch_put(struct st_batch *b)
+{
+	int i;
+
+	if (!atomic_dec_and_test(&b->refs))
+		return;
+	for (i = 0; i < ST_BATCH; i++) {
+		if (b->reqs[i].req)
+			kgpu_request_put(b->reqs[i].req);
+		kfree(b->reqs[i].input);
+		kfree(b->reqs[i].expect);
+	}
+	kfree(b);
+}
+
+static void st_pending_dec(struct st_batch *b)
+{
+	if (atomic_dec_and_test(&b->pending)) {
+		complete(&b->all_done);
+		st_batch_put(b);
+	}
+}
+
 static void st_done(struct kgpu_request *req, int status)
 {
 	struct st_req *s = req->private;
 
 	s->status = status;
-	if (atomic_dec_and_test(&s->batch->pending))
-		complete(&s->batch->all_done);
+	st_pending_dec(s->batch);
 }
 
 static void st_pick(struct st_ctx *c, struct st_req *s)
 {
 	static const unsigned int units[] = { 512, 1024, 2048, 4096 };
 	struct kgpu_sqe *p = &s->p;
-	unsigned int kind = st_rand(4);
+	/* XTS (kinds 0, 1) only with a key in a slot. */
+	unsigned int kind = c->k->n ? st_rand(4) : 2 + st_rand(2);
 
 	memset(p, 0, sizeof(*p));
 	if (kind < 2) {
-		unsigned int key = st_rand(ST_NKEYS);
+		unsigned int key = st_rand(c->k->n);
 
 		p->service = kind ? KGPU_SVC_XTS_DEC : KGPU_SVC_XTS_ENC;
 		p->unit_size = units[st_rand(4)];
@@ -169,7 +214,7 @@ static void st_pick(struct st_ctx *c, struct st_req *s)
 		p->sector = get_random_u64();
 		p->sector_step = st_rand(2) ? 1 : p->unit_size >> 9;
 		p->iv_mode = st_rand(4) ? KGPU_IV_PLAIN64 : KGPU_IV_PLAIN;
-		p->key_slot = c->slot[key];
+		p->key_slot = c->k->slot[key];
 		p->reserved = key;	/* which tfm: the self-test's own note */
 	} else {
 		unsigned int n = 4 + st_rand(13);
@@ -206,7 +251,7 @@ static int st_prepare(struct st_ctx *c, struct st_req *s)
 	case KGPU_SVC_XTS_ENC:
 	case KGPU_SVC_XTS_DEC:
 		memcpy(s->expect, s->input, s->len);
-		ret = st_xts(c->tfm[p->reserved], p, s->expect, s->len);
+		ret = st_xts(c->k->tfm[p->reserved], p, s->expect, s->len);
 		break;
 	case KGPU_SVC_RAID6_GEN:
 		memcpy(s->expect, s->input, s->len);
@@ -234,33 +279,34 @@ static int st_cpu(struct st_ctx *c, struct st_req *s, u8 *out)
 {
 	memcpy(out, s->input, s->len);
 	if (s->p.service == KGPU_SVC_XTS_ENC || s->p.service == KGPU_SVC_XTS_DEC)
-		return st_xts(c->tfm[s->p.reserved], &s->p, out, s->len);
+		return st_xts(c->k->tfm[s->p.reserved], &s->p, out, s->len);
 	st_raid6(&s->p, out);
 	return 0;
 }
 
 static int st_round(struct st_ctx *c)
 {
-	struct st_req *reqs;
-	struct st_batch batch;
-	u8 *scratch = NULL;
+	struct st_batch *b;
+	u8 *scratch;
 	int i, held = 0, ret = 0;
 
-	reqs = kcalloc(ST_BATCH, sizeof(*reqs), GFP_KERNEL);
+	b = kzalloc(sizeof(*b), GFP_KERNEL);
 	scratch = kmalloc(32 * 4096, GFP_KERNEL);
-	if (!reqs || !scratch) {
-		ret = -ENOMEM;
-		goto out;
+	if (!b || !scratch) {
+		kfree(b);
+		kfree(scratch);
+		return -ENOMEM;
 	}
-	atomic_set(&batch.pending, 1);
-	init_completion(&batch.all_done);
+	atomic_set(&b->pending, 1);
+	atomic_set(&b->refs, 2);
+	init_completion(&b->all_done);
 
 	for (i = 0; i < ST_BATCH && !ret; i++) {
-		struct st_req *s = &reqs[i];
+		struct st_req *s = &b->reqs[i];
 		struct kgpu_request *req;
 
 		st_pick(c, s);
-		s->batch = &batch;
+		s->batch = b;
 		ret = st_prepare(c, s);
 		if (ret)
 			break;
@@ -287,16 +333,23 @@ static int st_round(struct st_ctx *c)
 		req->params.reserved = 0;
 		req->done = st_done;
 		req->private = s;
-		atomic_inc(&batch.pending);
+		atomic_inc(&b->pending);
 		kgpu_submit(req);
 	}
-	if (atomic_dec_and_test(&batch.pending))
-		complete(&batch.all_done);
-	/* Every submitted request completes: helper, timeout or detach. */
-	wait_for_completion(&batch.all_done);
+	st_pending_dec(b);
+	/*
+	 * Every submitted request completes: helper, timeout or detach. A
+	 * fatal signal need not wait for that: the last done() frees the
+	 * batch, and nothing else of ours is left in the helper's hands.
+	 */
+	if (wait_for_completion_killable(&b->all_done)) {
+		st_batch_put(b);
+		kfree(scratch);
+		return -EINTR;
+	}
 
 	for (i = 0; i < ST_BATCH; i++) {
-		struct st_req *s = &reqs[i];
+		struct st_req *s = &b->reqs[i];
 		const u8 *got;
 
 		if (!s->len || !s->input || !s->expect)
@@ -326,65 +379,78 @@ static int st_round(struct st_ctx *c)
 		c->requests++;
 		c->bytes += s->len;
 	}
-out:
-	if (reqs) {
-		for (i = 0; i < ST_BATCH; i++) {
-			if (reqs[i].req)
-				kgpu_request_put(reqs[i].req);
-			kfree(reqs[i].input);
-			kfree(reqs[i].expect);
-		}
-	}
-	kfree(reqs);
+	st_batch_put(b);
 	kfree(scratch);
 	return ret;
 }
 
-static int st_setup(struct st_ctx *c)
-{
-	int i, ret;
-
-	/* Before anything can fail: teardown puts only the slots we got. */
-	for (i = 0; i < ST_NKEYS; i++)
-		c->slot[i] = -1;
-	for (i = 0; i < ST_NKEYS; i++) {
-		/* Synchronous only: our IVs live on the stack. */
-		c->tfm[i] = crypto_alloc_skcipher("xts(aes)", 0,
-						  CRYPTO_ALG_ASYNC);
-		if (IS_ERR(c->tfm[i])) {
-			ret = PTR_ERR(c->tfm[i]);
-			c->tfm[i] = NULL;
-			return ret;
-		}
-		c->keylen[i] = i ? 32 : 64;	/* AES-256-XTS and AES-128-XTS */
-		do {
-			get_random_bytes(c->key[i], c->keylen[i]);
-			ret = crypto_skcipher_setkey(c->tfm[i], c->key[i],
-						     c->keylen[i]);
-		} while (ret == -EINVAL && !memcmp(c->key[i],
-				c->key[i] + c->keylen[i] / 2, c->keylen[i] / 2));
-		if (ret)
-			return ret;
-		c->slot[i] = kgpu_key_get();
-		if (c->slot[i] < 0)
-			return c->slot[i];
-		ret = kgpu_key_set(c->slot[i], c->key[i], c->keylen[i]);
-		if (ret)
-			return ret;
-	}
-	return 0;
-}
-
-static void st_teardown(struct st_ctx *c)
+/* Release the keys' slots and transforms (under st_lock). */
+static void st_keys_release(struct st_keys *k)
 {
 	int i;
 
 	for (i = 0; i < ST_NKEYS; i++) {
-		if (c->slot[i] >= 0)
-			kgpu_key_put(c->slot[i]);
-		crypto_free_skcipher(c->tfm[i]);
+		if (k->slot[i] >= 0)
+			kgpu_key_put(k->slot[i]);
+		k->slot[i] = -1;
+		crypto_free_skcipher(k->tfm[i]);
+		k->tfm[i] = NULL;
 	}
-	memzero_explicit(c->key, sizeof(c->key));
+	memzero_explicit(k->key, sizeof(k->key));
+	k->n = 0;
+	k->ready = false;
+}
+
+/*
+ * Set the keys once (under st_lock): as many as there are free slots, up
+ * to ST_NKEYS; none is no error, the rounds then skip XTS.
+ */
+static int st_keys_setup(struct st_keys *k)
+{
+	int i, ret;
+
+	if (k->ready)
+		return 0;
+	/* Before anything can fail: release puts only the slots we got. */
+	for (i = 0; i < ST_NKEYS; i++)
+		k->slot[i] = -1;
+	k->n = 0;
+	for (i = 0; i < ST_NKEYS; i++) {
+		int slot = kgpu_key_get();
+
+		if (slot < 0) {
+			pr_info("selftest: %d of %d key slots free; XTS with %d keys\n",
+				i, ST_NKEYS, i);
+			break;
+		}
+		k->slot[i] = slot;
+		/* Synchronous only: our IVs live on the stack. */
+		k->tfm[i] = crypto_alloc_skcipher("xts(aes)", 0,
+						  CRYPTO_ALG_ASYNC);
+		if (IS_ERR(k->tfm[i])) {
+			ret = PTR_ERR(k->tfm[i]);
+			k->tfm[i] = NULL;
+			goto bad;
+		}
+		k->keylen[i] = i ? 32 : 64;	/* AES-256-XTS and AES-128-XTS */
+		do {
+			get_random_bytes(k->key[i], k->keylen[i]);
+			ret = crypto_skcipher_setkey(k->tfm[i], k->key[i],
+						     k->keylen[i]);
+		} while (ret == -EINVAL && !memcmp(k->key[i],
+				k->key[i] + k->keylen[i] / 2, k->keylen[i] / 2));
+		if (ret)
+			goto bad;
+		ret = kgpu_key_set(slot, k->key[i], k->keylen[i]);
+		if (ret)
+			goto bad;
+		k->n = i + 1;
+	}
+	k->ready = true;
+	return 0;
+bad:
+	st_keys_release(k);
+	return ret;
 }
 
 static ssize_t st_write(struct file *file, const char __user *ubuf,
@@ -397,7 +463,7 @@ static ssize_t st_write(struct file *file, const char __user *ubuf,
 	ret = kstrtouint_from_user(ubuf, count, 0, &rounds);
 	if (ret)
 		return ret;
-	if (rounds < 1 || rounds > 1000000)
+	if (rounds > 1000000)
 		return -EINVAL;
 	c = kzalloc(sizeof(*c), GFP_KERNEL);
 	if (!c)
@@ -406,7 +472,14 @@ static ssize_t st_write(struct file *file, const char __user *ubuf,
 		kfree(c);
 		return -EINTR;
 	}
-	ret = st_setup(c);
+	if (!rounds) {
+		st_keys_release(&st_keys);
+		mutex_unlock(&st_lock);
+		kfree(c);
+		return count;
+	}
+	c->k = &st_keys;
+	ret = st_keys_setup(c->k);
 	for (i = 0; i < rounds && !ret; i++) {
 		ret = st_round(c);
 		c->rounds++;
@@ -419,7 +492,6 @@ static ssize_t st_write(struct file *file, const char __user *ubuf,
 		 ret ? "FAIL" : "PASS", c->rounds, c->requests, c->bytes,
 		 c->helper, c->fallback, c->cpu_only);
 	pr_info("selftest %s", st_report);
-	st_teardown(c);
 	mutex_unlock(&st_lock);
 	kfree(c);
 	return ret ? ret : count;
@@ -449,4 +521,12 @@ int kgpu_selftest_init(struct dentry *dir)
 {
 	debugfs_create_file("selftest", 0600, dir, NULL, &st_fops);
 	return 0;
+}
+
+/* At unload, once the debugfs file is gone: give the key slots back. */
+void kgpu_selftest_exit(void)
+{
+	mutex_lock(&st_lock);
+	st_keys_release(&st_keys);
+	mutex_unlock(&st_lock);
 }

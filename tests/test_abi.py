@@ -1,4 +1,5 @@
-"""The Python mirror of the ring ABI matches the C header, field by field.
+"""The Python mirror of the ring ABI matches the C header, field by field,
+and the helper's mapping honours the layout's read-only part.
 
 A small C program is compiled against kmod/uapi/kgpu.h (with the system's
 <linux/types.h>) and prints sizeof and offsetof for every structure and
@@ -7,11 +8,14 @@ field the mirror declares; the numbers must agree exactly.
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 
 import pytest
 
 from kgpu_helper import abi
+from kgpu_helper.ringdriver import layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(REPO, "kmod", "uapi", "kgpu.h")
@@ -83,3 +87,64 @@ def test_ring_indexes_on_separate_cache_lines():
     offs = [abi.SQ_TAIL_OFF, abi.SQ_HEAD_OFF, abi.CQ_TAIL_OFF, abi.CQ_HEAD_OFF]
     assert len({o // 64 for o in offs}) == 4
     assert abi.REGION_HDR.itemsize <= 4096
+    assert abi.RING_IDX.itemsize <= 4096
+
+
+@pytest.mark.parametrize("entries,slots", [(8, 1), (256, 64), (4096, 4096)])
+def test_layout_read_only_part_first(entries, slots):
+    """Header and keys lie below rw_off (mapped read-only by the helper);
+    ring indexes, rings and data from rw_off on, in that order, each part
+    page-aligned and none overlapping (the module's layout)."""
+    lay = layout(entries, slots, 1 << 20)
+    page = 4096
+    assert lay["keys_off"] == page
+    assert lay["keys_off"] + slots * abi.KEY_SLOT.itemsize <= lay["rw_off"]
+    assert lay["idx_off"] == lay["rw_off"]
+    assert lay["sq_off"] >= lay["idx_off"] + abi.RING_IDX.itemsize
+    assert lay["cq_off"] >= lay["sq_off"] + entries * abi.SQE.itemsize
+    assert lay["data_off"] >= lay["cq_off"] + entries * abi.CQE.itemsize
+    assert lay["region_size"] == lay["data_off"] + (1 << 20)
+    assert all(v % page == 0 for k, v in lay.items() if k.endswith("_off"))
+
+
+_SCRIBBLE = r"""
+import sys, threading
+from kgpu_helper.ringdriver import RingDriver
+from kgpu_helper.transport import ShmTransport
+d = RingDriver(sys.argv[1], entries=8, data_size=1 << 20, key_slots=4)
+d.set_key(0, bytes(range(64)))
+box = []
+th = threading.Thread(target=lambda: box.append(ShmTransport(sys.argv[1])))
+th.start(); assert d.wait_attach(5); th.join(5)
+t = box[0]
+r = t.region
+for what in ("hdr", "keys"):
+    try:
+        if what == "hdr":
+            r.hdr["region_size"] = 1
+        else:
+            r.keys["key"][0, 0] ^= 1
+    except ValueError:
+        print(what, "read-only view", flush=True)
+r.buf[r.data_off] = 1          # the writable part takes stores
+r.idx[0] = r.idx[0]
+print("data ok", flush=True)
+r.mv[int(sys.argv[2])] = 0xff  # a raw store below rw_off: SIGSEGV
+print("stored below rw_off", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["hdr", "keys"])
+def test_helper_maps_header_and_keys_read_only(tmp_path, where):
+    """Through the shm transport (the same mapping code as /dev/kgpu's),
+    the helper's views of the header and keys refuse writes, and a raw
+    store below rw_off kills the helper instead of changing them."""
+    off = 8 if where == "hdr" else 4096 + 16
+    p = subprocess.run([sys.executable, "-c", _SCRIBBLE,
+                        str(tmp_path / "r.sock"), str(off)],
+                       capture_output=True, text=True, timeout=60)
+    assert "hdr read-only view" in p.stdout, p.stdout + p.stderr
+    assert "keys read-only view" in p.stdout, p.stdout + p.stderr
+    assert "data ok" in p.stdout, p.stdout + p.stderr
+    assert "stored below rw_off" not in p.stdout
+    assert p.returncode == -signal.SIGSEGV, (p.returncode, p.stderr)

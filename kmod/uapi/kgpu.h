@@ -8,16 +8,24 @@
  * list; a test compiles this header and checks every size and offset
  * against that mirror.
  *
- * The region: the module allocates it, the helper mmaps all of it from
- * /dev/kgpu (offset 0) and registers it with CUDA, so the GPU copies
- * straight from and to it. Layout, each part at the offset the header
- * gives:
+ * The region: the module allocates it, the helper maps it from /dev/kgpu
+ * and registers its writable part with CUDA, so the GPU copies straight
+ * from and to it. Layout, each part at the offset the header gives:
  *
- *	header	struct kgpu_region_hdr (one page): sizes, offsets, ring indexes
- *	SQ	ring_entries x struct kgpu_sqe, written by the kernel
- *	CQ	ring_entries x struct kgpu_cqe, written by the helper
- *	keys	key_slots x struct kgpu_key_slot, written by the kernel
- *	data	data_size bytes: the request buffers (kernel allocates)
+ *	header	struct kgpu_region_hdr (one page): sizes, offsets	} read-only
+ *	keys	key_slots x struct kgpu_key_slot, written by the kernel	} [0, rw_off)
+ *	idx	struct kgpu_ring_idx (one page): the ring indexes	} read-write
+ *	SQ	ring_entries x struct kgpu_sqe, written by the kernel	} [rw_off,
+ *	CQ	ring_entries x struct kgpu_cqe, written by the helper	}  region_size)
+ *	data	data_size bytes: the request buffers (kernel allocates)	}
+ *
+ * The helper maps the two parts with two mmap() calls on one range of its
+ * address space: [0, rw_off) at file offset 0 with PROT_READ only, then
+ * [rw_off, region_size) at file offset rw_off with PROT_READ | PROT_WRITE,
+ * so that region offsets are the same on both sides. The module refuses a
+ * writable mapping of anything below rw_off (EACCES) and any later
+ * mprotect() that would make it writable: a helper cannot change the
+ * geometry or the keys, even by a stray write.
  *
  * Ring protocol. Indexes are free-running __u32; entry i lives at
  * i & (ring_entries - 1). The kernel fills SQ entries then publishes
@@ -31,6 +39,14 @@
  * The kernel trusts nothing it reads from the region: a completion whose
  * tag or sequence number does not match a request in flight is counted as
  * an error and dropped.
+ *
+ * Attachment. Opening /dev/kgpu attaches a helper (one at a time: EBUSY).
+ * Only the process that opened it may map the region and ring the
+ * doorbell. The helper detaches when that process closes its last
+ * descriptor of the file or exits, even if a child it forked still holds
+ * the file; the kernel then completes on its CPU whatever was in flight,
+ * starts the rings over, and writes its own header and keys back before
+ * the next helper attaches.
  */
 #ifndef _UAPI_KGPU_H
 #define _UAPI_KGPU_H
@@ -39,7 +55,7 @@
 #include <linux/types.h>
 
 #define KGPU_MAGIC		0x6b677075u	/* "kgpu" */
-#define KGPU_ABI_VERSION	1u
+#define KGPU_ABI_VERSION	2u
 
 /* Services: what a request asks the helper to compute. */
 enum kgpu_service {
@@ -59,15 +75,13 @@ enum kgpu_service {
 #define KGPU_RAID6_NONE		0xff
 
 /*
- * struct kgpu_region_hdr - first page of the region.
- *
- * The four ring indexes sit in separate 64-byte lines; the kernel writes
- * sq_tail and cq_head, the helper writes sq_head and cq_tail.
+ * struct kgpu_region_hdr - first page of the region, read-only for the
+ * helper. The kernel keeps its own copy and never reads this one back.
  */
 struct kgpu_region_hdr {
 	__u32 magic;		/* KGPU_MAGIC */
 	__u32 abi_version;	/* KGPU_ABI_VERSION */
-	__u64 region_size;	/* bytes, the whole mmap */
+	__u64 region_size;	/* bytes, the whole region */
 	__u32 ring_entries;	/* SQ and CQ entries, a power of two */
 	__u32 sqe_size;		/* sizeof(struct kgpu_sqe) */
 	__u32 cqe_size;		/* sizeof(struct kgpu_cqe) */
@@ -79,7 +93,18 @@ struct kgpu_region_hdr {
 	__u64 keys_off;
 	__u64 data_off;
 	__u64 data_size;
-	__u64 reserved[6];
+	__u64 rw_off;		/* the helper may write from here on */
+	__u64 idx_off;		/* struct kgpu_ring_idx */
+	__u64 reserved[4];
+};
+
+/*
+ * struct kgpu_ring_idx - the four ring indexes, in separate 64-byte lines;
+ * the kernel writes sq_tail and cq_head, the helper writes sq_head and
+ * cq_tail. The kernel keeps its own sq_tail and cq_head and trusts nothing
+ * it reads here.
+ */
+struct kgpu_ring_idx {
 	__u32 sq_tail;		/* kernel: entries published */
 	__u32 pad_sq_tail[15];
 	__u32 sq_head;		/* helper: entries taken */
@@ -168,6 +193,10 @@ struct kgpu_version {
  * KGPU_ATTR_SERVICE per service. KGPU_CMD_SET_CROSSOVER takes
  * KGPU_ATTR_SVC_ID and KGPU_ATTR_SVC_CROSSOVER: requests smaller than that
  * many bytes are done on the kernel's CPU (needs CAP_NET_ADMIN).
+ *
+ * A helper is "stalled" from the moment one of its requests times out
+ * until it answers any request again: meanwhile one request at a time
+ * still goes to it, as a probe, and the rest to the kernel's CPU.
  */
 #define KGPU_GENL_NAME		"kgpu"
 #define KGPU_GENL_VERSION	1
@@ -202,6 +231,7 @@ enum kgpu_genl_attr {
 	KGPU_ATTR_SVC_ERRORS,		/* u64: helper answered an error */
 	KGPU_ATTR_SVC_CROSSOVER,	/* u32: bytes, see above */
 	KGPU_ATTR_PAD,
+	KGPU_ATTR_HELPER_STALLED,	/* u32: 1 while the helper is stalled */
 	__KGPU_ATTR_MAX,
 };
 #define KGPU_ATTR_MAX (__KGPU_ATTR_MAX - 1)

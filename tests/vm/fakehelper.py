@@ -6,69 +6,194 @@ is tested on its own.
     python3 fakehelper.py silent   attach, map, never answer
     python3 fakehelper.py garbage  answer with wrong tags and sequences
     python3 fakehelper.py probe    attach, check the header, detach
+    python3 fakehelper.py scribble try to write the header and the keys,
+                                   scribble on what it may write, die (-9)
+    python3 fakehelper.py fork     attach, fork a child that keeps the
+                                   file (no exec), exit; the child reports
+                                   what the file still lets it do
+    python3 fakehelper.py lossy    the real daemon (cpu backend), except
+                                   that the first request it takes is lost
 
 It prints "attached" once the region is mapped.
 """
 
+import ctypes
 import errno
 import fcntl
 import mmap
 import os
 import select
+import signal
 import sys
+import time
 
 import numpy as np
 
 from kgpu_helper import abi
+from kgpu_helper.transport import Region, map_region
 
 
 def attach():
     fd = os.open("/dev/kgpu", os.O_RDWR)
-    hdr_map = mmap.mmap(fd, 4096)
-    hdr = np.frombuffer(hdr_map, dtype=abi.REGION_HDR, count=1)[0]
-    size = int(hdr["region_size"])
-    region = mmap.mmap(fd, size)
+    region = map_region(fd, "/dev/kgpu")
     return fd, region
 
 
-def views(region):
-    hdr = np.frombuffer(region, dtype=abi.REGION_HDR, count=1)
-    h = hdr[0]
-    n = int(h["ring_entries"])
-    sq = np.frombuffer(region, dtype=abi.SQE, count=n, offset=int(h["sq_off"]))
-    cq = np.frombuffer(region, dtype=abi.CQE, count=n, offset=int(h["cq_off"]))
-    idx = np.frombuffer(region, dtype=np.uint32, count=1024)
-    return h, n, sq, cq, idx
+def _err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def scribble(fd, mm, r):
+    """Every way to write below rw_off must be refused; then scribble on
+    the writable part (ring indexes, rings, data) and die with -9."""
+    size, rw = r.size, r.rw_off
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    rw_prot = mmap.PROT_READ | mmap.PROT_WRITE
+
+    def attempt(what, fn):
+        try:
+            fn()
+        except OSError as e:
+            print(f"refused {what}: {_err(e)}", flush=True)
+        else:
+            print(f"ALLOWED {what}", flush=True)
+
+    def mapping(length, offset):
+        m = mmap.mmap(fd, length, mmap.MAP_SHARED, rw_prot, offset=offset)
+        m[8:16] = (size + 4096).to_bytes(8, "little")
+        m.close()
+
+    def protect():
+        if libc.mprotect(base, rw, rw_prot):
+            raise OSError(ctypes.get_errno(), "mprotect")
+
+    def procmem():
+        with open("/proc/self/mem", "r+b", buffering=0) as f:
+            f.seek(base + 8)
+            f.write((size + 4096).to_bytes(8, "little"))
+            f.seek(base + int(r.hdr["keys_off"]) + 16)
+            f.write(b"\xff" * 16)
+
+    attempt("header rw mapping", lambda: mapping(4096, 0))
+    attempt("whole rw mapping", lambda: mapping(size, 0))
+    attempt("keys rw mapping", lambda: mapping(4096, int(r.hdr["keys_off"])))
+    attempt("mprotect rw", protect)
+    attempt("/proc/self/mem write", procmem)
+    # What it may write: wild ring indexes, garbage rings and data.
+    r.idx[abi.SQ_HEAD_OFF // 4] = 12345
+    r.idx[abi.CQ_TAIL_OFF // 4] = 0x7FFFFFFF
+    r.idx[abi.SQ_TAIL_OFF // 4] = 777
+    r.buf[r.sq_off:r.sq_off + r.entries * abi.SQE.itemsize] = 0xA5
+    r.buf[r.cq_off:r.cq_off + r.entries * abi.CQE.itemsize] = 0x5A
+    r.buf[r.data_off:r.data_off + (1 << 20)] = 0xEE
+    print("scribbled", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fork_child(fd):
+    """The parent attached and forked us (no exec), then exits: once it is
+    gone, the file we inherited must give us nothing."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    try:
+        fcntl.ioctl(fd, abi.IOC_COMPLETE)
+        print("child: COMPLETE ok", flush=True)
+    except OSError as e:
+        print(f"child: COMPLETE {_err(e)}", flush=True)
+    try:
+        mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+        print("child: mmap ok", flush=True)
+    except OSError as e:
+        print(f"child: mmap {_err(e)}", flush=True)
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    ev = p.poll(0)
+    hup = bool(ev and ev[0][1] & (select.POLLHUP | select.POLLERR))
+    print(f"child: poll {'HUP' if hup else ev}", flush=True)
+    time.sleep(120)     # keeps the file until the test kills us
+    os._exit(0)
+
+
+def lossy():
+    """The real serving loop on the cpu backend, minus one request."""
+    from kgpu_helper.daemon import Helper
+    from kgpu_helper.services.cpu import CpuBackend
+    from kgpu_helper.transport import KernelTransport
+
+    t = KernelTransport()
+    drain = t.drain
+    lost = []
+
+    def drain_but_one():
+        sqes = drain()
+        if not lost and len(sqes):
+            lost.append(int(sqes[0]["seq"]))
+            print(f"lost request {lost[0]}", flush=True)
+            sqes = sqes[1:]
+        return sqes
+
+    t.drain = drain_but_one
+    h = Helper(t, CpuBackend())
+    h.install_signals()
+    print("attached", flush=True)
+    try:
+        h.serve()
+    finally:
+        h.close()
+        t.close()
+    return 0
 
 
 def main(mode):
+    if mode == "lossy":
+        return lossy()
     try:
-        fd, region = attach()
+        fd, mm = attach()
     except OSError as e:
-        print(f"open failed: {errno.errorcode.get(e.errno, e.errno)}", flush=True)
+        print(f"open failed: {_err(e)}", flush=True)
         return 2
-    h, n, sq, cq, idx = views(region)
+    r = Region(mm)
+    h, n, sq, cq, idx = r.hdr, r.entries, r.sq, r.cq, r.idx
     assert h["magic"] == abi.MAGIC and h["abi_version"] == abi.ABI_VERSION
     assert h["sqe_size"] == abi.SQE.itemsize and h["cqe_size"] == abi.CQE.itemsize
     st, sh, ct = (abi.SQ_TAIL_OFF // 4, abi.SQ_HEAD_OFF // 4,
                   abi.CQ_TAIL_OFF // 4)
     print("attached", flush=True)
+    if mode == "scribble":
+        scribble(fd, mm, r)
+    if mode == "fork":
+        pid = os.fork()
+        if pid == 0:
+            fork_child(fd)
+        print(f"forked {pid}", flush=True)
+        os._exit(0)     # without closing anything: exit detaches
     if mode == "probe":
         # An empty ring polls as not readable; COMPLETE with nothing reaps 0.
         p = select.poll()
         p.register(fd, select.POLLIN)
         assert p.poll(0) == []
         assert fcntl.ioctl(fd, abi.IOC_COMPLETE) == 0
-        # Mappings the module must refuse: too long, private, offset.
+        # Mappings the module must refuse: too long, private, writable
+        # below rw_off (header, keys).
         size = int(h["region_size"])
+        rw = int(h["rw_off"])
         for kw in (dict(length=size + 4096),
                    dict(length=4096, flags=mmap.MAP_PRIVATE),
-                   dict(length=4096, offset=4096)):
+                   dict(length=4096, offset=0),
+                   dict(length=4096, offset=rw - 4096)):
             try:
-                mmap.mmap(fd, **kw)
+                mmap.mmap(fd, **{"flags": mmap.MAP_SHARED,
+                                 "prot": mmap.PROT_READ | mmap.PROT_WRITE,
+                                 **kw})
             except OSError:
                 continue
             raise AssertionError(f"mmap {kw} accepted")
+        # Read-only across the boundary is harmless, and allowed.
+        mmap.mmap(fd, rw + 4096, mmap.MAP_SHARED, mmap.PROT_READ).close()
         # A wild completion index: nothing valid to reap, nothing breaks.
         idx[abi.CQ_TAIL_OFF // 4] = 0x7FFFFFF0
         assert fcntl.ioctl(fd, abi.IOC_COMPLETE) == 0

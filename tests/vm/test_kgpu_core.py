@@ -59,27 +59,32 @@ dmesg > $O/dmesg.txt
 """
 
 
-@pytest.fixture(scope="module", params=["6.1", "6.12"])
-def guest(request):
+def boot(series, script, timeout=600):
+    """Boot the testbed on kernel ``series`` and run ``script`` (a format
+    string given ``ko``, the freshly built kgpu.ko) in it; returns the
+    lines of $KGPU_OUT/results as a dict (first word -> the rest) and
+    every file it left in $KGPU_OUT, decoded. Skips without a testbed."""
     from kgpu_testbed import Testbed, TestbedError
 
     try:
-        tb = Testbed(kernel=request.param, timeout=600)
+        tb = Testbed(kernel=series, timeout=timeout)
     except TestbedError as e:
         pytest.skip(str(e))
     ko = f"{build_modules(tb.kernel)}/kgpu.ko"
-    r = tb.run(GUEST.format(ko=ko), echo=False)
+    r = tb.run(script.format(ko=ko), echo=False)
     assert r.rc == 0, r.output
+    files = {k: v.decode(errors="replace") for k, v in r.files.items()}
     results = {}
-    for line in r.files.get("results", b"").decode().splitlines():
+    for line in files.get("results", "").splitlines():
         name, _, rest = line.partition(" ")
         results[name] = rest
-    return results, r.files["dmesg.txt"].decode(), r.files
+    return results, files
 
 
-def _report(results, name):
+def selftest_report(results, name):
+    """The self-test run ``name``: it passed; its counts as a dict."""
     line = results.get(name)
-    assert line, f"no result for {name}"
+    assert line, f"no result for {name}: {results}"
     m = re.match(r"rc=(\d+) (PASS|FAIL): (\d+) rounds, (\d+) requests, "
                  r"\d+ bytes: helper (\d+), fallback (\d+), cpu-only (\d+)",
                  line)
@@ -90,33 +95,39 @@ def _report(results, name):
                 fallback=int(fallback), cpu=int(cpu))
 
 
+@pytest.fixture(scope="module", params=["6.1", "6.12"])
+def guest(request):
+    results, files = boot(request.param, GUEST)
+    return results, files["dmesg.txt"], files
+
+
 def test_no_helper_runs_everything_on_the_cpu(guest):
-    r = _report(guest[0], "none")
+    r = selftest_report(guest[0], "none")
     assert r["requests"] == 5 * 16 and r["cpu"] == r["requests"]
 
 
 def test_helper_errors_fall_back(guest):
-    r = _report(guest[0], "error")
+    r = selftest_report(guest[0], "error")
     assert r["fallback"] == r["requests"] == 5 * 16
 
 
 def test_silent_helper_times_out_to_cpu(guest):
     # The first requests time out; while the helper still owns them it
     # gets nothing new, so the rest go straight to the CPU, no waiting.
-    r = _report(guest[0], "silent")
+    r = selftest_report(guest[0], "silent")
     assert r["fallback"] > 0 and r["helper"] == 0
     assert r["fallback"] + r["cpu"] == r["requests"]
     assert "did not complete requests within 300 ms" in guest[1]
 
 
 def test_garbage_completions_are_dropped(guest):
-    r = _report(guest[0], "garbage")
+    r = selftest_report(guest[0], "garbage")
     assert r["fallback"] > 0 and r["helper"] == 0
     assert r["fallback"] + r["cpu"] == r["requests"]
 
 
 def test_kill_9_with_requests_in_flight(guest):
-    r = _report(guest[0], "killed")
+    r = selftest_report(guest[0], "killed")
     assert r["requests"] == 3 * 16
     assert r["fallback"] > 0      # the ones the dead helper held
     assert re.search(r"helper \d+ detached with \d+ requests in flight",
@@ -125,9 +136,9 @@ def test_kill_9_with_requests_in_flight(guest):
 
 def test_second_helper_refused_and_reattach(guest):
     files = guest[2]
-    assert files["busy"].decode().strip() == "open failed: EBUSY"
+    assert files["busy"].strip() == "open failed: EBUSY"
     # After all those helpers died, a new one still attaches and probes.
-    assert files["reattach"].decode().strip() == "attached"
+    assert files["reattach"].strip() == "attached"
 
 
 def test_bad_parameter_refused_and_clean_unload(guest):

@@ -26,7 +26,7 @@ fd = os.open("/dev/kgpu", os.O_RDWR)
 req = (2 << 30) | (8 << 16) | (0xb7 << 8) | 0
 magic, abi = struct.unpack("<II", fcntl.ioctl(fd, req, bytes(8)))
 print(f"ioctl: magic={{magic:#x}} abi={{abi}}")
-assert magic == 0x6b677075 and abi == 1, (magic, abi)
+assert magic == 0x6b677075 and abi == 2, (magic, abi)
 try:
     fcntl.ioctl(fd, 0xdead, bytes(8))
 except OSError as e:
