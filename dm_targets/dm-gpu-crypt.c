@@ -932,7 +932,8 @@ static int gc_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	cc->crypt_wq = alloc_workqueue("kgpucryptd", WQ_MEM_RECLAIM |
 				       WQ_UNBOUND | WQ_CPU_INTENSIVE,
 				       num_online_cpus());
-	cc->io_wq = alloc_workqueue("kgpucrypt_io", WQ_MEM_RECLAIM, 1);
+	cc->io_wq = alloc_workqueue("kgpucrypt_io", WQ_MEM_RECLAIM |
+				    WQ_UNBOUND, num_online_cpus());
 	if (!cc->crypt_wq || !cc->io_wq) {
 		ti->error = "Cannot allocate the workqueues";
 		goto bad;
@@ -955,9 +956,11 @@ static int gc_map(struct dm_target *ti, struct bio *bio)
 	unsigned int mask = (cc->sector_size >> SECTOR_SHIFT) - 1;
 	struct gc_io *io;
 
-	/* Flushes and discards (only with allow_discards) go straight down. */
-	if (unlikely(bio->bi_opf & REQ_PREFLUSH ||
-		     bio_op(bio) == REQ_OP_DISCARD || !bio_sectors(bio))) {
+	/*
+	 * Flushes (dm core sends them empty) and discards (only with
+	 * allow_discards) go straight down; so does anything without data.
+	 */
+	if (unlikely(bio_op(bio) == REQ_OP_DISCARD || !bio_sectors(bio))) {
 		bio_set_dev(bio, cc->dev->bdev);
 		if (bio_sectors(bio))
 			bio->bi_iter.bi_sector = cc->start +

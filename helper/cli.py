@@ -7,6 +7,7 @@ import click
 from kgpu_helper import __version__
 from kgpu_helper.bench import bench
 from kgpu_helper.commands import helper_cmd, status
+from kgpu_helper.crypt_cli import crypt
 from kgpu_helper.raid6_cli import raid6
 from kgpu_helper.ringbench import ring
 
@@ -27,6 +28,7 @@ bench.add_command(ring)  # next to `bench compute`
 cli.add_command(bench)
 cli.add_command(helper_cmd)
 cli.add_command(status)
+cli.add_command(crypt)
 cli.add_command(raid6)
 
 

@@ -4,6 +4,7 @@ import sys
 
 import click
 
+from kgpu_testbed.bench import bench
 from kgpu_testbed.kernels import list_kernels
 from kgpu_testbed.vm import Testbed, TestbedError
 
@@ -76,6 +77,9 @@ def shell(kernel, memory_mb, cpus):
         sys.exit(tb.shell())
     except TestbedError as e:
         raise click.ClickException(str(e))
+
+
+testbed.add_command(bench)   # kgpu testbed bench crypt
 
 
 @testbed.command()
