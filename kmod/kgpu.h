@@ -86,7 +86,11 @@ struct page *kgpu_data_page(const struct kgpu_request *req, size_t off);
 /* The largest len that kgpu_request_get() can ever grant, in bytes. */
 size_t kgpu_max_request(void);
 
-/* True when a helper is attached and len is at least the crossover. */
+/*
+ * True when a helper is attached and len is at least the crossover; false
+ * also while the helper is stalled (a request of it timed out) and already
+ * holds the one request it may have until it answers again.
+ */
 bool kgpu_offload(unsigned int service, size_t len);
 
 /* XTS key slots in the region: raw K1 || K2, 32 or 64 bytes. */
