@@ -1,9 +1,9 @@
 """`kgpu raid6`: table lines and `mdadm --examine` parsing, no kernel needed.
 
-The --examine samples have the shape of mdadm 4.2's output for version 1.2
-and 1.0 superblocks (Debian 12's mdadm, the one the VM tests run); the VM
-test test_gpu_raid6.py::test_cli_opens_mdadm_array checks the same parser
-against the real mdadm.
+The --examine samples are Debian 12's mdadm output, captured in the VM
+test's guest (the 1.0 one verbatim, the 1.2 one with its role, UUID, level,
+layout and events made into fields); test_gpu_raid6.py's
+test_cli_opens_mdadm_array runs the same parser against the real mdadm.
 """
 
 import pytest
@@ -20,22 +20,22 @@ EXAMINE_12 = """\
         Version : 1.2
     Feature Map : 0x0
      Array UUID : {uuid}
-           Name : (none):0
-  Creation Time : Wed Dec  2 11:45:00 2026
+           Name : kgpu-testbed:0  (local to host kgpu-testbed)
+  Creation Time : Wed Dec  2 11:49:37 2026
      Raid Level : {level}
    Raid Devices : 5
 
- Avail Dev Size : 2048 sectors (1024.00 KiB 1048.58 kB)
-     Array Size : 3072 KiB (3.00 MiB 3.15 MB)
+ Avail Dev Size : 2048 sectors
+     Array Size : 3072 KiB
     Data Offset : 2048 sectors
    Super Offset : 8 sectors
    Unused Space : before=1968 sectors, after=0 sectors
           State : clean
-    Device UUID : 1d2e3f40:5a6b7c8d:9e0f1a2b:3c4d5e6f
+    Device UUID : 42aed7a0:8d39f931:a8f95013:78a629c4
 
-    Update Time : Wed Dec  2 11:45:01 2026
+    Update Time : Wed Dec  2 11:49:38 2026
   Bad Block Log : 512 entries available at offset 16 sectors
-       Checksum : 3c5a2b1f - correct
+       Checksum : c1ea3533 - correct
          Events : {events}
 
          Layout : {layout}
@@ -45,35 +45,36 @@ EXAMINE_12 = """\
    Array State : AAAAA ('A' == active, '.' == missing, 'R' == replacing)
 """
 
+# Verbatim, from an 8-member array made in the VM by the test's mdcreate.
 EXAMINE_10 = """\
 /dev/loop0:
           Magic : a92b4efc
         Version : 1.0
     Feature Map : 0x0
-     Array UUID : 0b1c2d3e:4f5a6b7c:8d9e0f1a:2b3c4d5e
-           Name : (none):0
-  Creation Time : Wed Dec  2 11:45:00 2026
+     Array UUID : f7c1cf1d:14610570:63a64564:197765e2
+           Name : kgpu-testbed:0  (local to host kgpu-testbed)
+  Creation Time : Wed Dec  2 11:48:36 2026
      Raid Level : raid6
-   Raid Devices : 4
+   Raid Devices : 8
 
- Avail Dev Size : 4064 sectors (1984.00 KiB 2.03 MB)
-     Array Size : 3968 KiB (3.88 MiB 4.06 MB)
-  Used Dev Size : 3968 sectors (1984.00 KiB 2.03 MB)
+ Avail Dev Size : 4064 sectors
+     Array Size : 11904 KiB (11.63 MiB 12.19 MB)
+  Used Dev Size : 3968 sectors
    Super Offset : 4080 sectors
-   Unused Space : before=0 sectors, after=96 sectors
+   Unused Space : before=0 sectors, after=104 sectors
           State : clean
-    Device UUID : 6f5e4d3c:2b1a0f9e:8d7c6b5a:4f3e2d1c
+    Device UUID : b20e9c6e:52a9f72b:cab029b9:f5abc282
 
-    Update Time : Wed Dec  2 11:45:01 2026
+    Update Time : Wed Dec  2 11:48:36 2026
   Bad Block Log : 512 entries available at offset -8 sectors
-       Checksum : 1a2b3c4d - correct
-         Events : 17
+       Checksum : 779f4e27 - correct
+         Events : 1
 
          Layout : ddf-zero-restart
-     Chunk Size : 512K
+     Chunk Size : 64K
 
    Device Role : Active device 0
-   Array State : AAAA ('A' == active, '.' == missing, 'R' == replacing)
+   Array State : AAAAAAAA ('A' == active, '.' == missing, 'R' == replacing)
 """
 
 UUID = "7a3f1c52:0d9b6e41:8e2f6a77:1c4b9d03"
@@ -94,8 +95,9 @@ def test_parse_examine_12():
 
 def test_parse_examine_10_has_no_data_offset_line():
     e = parse_examine(EXAMINE_10)
-    assert e["data_offset"] == 0 and e["chunk_sectors"] == 1024
-    assert e["layout"] == "ddf-zero-restart" and e["array_sectors"] == 7936
+    assert e["data_offset"] == 0 and e["chunk_sectors"] == 128
+    assert e["layout"] == "ddf-zero-restart" and e["array_sectors"] == 23808
+    assert e["raid_devices"] == 8 and e["role"] == 0 and e["events"] == 1
 
 
 def test_parse_examine_without_superblock():
