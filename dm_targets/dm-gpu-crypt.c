@@ -29,7 +29,8 @@
  * Contexts. kgpu calls our done() in the helper's completion ioctl; it only
  * queues work. Two workqueues, as dm-crypt has two: "crypt" starts I/O (it
  * may wait for region space, our page mempool, or the CPU cipher) and "io"
- * finishes it (copies out, submits clones, puts requests, ends bios) and
+ * finishes it (copies out, submits clones made ready by the crypt queue,
+ * puts requests, ends bios), never allocates, and
  * never waits on anything the crypt queue holds, so region space and pages
  * are always given back. Both are WQ_MEM_RECLAIM: writeback through this
  * target makes progress under memory pressure. Nothing in the I/O path
@@ -46,6 +47,7 @@
 #include <linux/mempool.h>
 #include <linux/module.h>
 #include <linux/mutex.h>
+#include <linux/random.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/workqueue.h>
@@ -59,6 +61,11 @@
 #define GC_MAX_PAGES	BIO_MAX_VECS
 /* Scatterlist entries for one data unit (4096 bytes over 512-byte bvecs). */
 #define GC_UNIT_SEGS	9
+
+static bool bounce;
+module_param(bounce, bool, 0644);
+MODULE_PARM_DESC(bounce,
+		 "Bounce region data through our own pages, as for a region without struct pages (device memory); for tests");
 
 enum gc_flags {
 	GC_ALLOW_DISCARDS,
@@ -131,9 +138,9 @@ static struct skcipher_request *gc_skreq(struct gc_io *io)
 
 static size_t gc_iosize(struct gc_ctx *cc)
 {
-	return sizeof(struct gc_io) + crypto_tfm_ctx_alignment() +
-	       sizeof(struct skcipher_request) +
-	       crypto_skcipher_reqsize(cc->tfm);
+	return ALIGN(sizeof(struct gc_io) + crypto_tfm_ctx_alignment() +
+		     sizeof(struct skcipher_request) +
+		     crypto_skcipher_reqsize(cc->tfm), ARCH_DMA_MINALIGN);
 }
 
 static void gc_cpu_read(struct gc_io *io);
@@ -153,7 +160,7 @@ static int gc_hex_key(u8 *key, unsigned int size, const char *hex)
  * material is copied out under the key's semaphore and the key dropped.
  */
 static int gc_keyring_key(struct gc_ctx *cc, const char *spec, u8 *key,
-			  char **error)
+			  unsigned int *key_size, char **error)
 {
 	const struct user_key_payload *ukp;
 	struct key_type *type;
@@ -206,30 +213,28 @@ static int gc_keyring_key(struct gc_ctx *cc, const char *spec, u8 *key,
 	}
 	up_read(&k->sem);
 	key_put(k);
-	if (ret)
-		return ret;
-	kfree_sensitive(cc->key_string);
-	cc->key_string = kstrdup(strchr(spec + 1, ':') + 1, GFP_KERNEL);
-	if (!cc->key_string) {
-		*error = "Cannot allocate key description";
-		return -ENOMEM;
-	}
-	cc->key_size = size;
-	return 0;
+	*key_size = size;
+	return ret;
 }
 
 /* Takes a hex or keyring key into cc->key, the cipher and the key slot. */
 static int gc_set_key(struct gc_ctx *cc, const char *spec, char **error)
 {
-	u8 key[64];
+	char *key_string = NULL;
 	unsigned int size;
+	u8 key[64];
 	int ret;
 
 	if (spec[0] == ':') {
-		ret = gc_keyring_key(cc, spec, key, error);
+		ret = gc_keyring_key(cc, spec, key, &size, error);
 		if (ret)
 			goto out;
-		size = cc->key_size;
+		key_string = kstrdup(strchr(spec + 1, ':') + 1, GFP_KERNEL);
+		if (!key_string) {
+			*error = "Cannot allocate key description";
+			ret = -ENOMEM;
+			goto out;
+		}
 	} else {
 		size = strlen(spec) / 2;
 		if ((size != 32 && size != 64) || (cc->key_size &&
@@ -244,15 +249,16 @@ static int gc_set_key(struct gc_ctx *cc, const char *spec, char **error)
 			ret = -EINVAL;
 			goto out;
 		}
-		kfree_sensitive(cc->key_string);
-		cc->key_string = NULL;
-		cc->key_size = size;
 	}
 	ret = crypto_skcipher_setkey(cc->tfm, key, size);
 	if (ret) {
 		*error = "Cipher refused the key";
+		kfree_sensitive(key_string);
 		goto out;
 	}
+	kfree_sensitive(cc->key_string);
+	cc->key_string = key_string;
+	cc->key_size = size;
 	memcpy(cc->key, key, size);
 	if (cc->key_slot < 0)
 		cc->key_slot = kgpu_key_get();	/* none free: CPU only */
@@ -274,11 +280,15 @@ static void gc_wipe_key(struct gc_ctx *cc)
 	cc->key_slot = -1;
 	if (cc->key)
 		memzero_explicit(cc->key, 64);
+	kfree_sensitive(cc->key_string);	/* the table shows zeros, as dm-crypt's */
+	cc->key_string = NULL;
 	if (cc->tfm && cc->key_size) {
-		u8 zero[64] = { 0 };
+		u8 junk[64];
 
 		/* Replace the expanded key inside the cipher as well. */
-		crypto_skcipher_setkey(cc->tfm, zero, cc->key_size);
+		get_random_bytes(junk, sizeof(junk));
+		crypto_skcipher_setkey(cc->tfm, junk, cc->key_size);
+		memzero_explicit(junk, sizeof(junk));
 	}
 }
 
@@ -334,6 +344,7 @@ static void gc_endio_clone(struct bio *clone);
 static void gc_prep_clone(struct gc_io *io, struct bio *clone)
 {
 	clone->bi_iter.bi_sector = io->cc->start + io->sector;
+	clone->bi_ioprio = io->base->bi_ioprio;
 	clone->bi_private = io;
 	clone->bi_end_io = gc_endio_clone;
 }
@@ -471,18 +482,22 @@ static void gc_read_copyout_work(struct work_struct *work)
 }
 
 /*
- * The helper could not do @io: give its request back (the core keeps the
- * buffer while the helper may still write it) and redo the work on the
- * CPU from what we still hold: the caller's plaintext for a write, the
- * disk for a read.
+ * The helper could not do @io (its request is already given back): redo
+ * the work on the CPU from what we still hold: the caller's plaintext for
+ * a write, the disk for a read.
  */
 static void gc_fallback_work(struct work_struct *work)
 {
 	struct gc_io *io = container_of(work, struct gc_io, work);
+	struct bio *clone = io->clone;
 
-	kgpu_request_put(io->req);
-	io->req = NULL;
 	atomic64_inc(&io->cc->n_fallback);
+	if (clone) {	/* the write clone made ready for the helper's result */
+		io->clone = NULL;
+		if (io->own_pages)
+			gc_free_clone_pages(io->cc, clone);
+		bio_put(clone);
+	}
 	if (bio_data_dir(io->base) == WRITE)
 		gc_write_cpu(io);
 	else
@@ -498,6 +513,13 @@ static void gc_kgpu_done(struct kgpu_request *req, int status)
 	struct gc_ctx *cc = io->cc;
 
 	if (status) {
+		/*
+		 * Give the region space back now (the core keeps the buffer
+		 * while the helper may still write it): crypt queue workers
+		 * may be waiting for space in kgpu_request_get().
+		 */
+		kgpu_request_put(req);
+		io->req = NULL;
 		gc_queue(io, cc->crypt_wq, gc_fallback_work);
 		return;
 	}
@@ -552,19 +574,24 @@ static struct kgpu_request *gc_get_req(struct gc_io *io, unsigned int svc)
 static struct bio *gc_region_clone(struct gc_io *io, blk_opf_t opf)
 {
 	struct gc_ctx *cc = io->cc;
-	unsigned int len = io->iter.bi_size, off;
+	unsigned int len = io->iter.bi_size, off, n;
 	struct bio *clone;
 
-	if (!kgpu_data_page(io->req, 0)) {
+	if (READ_ONCE(bounce) || !kgpu_data_page(io->req, 0)) {
 		io->own_pages = true;
 		return gc_alloc_own(io, opf, len);
 	}
 	io->own_pages = false;
-	clone = bio_alloc_bioset(cc->dev->bdev, DIV_ROUND_UP(len, PAGE_SIZE),
+	clone = bio_alloc_bioset(cc->dev->bdev,
+				 DIV_ROUND_UP(offset_in_page(io->req->data) +
+					      len, PAGE_SIZE),
 				 opf, GFP_NOIO, &cc->bs);
-	for (off = 0; off < len; off += PAGE_SIZE)
-		__bio_add_page(clone, kgpu_data_page(io->req, off),
-			       min_t(unsigned int, len - off, PAGE_SIZE), 0);
+	for (off = 0; off < len; off += n) {
+		unsigned int pofs = offset_in_page(io->req->data + off);
+
+		n = min_t(unsigned int, len - off, PAGE_SIZE - pofs);
+		__bio_add_page(clone, kgpu_data_page(io->req, off), n, pofs);
+	}
 	return clone;
 }
 
@@ -586,12 +613,17 @@ static void gc_bounce(struct gc_io *io, struct bio *clone, bool to_region)
 	}
 }
 
-/* The helper encrypted the region buffer: write it out. */
+/*
+ * The helper encrypted the region buffer: write it out. The clone was
+ * made ready on the crypt queue: the io queue never allocates, so it
+ * always drains.
+ */
 static void gc_write_region_work(struct work_struct *work)
 {
 	struct gc_io *io = container_of(work, struct gc_io, work);
-	struct bio *clone = gc_region_clone(io, io->base->bi_opf);
+	struct bio *clone = io->clone;
 
+	io->clone = NULL;
 	if (io->own_pages) {
 		gc_bounce(io, clone, false);
 		kgpu_request_put(io->req);
@@ -692,6 +724,7 @@ static void gc_write_work(struct work_struct *work)
 		memcpy_from_bvec(p, &bv);
 		p += bv.bv_len;
 	}
+	io->clone = gc_region_clone(io, io->base->bi_opf);
 	gc_submit_req(io, KGPU_SVC_XTS_ENC);
 }
 
@@ -941,6 +974,7 @@ static int gc_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 
 	ti->per_io_data_size = gc_iosize(cc);
 	ti->num_flush_bios = 1;
+	ti->limit_swap_bios = true;	/* swap must not drain our pools */
 	if (test_bit(GC_ALLOW_DISCARDS, &cc->flags))
 		ti->num_discard_bios = 1;
 	return 0;
@@ -955,6 +989,7 @@ static int gc_map(struct dm_target *ti, struct bio *bio)
 	struct gc_ctx *cc = ti->private;
 	unsigned int mask = (cc->sector_size >> SECTOR_SHIFT) - 1;
 	struct gc_io *io;
+	size_t max;
 
 	/*
 	 * Flushes (dm core sends them empty) and discards (only with
@@ -975,8 +1010,10 @@ static int gc_map(struct dm_target *ti, struct bio *bio)
 		return DM_MAPIO_KILL;
 	if (unlikely(!test_bit(GC_KEY_VALID, &cc->flags)))
 		return DM_MAPIO_KILL;
-	if (bio->bi_iter.bi_size > GC_MAX_IO)
-		dm_accept_partial_bio(bio, GC_MAX_IO >> SECTOR_SHIFT);
+	max = min_t(size_t, GC_MAX_IO, kgpu_max_request()) &
+	      ~(size_t)(cc->sector_size - 1);
+	if (bio->bi_iter.bi_size > max)
+		dm_accept_partial_bio(bio, max >> SECTOR_SHIFT);
 
 	io = dm_per_bio_data(bio, ti->per_io_data_size);
 	io->cc = cc;

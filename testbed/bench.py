@@ -138,7 +138,10 @@ def bench_crypt(kernel, size_mb, seconds, reps, iodepth, no_helper,
 
     from kgpu_testbed import Testbed, TestbedError
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if not os.path.exists(os.path.join(repo, "Makefile")):
+        raise click.ClickException("the modules are built from a kgpu "
+                                   "checkout; install with 'pip install -e .'")
     try:
         tb = Testbed(kernel=kernel, timeout=3600)
     except TestbedError as e:

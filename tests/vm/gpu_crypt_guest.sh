@@ -184,6 +184,13 @@ dmsetup remove g
 # ---- with the helper (cpu backend) ----------------------------------------
 start_helper /tmp/h1.log || exit 1
 matrix "+helper"
+# The bounce path (a region without struct pages, such as an ivshmem BAR)
+echo 1 > /sys/module/dm_gpu_crypt/parameters/bounce
+interop "bounce-plain64+helper" aes-xts-plain64 64 16 8 1 sector_size:4096
+mk g "$G"
+check fio-rand-bounce fio_verify rand-bounce randwrite --size=12m
+dmsetup remove g
+echo 0 > /sys/module/dm_gpu_crypt/parameters/bounce
 mk g "$G"
 check fio-rand-helper fio_verify rand-helper randwrite
 check fio-seq-helper fio_verify seq-helper write

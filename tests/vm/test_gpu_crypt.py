@@ -78,6 +78,14 @@ def _fio(files, name):
     return doc
 
 
+def test_bounce_path(guest):
+    """Region data through bounce pages, as for device memory."""
+    for way in ("gpu-crypt-to-crypt", "crypt-to-gpu-crypt"):
+        _ok(guest[0], f"bounce-plain64+helper/{way}")
+    _ok(guest[0], "fio-rand-bounce")
+    _fio(guest[1], "rand-bounce")
+
+
 @pytest.mark.parametrize("name", ["rand-nohelper", "seq-nohelper",
                                   "rand-helper", "seq-helper", "killed"])
 def test_fio_verify(guest, name):
