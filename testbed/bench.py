@@ -1,59 +1,79 @@
-"""``kgpu testbed bench crypt``: gpu-crypt beside stock dm-crypt in one guest.
+"""``kgpu testbed bench crypt|raid6``: the gpu targets beside the stock ones.
 
-Same guest, same loop device, same fio jobs, back to back: sequential
-writes and reads at 4 KiB, 64 KiB and 1 MiB, each point run three times.
-For each run the guest records fio's bytes and seconds, the kernel's CPU
-time over all CPUs (system + irq + softirq, from /proc/stat) and the
-helper's own CPU time (from /proc/<pid>/stat). The host prints medians and
-ranges and can write everything as JSON.
+One guest, the same loop devices, the same fio jobs, back to back:
+gpu-crypt beside dm-crypt (sequential writes and reads at 4 KiB, 64 KiB
+and 1 MiB), gpu-raid6 beside md RAID6 (sequential 1 MiB and random 4 KiB,
+healthy and with one member missing). Each point runs three times. For
+each run the guest records fio's bytes and seconds, the kernel's CPU time
+over all CPUs (system + irq + softirq, from /proc/stat) and the helper's
+own CPU time (from /proc/<pid>/stat). The host prints medians and ranges
+and can write everything as JSON.
 
 Under QEMU (TCG) every instruction is emulated, so the MB/s are not what a
-real machine gives; the ratio between the two targets, measured in the same
+real machine gives; the ratio between the targets, measured in the same
 run, is the figure to read. GPU figures come from `kgpu bench ring`.
 """
 
 import json
+import os
 import statistics
+import subprocess
 
 import click
 
-GUEST = r"""
-set -eu
-B={build}
-modprobe loop; modprobe dm_mod; modprobe dm_crypt; modprobe raid6_pq
-insmod $B/kgpu.ko timeout_ms=30000
-insmod $B/dm-gpu-crypt.ko
-truncate -s {size_mb}M /tmp/bench.img
-L=$(losetup -f --show /tmp/bench.img)
-KEY=$(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n')
-S=$(( {size_mb} * 2048 ))
-{helper}
+HELPER = r"""
+kgpu helper --backend cpu > /tmp/helper.log 2>&1 &
+echo $! > /tmp/helper.pid
+for i in $(seq 1200); do grep -q "INFO: serving" /tmp/helper.log && break; sleep 0.1; done
+grep -q "INFO: serving" /tmp/helper.log
+"""
+
+# point <label> <device> <bs> <rw> <MiB>: timed fio runs, one JSON line
+# each in $KGPU_OUT/points.jsonl. Expects HELPER (or nothing) before it.
+POINT = r"""
 HP=$(cat /tmp/helper.pid 2>/dev/null || echo 0)
-kcpu() {{ awk '/^cpu /{{print $4 + $7 + $8}}' /proc/stat; }}
-hcpu() {{ [ "$HP" != 0 ] && awk '{{print $14 + $15}}' /proc/$HP/stat || echo 0; }}
-for t in {targets}; do
-  echo "0 $S $t aes-xts-plain64 $KEY 0 $L 0" | dmsetup create bench
-  dmsetup mknodes bench
-  for bs in {block_sizes}; do
-    for rw in write read; do
-      for rep in $(seq {reps}); do
-        k0=$(kcpu); h0=$(hcpu)
-        fio --name=b --filename=/dev/mapper/bench --direct=1 --ioengine=libaio \
-          --iodepth={iodepth} --rw=$rw --bs=$bs --size={size_mb}M --time_based \
-          --runtime={seconds} --output-format=json --output=/tmp/fio.json > /dev/null
-        k1=$(kcpu); h1=$(hcpu)
-        python3 - "$t" "$bs" "$rw" "$rep" $((k1 - k0)) $((h1 - h0)) >> $KGPU_OUT/points.jsonl <<'EOF'
+kcpu() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
+hcpu() { if [ "$HP" != 0 ]; then awk '{print $14 + $15}' /proc/$HP/stat; else echo 0; fi; }
+cat > /tmp/point.py <<'PYEOF'
 import json, os, sys
 t, bs, rw, rep, k, h = sys.argv[1:]
 job = json.load(open("/tmp/fio.json"))["jobs"][0]
-side = job[rw]
+side = job["read" if "read" in rw else "write"]
 hz = os.sysconf("SC_CLK_TCK")
 print(json.dumps(dict(target=t, bs=bs, rw=rw, rep=int(rep),
                       bytes=side["io_bytes"], seconds=side["runtime"] / 1000,
                       errors=job["error"], kernel_cpu_s=int(k) / hz,
                       helper_cpu_s=int(h) / hz)))
-EOF
-      done
+PYEOF
+point() {
+  local t=$1 dev=$2 bs=$3 rw=$4 mb=$5 rep k0 h0 k1 h1
+  for rep in $(seq $REPS); do
+    k0=$(kcpu); h0=$(hcpu)
+    fio --name=b --filename=$dev --direct=1 --ioengine=libaio \
+      --iodepth=$IODEPTH --rw=$rw --bs=$bs --size=${mb}M --time_based \
+      --runtime=$SECONDS_PER_RUN --output-format=json --output=/tmp/fio.json > /dev/null
+    k1=$(kcpu); h1=$(hcpu)
+    python3 /tmp/point.py "$t" "$bs" "$rw" "$rep" $((k1 - k0)) $((h1 - h0)) \
+      >> $KGPU_OUT/points.jsonl
+  done
+}
+"""
+
+CRYPT = r"""
+modprobe loop; modprobe dm_mod; modprobe dm_crypt; modprobe raid6_pq
+insmod $B/kgpu.ko timeout_ms=30000
+insmod $B/dm-gpu-crypt.ko
+truncate -s ${SIZE_MB}M /tmp/bench.img
+L=$(losetup -f --show /tmp/bench.img)
+KEY=$(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n')
+S=$(( SIZE_MB * 2048 ))
+""" + "{helper}" + POINT + r"""
+for t in crypt gpu-crypt; do
+  echo "0 $S $t aes-xts-plain64 $KEY 0 $L 0" | dmsetup create bench
+  dmsetup mknodes bench
+  for bs in 4k 64k 1m; do
+    for rw in write read; do
+      point $t /dev/mapper/bench $bs $rw $SIZE_MB
     done
   done
   dmsetup status bench > $KGPU_OUT/status-$t.txt
@@ -62,12 +82,62 @@ done
 kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
 """
 
-HELPER = r"""
-kgpu helper --backend cpu > /tmp/helper.log 2>&1 &
-echo $! > /tmp/helper.pid
-for i in $(seq 1200); do grep -q "INFO: serving" /tmp/helper.log && break; sleep 0.1; done
-grep -q "INFO: serving" /tmp/helper.log
+RAID6 = r"""
+modprobe loop; modprobe dm_mod; modprobe raid6_pq; modprobe raid456
+insmod $B/kgpu.ko timeout_ms=30000
+insmod $B/dm-gpu-raid6.ko
+mkdir -p /tmp/r6b
+LOOPS=""
+for i in $(seq 0 $((NDEVS - 1))); do
+  truncate -s ${MEMBER_MB}M /tmp/r6b/m$i
+  LOOPS="$LOOPS $(losetup -f --show /tmp/r6b/m$i)"
+done
+LOOPS=${LOOPS# }
+""" + "{helper}" + POINT + r"""
+run_points() {  # run_points <label> <device> <MiB> [reads]
+  local bs rw r
+  for bs in 1m 4k; do
+    for rw in write read; do
+      if [ -n "${4:-}" ] && [ $rw = write ]; then continue; fi
+      r=$rw; [ $bs = 4k ] && r=rand$rw
+      point $1 $2 $bs $r $3
+    done
+  done
+}
+# md RAID6 (the kernel's raid456): healthy, then with member 1 failed
+mdadm --create /dev/md0 --run --quiet --level=6 --raid-devices=$NDEVS \
+  --chunk=$CHUNK_K --layout=left-symmetric --metadata=1.0 --assume-clean \
+  $LOOPS > /dev/null 2>&1
+MB=$(( $(blockdev --getsz /dev/md0) / 2048 ))
+run_points md /dev/md0 $MB
+mdadm /dev/md0 --fail $(echo $LOOPS | cut -d' ' -f2) > /dev/null 2>&1
+run_points md/1-missing /dev/md0 $MB reads
+mdadm --stop /dev/md0 > /dev/null 2>&1
+for l in $LOOPS; do mdadm --zero-superblock $l > /dev/null 2>&1 || true; done
+# gpu-raid6 on the same loop devices: healthy, then member 1 given as -
+ROWS=$(( MEMBER_MB * 2048 / (CHUNK_K * 2) ))
+LEN=$(( ROWS * (NDEVS - 2) * CHUNK_K * 2 ))
+echo "0 $LEN gpu-raid6 left-symmetric $((CHUNK_K * 2)) $NDEVS $LOOPS" | dmsetup create b6
+dmsetup mknodes b6
+run_points gpu-raid6 /dev/mapper/b6 $((LEN / 2048))
+dmsetup status b6 > $KGPU_OUT/status-gpu-raid6.txt
+dmsetup remove b6
+DEG=$(echo $LOOPS | awk '{$2 = "-"; print}')
+echo "0 $LEN gpu-raid6 left-symmetric $((CHUNK_K * 2)) $NDEVS $DEG" | dmsetup create b6
+dmsetup mknodes b6
+run_points gpu-raid6/1-missing /dev/mapper/b6 $((LEN / 2048)) reads
+dmsetup status b6 > $KGPU_OUT/status-gpu-raid6-1-missing.txt
+dmsetup remove b6
+kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
 """
+
+
+def guest_script(body, build, no_helper, **settings):
+    """The guest's script: settings as shell variables, then ``body``."""
+    lines = ["set -eu", f"B={build}"]
+    lines += [f"{k.upper()}={int(v)}" for k, v in sorted(settings.items())]
+    return "\n".join(lines) + "\n" + body.replace(
+        "{helper}", "" if no_helper else HELPER)
 
 
 def summarize(points):
@@ -92,12 +162,12 @@ def summarize(points):
 
 
 def format_rows(rows):
-    out = [f"{'target':<10} {'bs':>4} {'rw':<5} {'MB/s median':>11} "
+    out = [f"{'target':<20} {'bs':>4} {'rw':<9} {'MB/s median':>11} "
            f"{'range':>15} {'kernel CPU s/GB':>15} {'helper CPU s/GB':>15}"]
     for r in rows:
         def f(v):
             return "-" if v is None else f"{v:.2f}"
-        out.append(f"{r['target']:<10} {r['bs']:>4} {r['rw']:<5} "
+        out.append(f"{r['target']:<20} {r['bs']:>4} {r['rw']:<9} "
                    f"{r['mbps_median']:>11.1f} "
                    f"{r['mbps_min']:>7.1f}-{r['mbps_max']:<7.1f} "
                    f"{f(r['kernel_cpu_s_per_gb']):>15} "
@@ -105,37 +175,8 @@ def format_rows(rows):
     return "\n".join(out)
 
 
-@click.group("bench")
-def bench():
-    """Benchmarks of the kernel targets inside the testbed guest."""
-
-
-@bench.command("crypt")
-@click.option("--kernel", default="6.12", show_default=True,
-              help="Guest kernel series or release.")
-@click.option("--size-mb", default=128, show_default=True,
-              help="Size of the loop device (in the guest's RAM).")
-@click.option("--seconds", default=3, show_default=True,
-              help="Run time of each fio run.")
-@click.option("--reps", default=3, show_default=True,
-              help="Runs per point (median and range are printed).")
-@click.option("--iodepth", default=16, show_default=True)
-@click.option("--no-helper", is_flag=True,
-              help="Leave the helper out: gpu-crypt on the kernel's CPU.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Write every run and the summary here.")
-def bench_crypt(kernel, size_mb, seconds, reps, iodepth, no_helper,
-                json_path):
-    """fio on gpu-crypt (helper attached, cpu backend) and on stock crypt,
-    side by side in one guest: MB/s, and kernel and helper CPU seconds per
-    GB, for sequential writes and reads of 4 KiB, 64 KiB and 1 MiB.
-
-    Under QEMU every instruction is emulated: compare the targets with each
-    other, not with a real machine.
-    """
-    import os
-    import subprocess
-
+def _run(kernel, body, no_helper, json_path, what, **settings):
+    """Build the modules, boot, run the script, print and save the table."""
     from kgpu_testbed import Testbed, TestbedError
 
     repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
@@ -151,14 +192,11 @@ def bench_crypt(kernel, size_mb, seconds, reps, iodepth, no_helper,
                            capture_output=True, text=True)
     if build.returncode:
         raise click.ClickException(f"module build failed:\n{build.stderr}")
-    script = GUEST.format(
-        build=os.path.join(repo, "build", tb.kernel.release),
-        size_mb=size_mb, seconds=seconds, reps=reps, iodepth=iodepth,
-        targets="crypt gpu-crypt", block_sizes="4k 64k 1m",
-        helper="" if no_helper else HELPER)
-    click.echo(f"benchmarking in a {tb.kernel.release} guest: 2 targets x "
-               f"3 sizes x 2 directions x {reps} runs of {seconds} s",
-               err=True)
+    script = guest_script(body, os.path.join(repo, "build", tb.kernel.release),
+                          no_helper, **settings)
+    click.echo(f"benchmarking {what} in a {tb.kernel.release} guest "
+               f"({settings['reps']} runs of {settings['seconds_per_run']} s "
+               "per point)", err=True)
     r = tb.run(script, echo=False)
     if r.rc:
         raise click.ClickException(f"the guest failed:\n{r.output[-3000:]}")
@@ -175,6 +213,72 @@ def bench_crypt(kernel, size_mb, seconds, reps, iodepth, no_helper,
         click.echo(f"{k[7:-4]}: {v}")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(where=where, points=points, summary=rows,
-                           status=status), f, indent=1)
+            json.dump(dict(where=where, settings=settings, points=points,
+                           summary=rows, status=status), f, indent=1)
     return 0
+
+
+def _common(f):
+    for opt in reversed([
+        click.option("--kernel", default="6.12", show_default=True,
+                     help="Guest kernel series or release."),
+        click.option("--seconds", default=3, show_default=True,
+                     help="Run time of each fio run."),
+        click.option("--reps", default=3, show_default=True,
+                     help="Runs per point (median and range are printed)."),
+        click.option("--iodepth", default=16, show_default=True),
+        click.option("--no-helper", is_flag=True,
+                     help="Leave the helper out: the gpu targets on the "
+                          "kernel's CPU."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                     help="Write every run and the summary here."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.group("bench")
+def bench():
+    """Benchmarks of the kernel targets inside the testbed guest."""
+
+
+@bench.command("crypt")
+@_common
+@click.option("--size-mb", default=128, show_default=True,
+              help="Size of the loop device (in the guest's RAM).")
+def bench_crypt(kernel, seconds, reps, iodepth, no_helper, json_path,
+                size_mb):
+    """fio on gpu-crypt (helper attached, cpu backend) and on stock crypt,
+    side by side in one guest: MB/s, and kernel and helper CPU seconds per
+    GB, for sequential writes and reads of 4 KiB, 64 KiB and 1 MiB.
+
+    Under QEMU every instruction is emulated: compare the targets with each
+    other, not with a real machine.
+    """
+    return _run(kernel, CRYPT, no_helper, json_path, "gpu-crypt and crypt",
+                size_mb=size_mb, seconds_per_run=seconds, reps=reps,
+                iodepth=iodepth)
+
+
+@bench.command("raid6")
+@_common
+@click.option("--devs", default=6, show_default=True,
+              help="Members (loop devices in the guest's RAM).")
+@click.option("--member-mb", default=48, show_default=True)
+@click.option("--chunk-k", default=64, show_default=True,
+              help="Chunk size in KiB.")
+def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
+                member_mb, chunk_k):
+    """fio on gpu-raid6 (helper attached, cpu backend) and on md RAID6
+    (mdadm, left-symmetric) over the same loop devices in one guest:
+    sequential 1 MiB and random 4 KiB writes and reads, healthy, then
+    reads with member 1 missing (md: failed; gpu-raid6: given as -).
+
+    Under QEMU every instruction is emulated: compare the targets with each
+    other, not with a real machine.
+    """
+    if not 4 <= devs <= 32:
+        raise click.BadParameter("--devs takes 4 to 32 members")
+    return _run(kernel, RAID6, no_helper, json_path, "gpu-raid6 and md RAID6",
+                ndevs=devs, member_mb=member_mb, chunk_k=chunk_k,
+                seconds_per_run=seconds, reps=reps, iodepth=iodepth)
