@@ -546,7 +546,8 @@ redo:
 		for (j = 0; j < k; j++)
 			if (wlo[j] != ulo || whi[j] != uhi)
 				rcw_reads++;
-		rmw = raid6_call.xor_syndrome && nw + 2 < rcw_reads;
+		/* A tie goes to read-modify-write: no helper round trip. */
+		rmw = raid6_call.xor_syndrome && nw + 2 <= rcw_reads;
 	} else {
 		for (j = 0; j < k; j++)
 			if (gr_dead(c, r->data[j]) &&
