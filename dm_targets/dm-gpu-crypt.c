@@ -341,12 +341,16 @@ again:
 
 static void gc_endio_clone(struct bio *clone);
 
-static void gc_prep_clone(struct gc_io *io, struct bio *clone)
+/* Send a clone of @io down; @stage tells gc_endio_clone() what it was. */
+static void gc_submit_clone(struct gc_io *io, struct bio *clone,
+			    enum gc_stage stage)
 {
+	io->stage = stage;
 	clone->bi_iter.bi_sector = io->cc->start + io->sector;
 	clone->bi_ioprio = io->base->bi_ioprio;
 	clone->bi_private = io;
 	clone->bi_end_io = gc_endio_clone;
+	submit_bio_noacct(clone);
 }
 
 /* ---- the CPU cipher ----------------------------------------------------- */
@@ -629,9 +633,7 @@ static void gc_write_region_work(struct work_struct *work)
 		kgpu_request_put(io->req);
 		io->req = NULL;
 	}
-	io->stage = GC_W_GPU;
-	gc_prep_clone(io, clone);
-	submit_bio_noacct(clone);
+	gc_submit_clone(io, clone, GC_W_GPU);
 }
 
 /* A read into the region finished: hand the ciphertext to the helper. */
@@ -694,7 +696,6 @@ static void gc_write_cpu(struct gc_io *io)
 					 io->iter.bi_size);
 
 	io->own_pages = true;
-	io->stage = GC_W_CPU;
 	if (gc_cpu_crypt(io, io->base, clone, true)) {
 		gc_free_clone_pages(io->cc, clone);
 		bio_put(clone);
@@ -703,8 +704,7 @@ static void gc_write_cpu(struct gc_io *io)
 		return;
 	}
 	atomic64_inc(&io->cc->n_kernel);
-	gc_prep_clone(io, clone);
-	submit_bio_noacct(clone);
+	gc_submit_clone(io, clone, GC_W_CPU);
 }
 
 static void gc_write_work(struct work_struct *work)
@@ -737,9 +737,7 @@ static void gc_cpu_read(struct gc_io *io)
 	clone = bio_alloc_clone(cc->dev->bdev, io->base, GFP_NOIO, &cc->bs);
 	clone->bi_iter = io->iter;
 	io->own_pages = false;
-	io->stage = GC_R_CPU;
-	gc_prep_clone(io, clone);
-	submit_bio_noacct(clone);
+	gc_submit_clone(io, clone, GC_R_CPU);
 }
 
 static void gc_read_work(struct work_struct *work)
@@ -753,9 +751,7 @@ static void gc_read_work(struct work_struct *work)
 		return;
 	}
 	clone = gc_region_clone(io, io->base->bi_opf);
-	io->stage = GC_R_GPU;
-	gc_prep_clone(io, clone);
-	submit_bio_noacct(clone);
+	gc_submit_clone(io, clone, GC_R_GPU);
 }
 
 /* ---- the target ------------------------------------------------------------ */
