@@ -45,7 +45,7 @@ deps:
 # dependencies; quiet when that is already what is installed. An editable
 # install of another checkout is replaced, so tests always run this code.
 pydeps:
-	@$(PYTHON) -c 'import os, sys, click, cryptography, numpy, pyroute2, pytest, kgpu_testbed, kgpu_helper as k; sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))) != os.path.realpath("$(SRC)"))' 2>/dev/null \
+	@$(PYTHON) -c 'import os, sys, click, cryptography, matplotlib, numpy, pyroute2, pytest, rich, kgpu_testbed, kgpu_helper as k; sys.exit(os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))) != os.path.realpath("$(SRC)"))' 2>/dev/null \
 		|| $(PIP) install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 
 test: deps

@@ -35,10 +35,12 @@ cli.add_command(raid6)
 def _add_testbed():
     # The testbed is a separate package; import it here so that
     # `kgpu --help` lists it while the helper keeps no dependency on it.
-    from kgpu_testbed.cli import demo, testbed
+    from kgpu_testbed.cli import bench_stack, demo, report, testbed
 
     cli.add_command(testbed)
     cli.add_command(demo)
+    cli.add_command(report)
+    bench.add_command(bench_stack)
 
 
 _add_testbed()

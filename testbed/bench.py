@@ -16,7 +16,6 @@ run, is the figure to read. GPU figures come from `kgpu bench ring`.
 
 import json
 import os
-import statistics
 import subprocess
 
 import click
@@ -40,8 +39,12 @@ t, bs, rw, rep, k, h = sys.argv[1:]
 job = json.load(open("/tmp/fio.json"))["jobs"][0]
 side = job["read" if "read" in rw else "write"]
 hz = os.sysconf("SC_CLK_TCK")
+pct = side.get("clat_ns", {}).get("percentile", {})
 print(json.dumps(dict(target=t, bs=bs, rw=rw, rep=int(rep),
                       bytes=side["io_bytes"], seconds=side["runtime"] / 1000,
+                      iops=side["iops"],
+                      lat_p50_us=pct.get("50.000000", 0) / 1000,
+                      lat_p99_us=pct.get("99.000000", 0) / 1000,
                       errors=job["error"], kernel_cpu_s=int(k) / hz,
                       helper_cpu_s=int(h) / hz)))
 PYEOF
@@ -142,23 +145,8 @@ def guest_script(body, build, no_helper, **settings):
 
 def summarize(points):
     """Median and range per (target, bs, rw); CPU seconds per GB."""
-    groups = {}
-    for p in points:
-        groups.setdefault((p["target"], p["bs"], p["rw"]), []).append(p)
-    rows = []
-    for (target, bs, rw), ps in sorted(groups.items()):
-        mbps = [p["bytes"] / p["seconds"] / 1e6 for p in ps if p["seconds"]]
-        gb = [p["bytes"] / 1e9 for p in ps]
-        kcpu = [p["kernel_cpu_s"] / g for p, g in zip(ps, gb) if g]
-        hcpu = [p["helper_cpu_s"] / g for p, g in zip(ps, gb) if g]
-        rows.append(dict(
-            target=target, bs=bs, rw=rw, runs=len(ps),
-            errors=sum(p["errors"] for p in ps),
-            mbps_median=statistics.median(mbps) if mbps else 0.0,
-            mbps_min=min(mbps, default=0.0), mbps_max=max(mbps, default=0.0),
-            kernel_cpu_s_per_gb=statistics.median(kcpu) if kcpu else None,
-            helper_cpu_s_per_gb=statistics.median(hcpu) if hcpu else None))
-    return rows
+    from kgpu_testbed.report import summarize_points
+    return summarize_points(points)
 
 
 def format_rows(rows):

@@ -1,5 +1,6 @@
-"""``kgpu testbed ...`` and ``kgpu demo``: the QEMU testbed from the shell."""
+"""``kgpu testbed ...``, ``kgpu demo``, ``kgpu report``, ``kgpu bench stack``."""
 
+import os
 import sys
 
 import click
@@ -92,31 +93,196 @@ def kernels():
         click.echo(f"{k.series:6} {k.release:32} {k.image}")
 
 
+def _build_modules(headers_dir, release):
+    """make modules for one kernel; returns build/<release> of this checkout."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if not os.path.exists(os.path.join(repo, "Makefile")):
+        raise click.ClickException("the modules are built from a kgpu "
+                                   "checkout; install with 'pip install -e .'")
+    p = subprocess.run(["make", "-s", "modules", f"KDIR={headers_dir}"],
+                       cwd=repo, capture_output=True, text=True)
+    if p.returncode:
+        raise click.ClickException(f"module build failed:\n{p.stderr}")
+    return os.path.join(repo, "build", release)
+
+
+def _conclude(res, report_dir, progress):
+    from kgpu_testbed.report import write_report
+
+    paths = write_report(res, report_dir)
+    v = res["verdict"]
+    click.echo("")
+    click.echo(f"verdict: {v['text']}")
+    for c in res.get("checks", []):
+        click.echo(f"  {c['result']:4} {c['name']}: {c['detail']}")
+    click.echo(f"where: {res['where']['kind']}, kernel "
+               f"{res['where']['kernel']}, helper backend "
+               f"{res['where']['backend']}; {res['seconds'] / 60:.1f} min")
+    click.echo(f"report: {os.path.join(report_dir, 'report.md')} "
+               f"({len(paths)} files)")
+    if not v["ok"]:
+        raise click.ClickException("the demo failed (see the report)")
+
+
 @click.command()
 @kernel_option
-@click.option("--size", "size_mb", default=128, show_default=True,
-              metavar="MiB", help="Size of the device fio writes and reads.")
-@click.option("--bs", default="128k", show_default=True, help="fio block size.")
-@click.option("--iodepth", default=16, show_default=True, help="fio queue depth.")
-def demo(kernel, size_mb, bs, iodepth):
-    """Run the main job: a crypt device in the testbed driven by fio.
+@click.option("--report-dir", default="kgpu-report", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where report.md, report.json and the plots go.")
+@click.option("--quick", is_flag=True,
+              help="Smaller files, one run per point, one block size: the "
+                   "same steps in about half the time.")
+@click.option("--reps", type=click.IntRange(1, 20), default=None,
+              help="Runs per sweep point (default 3; --quick: 1).")
+@click.option("--seconds", "seconds_per_run", type=click.IntRange(1, 60),
+              default=None, help="Seconds of each sweep run (default 1).")
+@click.option("--no-live", is_flag=True,
+              help="Plain progress lines even on a terminal.")
+def demo(kernel, report_dir, quick, reps, seconds_per_run, no_live):
+    """Run the main job: the whole kgpu stack in the QEMU testbed.
 
-    Builds a stock dm-crypt (aes-xts-plain64) device over a loop device in
-    the guest, writes it with fio and reads it back with fio's crc32c
-    verify, then prints the throughput fio measured. (The gpu-crypt and
-    gpu-raid6 targets join this job as they land.)
+    \b
+    In one guest (Debian's kernel under QEMU TCG, the helper on the cpu
+    backend):
+      1. load kgpu.ko, dm-gpu-crypt.ko, dm-gpu-raid6.ko; start the helper
+      2. stock stack: md RAID6 over 6 loop devices + dm-crypt + ext4, fio
+      3. kgpu stack: gpu-raid6 over the same members + gpu-crypt + ext4, fio
+      4. stock dm-crypt reads what gpu-crypt wrote (e2fsck, sha256)
+      5. md assembles what gpu-raid6 wrote: parity check, reads
+      6. member 2 fails under fio; reads and writes go on and verify
+      7. each gpu target beside its stock twin across block sizes
+    The fio suite is testbed/jobs/*.fio, each with verify=crc32c. Ends with
+    a verdict, and writes report.md, report.json and PNG plots to
+    --report-dir. Exit status 1 when any check failed.
     """
-    from kgpu_testbed.demo import run_demo
+    from kgpu_testbed.demo import Progress, run_in_testbed, settings_for
 
-    tb = _testbed(kernel, 2048, None, timeout=900)
-    click.echo(f"demo: booting {tb.kernel.release} under QEMU (TCG)", err=True)
+    settings = settings_for(quick, reps=reps,
+                            seconds_per_run=seconds_per_run)
+    tb = _testbed(kernel, 2048, None, timeout=1500)
+    with Progress(live=False if no_live else None) as progress:
+        progress.note(f"building the modules for {tb.kernel.release}")
+        build = _build_modules(tb.kernel.headers_dir, tb.kernel.release)
+        try:
+            res = run_in_testbed(tb, settings, progress, build)
+        except TestbedError as e:
+            raise click.ClickException(f"demo failed: {e}")
+    _conclude(res, report_dir, progress)
+
+
+@click.command()
+@click.option("--dir", "report_dir", default="kgpu-report", show_default=True,
+              type=click.Path(file_okay=False),
+              help="The report directory (of kgpu demo or kgpu bench stack).")
+@click.option("--gpu-results", "gpu_results", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="JSON from `kgpu bench compute --json` or `kgpu bench ring"
+                   " --json` on a GPU host; give it once per file.")
+def report(report_dir, gpu_results):
+    """Add GPU figures to a report: a plot of GPU AES-XTS and RAID6
+    throughput against request size, with the PCIe copy ceiling and
+    openssl's figures from the same run, and what they mean.
+
+    \b
+    On the GPU host:
+      kgpu bench compute --json compute.json
+      kgpu bench ring --json ring.json
+    Then, where the report is:
+      kgpu report --gpu-results compute.json --gpu-results ring.json
+    """
+    from kgpu_testbed.report import add_gpu_results
+
     try:
-        write, read = run_demo(tb, size_mb=size_mb, bs=bs, iodepth=iodepth)
-    except (TestbedError, RuntimeError, KeyError, ValueError) as e:
-        raise click.ClickException(f"demo failed: {e}")
-    click.echo("")
-    click.echo(f"dm-crypt aes-xts-plain64, {size_mb} MiB, bs={bs}, "
-               f"iodepth={iodepth}, kernel {tb.kernel.release} (QEMU TCG)")
-    click.echo(f"  write: {write.write_mbps:8.1f} MB/s  {write.write_iops:8.0f} IOPS")
-    click.echo(f"  read:  {read.read_mbps:8.1f} MB/s  {read.read_iops:8.0f} IOPS "
-               "(crc32c verify passed)")
+        res = add_gpu_results(report_dir, gpu_results)
+    except (ValueError, KeyError) as e:
+        raise click.ClickException(f"cannot read the GPU results: {e}")
+    for x in res["gpu"]["findings"]:
+        click.echo(f"- {x}")
+    click.echo(f"report: {os.path.join(report_dir, 'report.md')}")
+
+
+def member_refusal(dev):
+    """Why ``dev`` must not be overwritten without --force, or None."""
+    import subprocess
+
+    p = subprocess.run(["blkid", "-p", "-o", "export", dev],
+                       capture_output=True, text=True)
+    found = dict(ln.split("=", 1) for ln in p.stdout.splitlines()
+                 if "=" in ln)
+    if "PTTYPE" in found:
+        return f"{dev} holds a {found['PTTYPE']} partition table"
+    if "TYPE" in found:
+        return f"{dev} holds {found['TYPE']} ({found.get('USAGE', 'data')})"
+    if p.returncode not in (0, 2):   # 2: nothing found
+        return f"blkid cannot probe {dev}: {p.stderr.strip()}"
+    return None
+
+
+@click.command("stack")
+@click.option("--members", help="Six block devices, comma-separated. "
+              "EVERYTHING ON THEM IS OVERWRITTEN.")
+@click.option("--loop", "loop_mb", type=click.IntRange(16), metavar="MiB",
+              help="Six loop devices of this many MiB instead (in a "
+                   "temporary directory).")
+@click.option("--member-size", "member_mb", type=click.IntRange(16),
+              default=1024, show_default=True, metavar="MiB",
+              help="With --members: MiB of each member the arrays use.")
+@click.option("--force", is_flag=True,
+              help="Overwrite members that hold a file system or a "
+                   "partition table.")
+@click.option("--backend", type=click.Choice(["auto", "cupy", "cpu", "none"]),
+              default="auto", show_default=True,
+              help="The helper's backend (auto: the GPU when CUDA works); "
+                   "none: no helper, the targets on the kernel's CPU.")
+@click.option("--report-dir", default="kgpu-report", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="As kgpu demo --quick.")
+@click.option("--reps", type=click.IntRange(1, 20), default=None)
+@click.option("--seconds", "seconds_per_run", type=click.IntRange(1, 60),
+              default=None)
+def bench_stack(members, loop_mb, member_mb, force, backend, report_dir,
+                quick, reps, seconds_per_run):
+    """kgpu demo's steps on this host, without the VM (root; needs
+    device-mapper, md, fio, mdadm and the modules built for the running
+    kernel by `make`).
+
+    \b
+    kgpu bench stack --loop 256
+    kgpu bench stack --members /dev/sdb,/dev/sdc,/dev/sdd,/dev/sde,/dev/sdf,/dev/sdg
+    """
+    import platform
+
+    from kgpu_testbed.demo import Progress, run_on_host, settings_for
+
+    if bool(members) == bool(loop_mb):
+        raise click.UsageError("give --members or --loop (one of them)")
+    devs = []
+    if members:
+        devs = [d for d in members.split(",") if d]
+        if len(devs) != 6 or len(set(devs)) != 6:
+            raise click.BadParameter("six different devices", param_hint="--members")
+        for d in devs:
+            if not os.path.exists(d):
+                raise click.BadParameter(f"{d} does not exist",
+                                         param_hint="--members")
+            why = member_refusal(d)
+            if why and not force:
+                raise click.ClickException(f"{why}; refusing to overwrite it "
+                                           f"(give --force to do it anyway)")
+    if os.geteuid() != 0:
+        raise click.ClickException("kgpu bench stack needs root")
+    settings = settings_for(quick, reps=reps, seconds_per_run=seconds_per_run,
+                            member_mb=loop_mb or member_mb)
+    mddev = next(f"/dev/md{i}" for i in range(127)
+                 if not os.path.exists(f"/sys/block/md{i}"))
+    headers = f"/lib/modules/{platform.release()}/build"
+    if not os.path.isdir(headers):
+        raise click.ClickException(f"no kernel headers in {headers}")
+    build = _build_modules(headers, platform.release())
+    with Progress() as progress:
+        res = run_on_host(settings, progress, build, devs, backend, mddev)
+    _conclude(res, report_dir, progress)
+
+

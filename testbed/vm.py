@@ -167,10 +167,13 @@ class Testbed:
         with open(os.path.join(rundir, "cmd.sh"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    def run(self, command, *, cwd=None, env=None, timeout=None, echo=True):
+    def run(self, command, *, cwd=None, env=None, timeout=None, echo=True,
+            on_line=None):
         """Run ``command`` (a bash command line) as root in a fresh guest.
 
-        Streams the guest console to stdout when ``echo``; returns a
+        Streams the guest console to stdout when ``echo``, and hands each
+        console line (str, without its newline) to ``on_line`` when given;
+        returns a
         RunResult. A guest that stops before the command starts (panic,
         oops, no command after ``boot_timeout`` s) is booted again, BOOTS
         boots at most; each boot has ``timeout`` s from its start to power
@@ -187,7 +190,8 @@ class Testbed:
                 with tempfile.TemporaryDirectory(prefix="kgpu-run-") as rundir:
                     self._write_script(rundir, command, cwd, env)
                     argv = self._qemu_argv(initrd, rundir, "run")
-                    output, started, status = self._drive(argv, timeout, echo)
+                    output, started, status = self._drive(argv, timeout, echo,
+                                                          on_line)
                     seconds = time.monotonic() - start
                     rc = _read_rc(rundir)
                     files = _collect(os.path.join(rundir, "out"))
@@ -240,7 +244,7 @@ class Testbed:
             f"an exit status (kernel panic or init failure?); "
             f"last console output:\n{output[-3000:]}")
 
-    def _drive(self, argv, timeout, echo):
+    def _drive(self, argv, timeout, echo, on_line=None):
         """Run QEMU to its end. Returns (console output without the
         marker, whether the command started, QEMU's exit status or None
         when it was killed for not reaching the command in time)."""
@@ -278,12 +282,18 @@ class Testbed:
                 if not started:
                     started = marker in tail + data
                     tail = (tail + data)[-len(marker):]
-                if echo:
+                if echo or on_line:
                     lines = (pending + data).split(b"\n")
                     pending = lines.pop()
-                    hide_marker = _echo(lines, hide_marker)
+                    if echo:
+                        hide_marker = _echo(lines, hide_marker)
+                    if on_line and started:
+                        for ln in lines:
+                            on_line(ln.decode(errors="replace"))
             if echo and pending:
                 _echo([pending], hide_marker)
+            if on_line and pending and started:
+                on_line(pending.decode(errors="replace"))
             status = proc.wait(timeout=30)
         finally:
             _kill(proc)

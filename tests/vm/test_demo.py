@@ -1,0 +1,74 @@
+"""`kgpu demo --quick` end to end in the testbed: the whole stack, the
+stock tools as oracles, a member failing under load, the report."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.vm
+
+EXPECTED_CHECKS = (
+    [f"fio-verify-{s}-{j}" for s in ("stock", "kgpu")
+     for j in ("seq-1m", "rand-4k", "rand-64k", "mixed")]
+    + ["crypt-reads-gpu-crypt-fsck", "crypt-reads-gpu-crypt-files",
+       "md-parity-check", "md-reads-gpu-raid6-files", "degraded-fio-verify",
+       "degraded-member-marked-dead", "degraded-files-read",
+       "degraded-fio-write-verify", "md-reads-degraded-writes", "kernel-log"])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from kgpu_helper.cli import cli
+    from kgpu_testbed.kernels import find_kernel
+
+    try:
+        find_kernel("6.12")
+    except LookupError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("report")
+    r = CliRunner().invoke(cli, ["demo", "--quick", "--kernel", "6.12",
+                                 "--report-dir", str(out)])
+    with open(out / "report.json") as f:
+        res = json.load(f)
+    return r, res, out
+
+
+def test_demo_verdict_passes(demo_run):
+    r, res, _ = demo_run
+    assert r.exit_code == 0, r.output[-3000:] + res.get("console_tail", "")
+    assert "verdict: PASS" in r.output
+    names = [c["name"] for c in res["checks"]]
+    assert names == EXPECTED_CHECKS
+    assert all(c["result"] == "PASS" for c in res["checks"])
+
+
+def test_demo_used_the_helper_and_the_gpu_targets(demo_run):
+    _, res, _ = demo_run
+    served = {s["name"]: s for s in res["kgpu_status"]["services"]}
+    for svc in ("xts-enc", "xts-dec", "raid6-gen", "raid6-rec"):
+        assert served[svc]["helper_cpu"] > 0, served[svc]
+    assert "AADAAA" in res["dm_status"]["degraded"]
+
+
+def test_demo_report(demo_run):
+    from PIL import Image
+
+    from kgpu_testbed.report import FIG_PIXELS
+
+    _, res, out = demo_run
+    targets = {p["target"] for p in res["sweep"]["points"]}
+    assert targets == {"crypt", "gpu-crypt", "md", "md-degraded",
+                       "gpu-raid6", "gpu-raid6-degraded"}
+    assert all(p["errors"] == 0 and p["bytes"] > 0
+               for p in res["sweep"]["points"])
+    for name in ("crypt.png", "raid6.png"):
+        with Image.open(out / name) as im:
+            assert im.size == FIG_PIXELS
+    md = (out / "report.md").read_text()
+    assert "**PASS" in md and "QEMU TCG" in md
+    assert [s[0] for s in res["steps"]][0].startswith("load the modules")
+    assert len(res["steps"]) == 7 and all(s[2] == "done"
+                                          for s in res["steps"])
+    assert os.path.getsize(out / "report.json") > 1000
