@@ -27,40 +27,56 @@ for i in $(seq 1200); do grep -q "INFO: serving" /tmp/helper.log && break; sleep
 grep -q "INFO: serving" /tmp/helper.log
 """
 
-# point <label> <device> <bs> <rw> <MiB>: timed fio runs, one JSON line
-# each in $KGPU_OUT/points.jsonl. Expects HELPER (or nothing) before it.
+# point <label> <device> <bs> <rw> <MiB>: $REPS timed fio runs. Each run
+# leaves fio's JSON in $KGPU_OUT/pt<N>.json and a line "N label bs rw rep
+# kernel_ticks helper_ticks ticks_per_s" in $KGPU_OUT/points.txt; the host
+# reads them (read_points). No Python in the guest between runs: under
+# TCG its start-up alone costs more than a run. Expects HELPER (or
+# nothing) before it.
 POINT = r"""
 HP=$(cat /tmp/helper.pid 2>/dev/null || echo 0)
+PN=0
+HZ=$(getconf CLK_TCK)
 kcpu() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
 hcpu() { if [ "$HP" != 0 ]; then awk '{print $14 + $15}' /proc/$HP/stat; else echo 0; fi; }
-cat > /tmp/point.py <<'PYEOF'
-import json, os, sys
-t, bs, rw, rep, k, h = sys.argv[1:]
-job = json.load(open("/tmp/fio.json"))["jobs"][0]
-side = job["read" if "read" in rw else "write"]
-hz = os.sysconf("SC_CLK_TCK")
-pct = side.get("clat_ns", {}).get("percentile", {})
-print(json.dumps(dict(target=t, bs=bs, rw=rw, rep=int(rep),
-                      bytes=side["io_bytes"], seconds=side["runtime"] / 1000,
-                      iops=side["iops"],
-                      lat_p50_us=pct.get("50.000000", 0) / 1000,
-                      lat_p99_us=pct.get("99.000000", 0) / 1000,
-                      errors=job["error"], kernel_cpu_s=int(k) / hz,
-                      helper_cpu_s=int(h) / hz)))
-PYEOF
 point() {
   local t=$1 dev=$2 bs=$3 rw=$4 mb=$5 rep k0 h0 k1 h1
   for rep in $(seq $REPS); do
+    PN=$((PN + 1))
     k0=$(kcpu); h0=$(hcpu)
     fio --name=b --filename=$dev --direct=1 --ioengine=libaio \
       --iodepth=$IODEPTH --rw=$rw --bs=$bs --size=${mb}M --time_based \
-      --runtime=$SECONDS_PER_RUN --output-format=json --output=/tmp/fio.json > /dev/null
+      --runtime=$SECONDS_PER_RUN --output-format=json \
+      --output=$KGPU_OUT/pt$PN.json > /dev/null
     k1=$(kcpu); h1=$(hcpu)
-    python3 /tmp/point.py "$t" "$bs" "$rw" "$rep" $((k1 - k0)) $((h1 - h0)) \
-      >> $KGPU_OUT/points.jsonl
+    echo "$PN $t $bs $rw $rep $((k1 - k0)) $((h1 - h0)) $HZ" >> $KGPU_OUT/points.txt
   done
 }
 """
+
+
+def read_points(files):
+    """The runs of POINT, from the guest's files (name -> bytes): one dict
+    per run with fio's bytes, seconds, IOPS, latency and error, and the
+    kernel's and the helper's CPU seconds."""
+    from kgpu_testbed import fio
+
+    points = []
+    for line in files.get("points.txt", b"").decode().splitlines():
+        f = line.split()
+        if len(f) != 8:
+            continue
+        n, t, bs, rw, rep, k, h, hz = f
+        job = fio.parse(files[f"pt{n}.json"].decode())[0]
+        side = job.read if "read" in rw else job.write
+        points.append(dict(
+            target=t, bs=bs, rw=rw, rep=int(rep), bytes=side.io_bytes,
+            seconds=side.runtime_s, iops=side.iops,
+            lat_p50_us=side.lat_us.get("p50"),
+            lat_p99_us=side.lat_us.get("p99"), errors=job.errors,
+            kernel_cpu_s=int(k) / int(hz), helper_cpu_s=int(h) / int(hz)))
+    return points
+
 
 CRYPT = r"""
 modprobe loop; modprobe dm_mod; modprobe dm_crypt; modprobe raid6_pq
@@ -188,8 +204,7 @@ def _run(kernel, body, no_helper, json_path, what, **settings):
     r = tb.run(script, echo=False)
     if r.rc:
         raise click.ClickException(f"the guest failed:\n{r.output[-3000:]}")
-    points = [json.loads(x) for x in
-              r.files.get("points.jsonl", b"").decode().splitlines() if x]
+    points = read_points(r.files)
     rows = summarize(points)
     where = (f"QEMU TCG guest, kernel {tb.kernel.release}, "
              f"{'no helper' if no_helper else 'helper with the cpu backend'}")

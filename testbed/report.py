@@ -169,7 +169,7 @@ def plot_crypt(results, path):
             xs += _line(ax, rows, target, rw, f"{target} {rw}", color=color,
                         linestyle=ls)
     _bs_axis(ax, xs or [4])
-    ax.set_ylabel("MB/s")
+    ax.set_ylabel("MB/s (higher is better)")
     ax.set_title("gpu-crypt beside stock dm-crypt (aes-xts-plain64)")
     ax.legend(fontsize=8)
     _footer(fig, _where_footer(results))
@@ -193,7 +193,7 @@ def plot_raid6(results, path):
     for ax, title in ((a1, "healthy, 6 members"),
                       (a2, "degraded: one member missing")):
         _bs_axis(ax, xs or [4])
-        ax.set_ylabel("MB/s")
+        ax.set_ylabel("MB/s (higher is better)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle("gpu-raid6 beside md RAID6 (left-symmetric, 64 KiB chunks)",
@@ -233,12 +233,16 @@ def plot_gpu(gpu, path):
         ax.axhline(ceil["bidir_gbps"], color="tab:red", linestyle=":",
                    label=f"PCIe copy ceiling, both ways at once "
                          f"({ceil['bidir_gbps']:.1f} GB/s each way)")
-    for o, ls in ((gpu.get("openssl_1core"), "-."),
-                  (gpu.get("openssl_allcores"), (0, (1, 1)))):
-        if o:
-            ax.axhline(o["gbps"], color="0.3", linestyle=ls,
-                       label=f"openssl aes-256-xts, {o['label']} "
-                             f"({o['gbps']:.1f} GB/s)")
+    o = gpu.get("openssl")
+    if o:
+        by = sorted((int(k), v) for k, v in o["by_size"].items())
+        for which, ls, what in (("one", "-.", "1 core"),
+                                ("all", ":", f"{o.get('cores')} cores")):
+            pts = [(z, v[which]) for z, v in by if v.get(which)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                        color="0.3", linestyle=ls, marker=".",
+                        label=f"CPU: openssl speed aes-256-xts, {what}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("request size (bytes)")
@@ -257,28 +261,31 @@ def plot_gpu(gpu, path):
 # -- GPU results from a GPU host ----------------------------------------------------
 
 def _openssl(rep):
-    """openssl speed figures in a bench report, whichever key holds them:
-    {"1core": {size: GB/s}, "allcores": {...}} or None."""
+    """openssl speed -evp aes-256-xts of a bench report (helper/anchor.py):
+    {"version", "cores", "by_size": {size: {"one": GB/s, "all": GB/s}}},
+    or None when the report has none."""
     o = rep.get("openssl")
-    if not isinstance(o, dict):
+    if not isinstance(o, dict) or not o.get("results"):
         return None
-    return o
+    by = {}
+    for r in o["results"]:
+        if r.get("one_core_gbps") or r.get("all_cores_gbps"):
+            by[int(r["size"])] = {"one": r.get("one_core_gbps"),
+                                  "all": r.get("all_cores_gbps")}
+    if not by:
+        return None
+    return {"version": o.get("version", "?"), "cores": o.get("cores"),
+            "by_size": by}
 
 
-def _best_openssl(o, key):
-    """The largest size's GB/s of one openssl series, and its label."""
-    series = None
-    for k, v in o.items():
-        if key in k and isinstance(v, dict):
-            series = v
-    if not series:
+def _openssl_at(gpu, size, which):
+    """openssl's GB/s at ``size`` (or the nearest size measured)."""
+    o = gpu.get("openssl")
+    if not o:
         return None
-    pts = sorted((int(s), float(g)) for s, g in series.items()
-                 if str(s).isdigit())
-    if not pts:
-        return None
-    return {"gbps": pts[-1][1], "size": pts[-1][0],
-            "by_size": dict(pts)}
+    by = {int(k): v for k, v in o["by_size"].items()}
+    near = min(by, key=lambda z: abs(z - size))
+    return by[near].get(which)
 
 
 def gpu_section(reports):
@@ -297,66 +304,74 @@ def gpu_section(reports):
         if rep.get("copy_ceiling"):
             gpu["copy_ceiling"] = rep["copy_ceiling"]
         o = _openssl(rep)
-        if o:
-            one = _best_openssl(o, "1")
-            allc = _best_openssl(o, "all")
-            if one:
-                one["label"] = "1 core"
-                gpu["openssl_1core"] = one
-            if allc:
-                allc["label"] = "all cores"
-                gpu["openssl_allcores"] = allc
+        if o and (not gpu.get("openssl") or
+                  len(o["by_size"]) > len(gpu["openssl"]["by_size"])):
+            gpu["openssl"] = o
     gpu["findings"] = gpu_findings(gpu)
     return gpu
 
 
 def gpu_findings(gpu):
-    """Plain sentences: where the GPU wins and where the CPU does."""
+    """Plain sentences, from the numbers: where the GPU wins, where the
+    CPU does."""
     out = []
-
-    def best(svc):
-        v = [r for r in gpu["compute"] if r["service"] == svc
-             and r["path"] == "end_to_end"]
-        return max(v, key=lambda r: r["gbps"]) if v else None
-    xts = best("aes-xts-256-enc")
-    one, allc = gpu.get("openssl_1core"), gpu.get("openssl_allcores")
-    if xts:
+    e2e = [r for r in gpu["compute"] if r["service"] == "aes-xts-256-enc"
+           and r["path"] == "end_to_end"]
+    if e2e:
+        xts = max(e2e, key=lambda r: r["gbps"])
         s = (f"Bulk AES-256-XTS: the GPU reaches {xts['gbps']:.1f} GB/s end "
              f"to end at {_fmt_size(xts['size'])} requests")
+        one = _openssl_at(gpu, xts["size"], "one")
+        allc = _openssl_at(gpu, xts["size"], "all")
         if allc:
-            s += (f", against {allc['gbps']:.1f} GB/s for openssl on all "
-                  f"cores of the same host and {one['gbps']:.2f} on one"
-                  if one else "")
+            s += (f"; openssl on the same host does {allc:.1f} GB/s on all "
+                  f"{gpu['openssl'].get('cores')} cores and {one:.2f} on one"
+                  f" ({'GPU ahead' if xts['gbps'] > allc else 'CPU ahead'}"
+                  f" of all cores)")
         else:
-            s += " (no openssl figure in these results)"
+            s += " (these results hold no openssl figure to compare with)"
         out.append(s + ".")
-    ceil = gpu.get("copy_ceiling") or {}
-    if xts and ceil.get("bidir_gbps"):
-        out.append(f"That is {100 * xts['gbps'] / ceil['bidir_gbps']:.0f} % "
-                   f"of the PCIe copy ceiling measured in the same run "
-                   f"({ceil['bidir_gbps']:.1f} GB/s each way): the link, "
-                   f"not the GPU, bounds it.")
-    small = [r for r in gpu["ring"] if r.get("backend") == "cupy"
-             and r["size"] == 4096 and r.get("depth") == 1]
-    if small:
-        r = small[0]
-        s = f"Small requests: a 4 KiB XTS request takes {r['p50_us']:.1f} µs " \
-            f"(p50) through the ring at depth 1"
+        ceil = gpu.get("copy_ceiling") or {}
+        if ceil.get("bidir_gbps"):
+            out.append(f"That is {100 * xts['gbps'] / ceil['bidir_gbps']:.0f}"
+                       f" % of the PCIe copy ceiling of the same run "
+                       f"({ceil['bidir_gbps']:.1f} GB/s each way with both "
+                       f"ways busy): the link bounds it, not the GPU.")
+        small = sorted((r for r in e2e if r["size"] <= 65536),
+                       key=lambda r: r["size"])
+        for r in small[:1]:
+            one = _openssl_at(gpu, r["size"], "one")
+            if one:
+                out.append(
+                    f"Small requests: at {_fmt_size(r['size'])} the GPU path "
+                    f"gives {r['gbps']:.2f} GB/s against {one:.2f} for one "
+                    f"CPU core with openssl: "
+                    f"{'the CPU wins there' if one > r['gbps'] else 'the GPU still wins'}"
+                    f", so below the helper's crossover requests stay on the"
+                    f" kernel's CPU.")
+    ring = [r for r in gpu["ring"] if r.get("backend") == "cupy"
+            and r.get("service", "").startswith("aes-xts")]
+    for r in ring:
+        if r["size"] == 4096 and r.get("depth") == 1 and r.get("p50_us"):
+            one = _openssl_at(gpu, 4096, "one")
+            s = (f"Latency: one 4 KiB XTS request through the ring takes "
+                 f"{r['p50_us']:.1f} µs (p50, depth 1)")
+            if one:
+                s += (f"; one CPU core encrypts 4 KiB in "
+                      f"{4096 / (one * 1e9) * 1e6:.1f} µs")
+            out.append(s + ".")
+            break
+    cpu = [r for r in ring if r.get("helper_cpu_s_per_gb")
+           and r["size"] >= 1 << 20]
+    if cpu:
+        r = max(cpu, key=lambda r: (r["size"], r.get("depth", 0)))
+        one = _openssl_at(gpu, r["size"], "one")
+        s = (f"CPU freed: at {_fmt_size(r['size'])} depth {r.get('depth')} "
+             f"the helper spends {r['helper_cpu_s_per_gb']:.3f} CPU s per GB")
         if one:
-            by = one.get("by_size", {})
-            g = by.get(4096) or by.get(16384) or one["gbps"]
-            s += (f", where one CPU core with AES-NI (openssl) does 4 KiB in "
-                  f"about {4096 / (g * 1e9) * 1e6:.1f} µs; below the "
-                  f"crossover the kernel's CPU is the right place")
+            s += (f", where doing the AES on one core costs {1 / one:.3f} s "
+                  f"per GB")
         out.append(s + ".")
-    rows = [r for r in gpu["ring"] if r.get("backend") == "cupy"
-            and r.get("helper_cpu_s_per_gb")]
-    if rows and one:
-        r = max(rows, key=lambda r: r["size"] * 1000 + r.get("depth", 0))
-        out.append(f"CPU freed: at {_fmt_size(r['size'])} depth "
-                   f"{r.get('depth')} the helper spends "
-                   f"{r['helper_cpu_s_per_gb']:.3f} CPU s per GB, where "
-                   f"openssl on one core spends {1 / one['gbps']:.3f}.")
     return out
 
 
@@ -425,7 +440,8 @@ def render_md(results):
     if "where" in results:
         md += [f"Measured in: {where_line(results)}.",
                f"Date: {results.get('date', '?')}. Run time: "
-               f"{results.get('seconds', 0) / 60:.1f} min. Host: "
+               f"{results.get('seconds', 0) / 60:.1f} min"
+               f"{' (from the guest boot)' if 'QEMU' in results['where'].get('kind', '') else ''}. Host: "
                f"{results.get('host', '?')}.", ""]
         if results["where"].get("kind", "").startswith("QEMU"):
             md += ["Inside the QEMU guest every instruction is emulated "

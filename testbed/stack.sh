@@ -297,4 +297,4 @@ if dmesg | grep -E 'BUG:|Oops|WARNING:|Call Trace' > $OUT/dmesg-bad.txt; then
 else
     check kernel-log 0 "no BUG, Oops or WARNING in the kernel log"
 fi
-echo "@@end"
+echo "@@end $(cut -d' ' -f1 /proc/uptime)"

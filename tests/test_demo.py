@@ -132,8 +132,8 @@ def test_collect_reads_the_scripts_files():
         "degraded-read.json": fio_text,
         "checks.txt": b"a PASS one two\nb FAIL three\n",
         "status-kgpu-r6.txt": b"0 100 gpu-raid6 6 AAAAAA 1 2 3 4 5\n",
-        "points.jsonl": b'{"target": "md", "bs": "4k", "rw": "read", '
-                        b'"bytes": 4000000, "seconds": 1.0}\n',
+        "points.txt": b"1 md 4k randread 1 50 7 100\n",
+        "pt1.json": fio_text,
         "kgpu-status.json": b'{"services": []}',
         "helper.log": b"INFO: attached ...; backend cpu on Some CPU\n",
     }
@@ -145,6 +145,11 @@ def test_collect_reads_the_scripts_files():
                                 "detail": "three"}
     assert res["dm_status"]["kgpu-r6"].startswith("0 100 gpu-raid6")
     assert res["helper_backend"] == "cpu (Some CPU)"
+    (pt,) = res["sweep"]["points"]
+    assert pt["target"] == "md" and pt["rw"] == "randread"
+    assert pt["kernel_cpu_s"] == 0.5 and pt["helper_cpu_s"] == 0.07
+    # the point's fio JSON holds two jobs; the first, the write, is read
+    assert pt["bytes"] == 0
     ok, text = report.verdict(res)
     assert not ok and "b" in text
 
