@@ -238,12 +238,16 @@ def member_refusal(dev):
                    "none: no helper, the targets on the kernel's CPU.")
 @click.option("--report-dir", default="kgpu-report", show_default=True,
               type=click.Path(file_okay=False))
+@click.option("--modules", "modules_dir", type=click.Path(file_okay=False,
+              exists=True), help="Folder with kgpu.ko, dm-gpu-crypt.ko and "
+              "dm-gpu-raid6.ko built for the running kernel (default: build "
+              "them from this checkout).")
 @click.option("--quick", is_flag=True, help="As kgpu demo --quick.")
 @click.option("--reps", type=click.IntRange(1, 20), default=None)
 @click.option("--seconds", "seconds_per_run", type=click.IntRange(1, 60),
               default=None)
 def bench_stack(members, loop_mb, member_mb, force, backend, report_dir,
-                quick, reps, seconds_per_run):
+                modules_dir, quick, reps, seconds_per_run):
     """kgpu demo's steps on this host, without the VM (root; needs
     device-mapper, md, fio, mdadm and the modules built for the running
     kernel by `make`).
@@ -277,10 +281,17 @@ def bench_stack(members, loop_mb, member_mb, force, backend, report_dir,
                             member_mb=loop_mb or member_mb)
     mddev = next(f"/dev/md{i}" for i in range(127)
                  if not os.path.exists(f"/sys/block/md{i}"))
-    headers = f"/lib/modules/{platform.release()}/build"
-    if not os.path.isdir(headers):
-        raise click.ClickException(f"no kernel headers in {headers}")
-    build = _build_modules(headers, platform.release())
+    if modules_dir:
+        build = os.path.abspath(modules_dir)
+        for m in ("kgpu.ko", "dm-gpu-crypt.ko", "dm-gpu-raid6.ko"):
+            if not os.path.exists(os.path.join(build, m)):
+                raise click.ClickException(f"no {m} in {build}")
+    else:
+        headers = f"/lib/modules/{platform.release()}/build"
+        if not os.path.isdir(headers):
+            raise click.ClickException(f"no kernel headers in {headers}; "
+                                       f"install them or give --modules")
+        build = _build_modules(headers, platform.release())
     with Progress() as progress:
         res = run_on_host(settings, progress, build, devs, backend, mddev)
     _conclude(res, report_dir, progress)

@@ -72,3 +72,26 @@ def test_demo_report(demo_run):
     assert len(res["steps"]) == 7 and all(s[2] == "done"
                                           for s in res["steps"])
     assert os.path.getsize(out / "report.json") > 1000
+
+
+def test_bench_stack_runs_the_same_steps_on_a_host():
+    """`kgpu bench stack --loop` is the demo without the VM, for a real
+    host; the guest stands in for that host here."""
+    from conftest import build_modules
+    from kgpu_testbed import Testbed, TestbedError
+
+    try:
+        tb = Testbed(kernel="6.12", timeout=900)
+    except TestbedError as e:
+        pytest.skip(str(e))
+    build = build_modules(tb.kernel)
+    r = tb.run(f"kgpu bench stack --loop 24 --quick --backend cpu "
+               f"--modules {build} --report-dir $KGPU_OUT/rep", echo=False)
+    assert r.rc == 0, r.output[-4000:]
+    assert "verdict: PASS: all 18 checks passed" in r.output
+    res = json.loads(r.files["rep/report.json"])
+    assert res["where"]["kind"] == "host"
+    assert res["where"]["kernel"] == tb.kernel.release
+    assert res["where"]["backend"].startswith("cpu")
+    assert {"crypt.png", "raid6.png", "report.md"} <= {
+        k.split("/")[-1] for k in r.files}
