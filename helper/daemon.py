@@ -713,6 +713,11 @@ class Helper:
                                            xts_io=xts_io))
         self._rr = 0
         self.inflight = collections.deque()
+        # seconds spent polling (ring or GPU event) rather than working,
+        # for the benches' busy/spin split of the helper's CPU time
+        self.spin_s = 0.0
+        self.sync_s = 0.0
+        self._counters = _spin_counters()
         # request_stop() writes here to end a sleep in poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -893,10 +898,14 @@ class Helper:
         """Spin on the ring for ``self.spin`` s, then sleep in poll()."""
         t = self.t
         if self.spin > 0:
-            end = time.perf_counter() + self.spin
-            while time.perf_counter() < end:
-                if t.pending() or self.stopping:
-                    return
+            start = time.perf_counter()
+            end = start + self.spin
+            try:
+                while time.perf_counter() < end:
+                    if t.pending() or self.stopping:
+                        return
+            finally:
+                self._spun(start)
         p = select.poll()
         p.register(t.fileno(), select.POLLIN)
         if self._wake_r >= 0:
@@ -913,11 +922,26 @@ class Helper:
     def _wait_oldest(self):
         """Wait for the oldest chunk, looking at the ring meanwhile."""
         ch = self.inflight[0]
-        end = time.perf_counter() + max(self.spin, 200e-6)
-        while time.perf_counter() < end:
-            if ch.done() or self.t.pending():
-                return
+        start = time.perf_counter()
+        end = start + max(self.spin, 200e-6)
+        try:
+            while time.perf_counter() < end:
+                if ch.done() or self.t.pending():
+                    return
+        finally:
+            self._spun(start)
+        start = time.perf_counter()
         ch.wait()
+        # CUDA's event wait may spin or block (its scheduling flags):
+        # counted apart from our own polling
+        self.sync_s += time.perf_counter() - start
+        if self._counters is not None:
+            self._counters[1] = int(self.sync_s * 1e9)
+
+    def _spun(self, start):
+        self.spin_s += time.perf_counter() - start
+        if self._counters is not None:
+            self._counters[0] = int(self.spin_s * 1e9)
 
     def serve(self, max_requests=None, idle_timeout=None):
         """Serve until stopped (signal, ``request_stop``), the ring's other
@@ -1000,6 +1024,24 @@ class Helper:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+def _spin_counters():
+    """``$KGPU_HELPER_COUNTERS``: a file the benches read while the helper
+    runs; word 0 is the nanoseconds spent polling so far, word 1 those spent
+    in a GPU event's wait. None if unset."""
+    path = os.environ.get("KGPU_HELPER_COUNTERS")
+    if not path:
+        return None
+    try:
+        with open(path, "a+b") as f:
+            f.truncate(4096)
+            import mmap
+            mm = mmap.mmap(f.fileno(), 4096)
+        return np.frombuffer(mm, dtype=np.uint64)
+    except OSError as e:
+        log.warning("KGPU_HELPER_COUNTERS=%s: %s", path, e)
+        return None
 
 
 # ------------------------------------------------------------ calibration
