@@ -34,9 +34,7 @@ def _lib():
                 from kgpu_helper.native import build
                 lib = ctypes.CDLL(build("fastpath", shared=True))
                 lib.kgpu_classify.restype = ctypes.c_int
-                lib.kgpu_classify.argtypes = [
-                    _P, _U32, _U64, _U64, _P, _U32, _U32, _P, _P, _P, _I32,
-                    _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]
+                lib.kgpu_classify.argtypes = [_P, _U32, _I32, _P]
                 for f in (lib.kgpu_cqes, lib.kgpu_cqes_status):
                     f.restype = None
                 lib.kgpu_cqes.argtypes = [_P, _U32, _I16, _U16, _P]
@@ -50,8 +48,19 @@ def _lib():
     return _LIB[0]
 
 
+class _Ctx(ctypes.Structure):
+    """struct classify_ctx of fastpath.c."""
+    _fields_ = [("lo", _U64), ("hi", _U64), ("keys", _P), ("nkeys", _U32),
+                ("key_size", _U32)] + [(f, _P) for f in (
+                    "gen_seen", "loaded", "need", "status", "ready", "order",
+                    "gkey", "gstart", "gcount", "gsvc", "svc_err",
+                    "scratch")] + [("nready", _U32), ("nnop", _U32)]
+
+
 def _ptr(a):
-    return a.__array_interface__["data"][0]
+    # not __array_interface__: it builds the descr list of a structured
+    # dtype on every call (20 us for an SQE array)
+    return a.ctypes.data
 
 
 class FastPath:
@@ -74,21 +83,20 @@ class FastPath:
         self.need = np.zeros(k, np.uint8)
         self.status = np.zeros(n, np.int16)
         self.ready = np.zeros(n, abi.CQE)
-        self.nready = np.zeros(1, np.uint32)
         self.order = np.zeros(n, np.uint32)
         self.gkey = np.zeros(n, np.uint64)
         self.gstart = np.zeros(n, np.uint32)
         self.gcount = np.zeros(n, np.uint32)
         self.gsvc = np.zeros(n, np.uint32)
         self.svc_err = np.zeros(abi.SVC_COUNT + 1, np.uint32)
-        self.nnop = np.zeros(1, np.uint32)
         self.scratch = np.zeros(n, np.uint32)
-        self._fixed = [_ptr(a) for a in (
-            self.gen_seen, self.loaded, self.need)]
-        self._outs = [_ptr(a) for a in (
-            self.status, self.ready, self.nready, self.order, self.gkey,
-            self.gstart, self.gcount, self.gsvc, self.svc_err, self.nnop,
-            self.scratch)]
+        c = self.ctx = _Ctx()
+        c.lo, c.hi = self.lo, self.hi
+        c.keys, c.nkeys, c.key_size = self.keys_ptr, self.nkeys, self.key_size
+        for f in ("gen_seen", "loaded", "need", "status", "ready", "order",
+                  "gkey", "gstart", "gcount", "gsvc", "svc_err", "scratch"):
+            setattr(c, f, _ptr(getattr(self, f)))
+        self._ctx_ref = ctypes.byref(c)
 
     def _sync_keys(self):
         """Mirror the KeyCache's view of the slots for the C side."""
@@ -104,15 +112,16 @@ class FastPath:
         """(status, ready CQEs, [(service, requests)], errors per service
         (SVC_COUNT + 1 counts), nops)."""
         n = len(sqes)
+        if n > len(self.status):  # a ring larger than told: never here
+            raise ValueError(f"batch of {n} on a ring of "
+                             f"{len(self.status)} entries")
         p = _ptr(sqes)
         for stale_ok in (0, 1):
-            ng = self.lib.kgpu_classify(
-                p, n, self.lo, self.hi, self.keys_ptr, self.nkeys,
-                self.key_size, *self._fixed, stale_ok, *self._outs)
+            ng = self.lib.kgpu_classify(p, n, stale_ok, self._ctx_ref)
             if ng >= 0:
                 break
             self._sync_keys()
-        nr = int(self.nready[0])
+        nr = self.ctx.nready
         ready = self.ready[:nr].copy() if nr else None
         groups = []
         if ng == 1 and nr == 0:
@@ -123,7 +132,7 @@ class FastPath:
                 sel = self.order[a:a + int(self.gcount[g])]
                 groups.append((int(self.gsvc[g]), sqes[sel]))
         return (self.status[:n], ready, groups, self.svc_err,
-                int(self.nnop[0]))
+                self.ctx.nnop)
 
 
 

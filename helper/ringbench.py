@@ -190,6 +190,10 @@ def run_config_c(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap,
 def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,
             scpu, errors, cpu_flagged, checked, threads=None):
     nbytes = done * cfg.user_bytes
+    # negative: not measured (a helper that publishes no counters)
+    hspin = None if hspin is None or hspin < 0 else hspin
+    hsync = None if hsync is None or hsync < 0 else hsync
+    hcpu = None if hcpu is None or hcpu < 0 else hcpu
 
     def per_gb(x):
         if x is None or x < 0 or not nbytes:
@@ -200,8 +204,7 @@ def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,
         if x is None or x < 0 or not done:
             return None
         return round(x / done * 1e6, 3)
-    busy = (hcpu - max(hspin, 0) if hcpu is not None and hcpu >= 0
-            and hspin is not None else None)
+    busy = hcpu - hspin if hcpu is not None and hspin is not None else None
     return {
         "service": cfg.name, "size": cfg.size, "depth": depth,
         "depth_effective": nbuf, "submitters": threads, "requests": done,

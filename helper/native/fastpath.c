@@ -109,27 +109,53 @@ static uint64_t group_key(const struct sqe *r)
 }
 
 /*
+ * struct classify_ctx: what kgpu_classify() reads and writes besides the
+ * batch, set up once per helper (fastpath.FastPath mirrors it).
+ */
+struct classify_ctx {
+	uint64_t lo, hi;		/* the data area: [lo, hi) */
+	const uint8_t *keys;		/* the key slots in the region */
+	uint32_t nkeys, key_size;
+	const int64_t *gen_seen;	/* per slot: generation read, or -1 */
+	const uint8_t *loaded;		/* per slot: holds a key */
+	uint8_t *need;			/* out: slots to read again */
+	int16_t *status;		/* out, per request */
+	struct cqe *ready;		/* out: CQEs of invalid requests, nops */
+	uint32_t *order;		/* out: grouped requests' indexes */
+	uint64_t *gkey;			/* out, per group */
+	uint32_t *gstart, *gcount, *gsvc;
+	uint32_t *svc_err;		/* out: invalid requests per service */
+	uint32_t *scratch;		/* n words */
+	uint32_t nready, nnop;		/* out */
+};
+
+/*
  * Returns the number of groups, or -k when k key slots that XTS requests
  * use changed generation since gen_seen (need[slot] = 1 for each; the
  * caller re-reads them and calls again, with stale_ok = 1 the second
- * time). Outputs:
+ * time). Outputs, in ctx:
  *   status[i]	0 or -errno, per request
  *   ready	CQEs of the invalid and nop requests, in arrival order;
- *		*nready of them
+ *		nready of them
  *   order	the grouped requests' indexes, group after group
  *   gkey, gstart, gcount, gsvc  per group (at most n groups)
  *   svc_err[s]	invalid requests per service (s == SVC_COUNT: unknown)
- *   *nnop	nops answered
- * scratch: n uint32.
+ *   nnop	nops answered
  */
-int kgpu_classify(const struct sqe *s, uint32_t n, uint64_t lo, uint64_t hi,
-		  const uint8_t *keys, uint32_t nkeys, uint32_t key_size,
-		  const int64_t *gen_seen, const uint8_t *loaded, uint8_t *need,
-		  int stale_ok, int16_t *status, struct cqe *ready,
-		  uint32_t *nready, uint32_t *order, uint64_t *gkey,
-		  uint32_t *gstart, uint32_t *gcount, uint32_t *gsvc,
-		  uint32_t *svc_err, uint32_t *nnop, uint32_t *scratch)
+int kgpu_classify(const struct sqe *s, uint32_t n, int stale_ok,
+		  struct classify_ctx *c)
 {
+	uint64_t lo = c->lo, hi = c->hi;
+	const uint8_t *keys = c->keys, *loaded = c->loaded;
+	uint32_t nkeys = c->nkeys, key_size = c->key_size;
+	const int64_t *gen_seen = c->gen_seen;
+	uint8_t *need = c->need;
+	int16_t *status = c->status;
+	struct cqe *ready = c->ready;
+	uint32_t *order = c->order, *gstart = c->gstart, *gcount = c->gcount;
+	uint32_t *gsvc = c->gsvc, *svc_err = c->svc_err, *scratch = c->scratch;
+	uint64_t *gkey = c->gkey;
+	uint32_t *nready = &c->nready, *nnop = &c->nnop;
 	uint32_t i, g, ng = 0, nr = 0, last = 0;
 	int stale = 0;
 
