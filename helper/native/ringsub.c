@@ -211,18 +211,34 @@ static void *submitter(void *arg)
 	}
 }
 
-/* reap [cq_head, cq_tail) as the module's KGPU_IOC_COMPLETE does */
+/*
+ * reap [cq_head, cq_tail) as the module's KGPU_IOC_COMPLETE does: take
+ * the CQEs, give their CQ entries back (cq_head), and only then complete
+ * the requests, whose submitters may submit again at once: a request
+ * counts as in flight until its CQE is consumed, so that neither ring
+ * can overflow.
+ */
 static int reap(void)
 {
+	static struct cqe got[65536];
 	uint32_t head = idx[CQ_HEAD];
 	uint32_t tail = __atomic_load_n(&idx[CQ_TAIL], __ATOMIC_ACQUIRE);
+	uint32_t m = tail - head, j;
 	int64_t t = now_ns();
 	int n = 0;
 	char woke[1024] = {0};
 	int k;
 
-	for (; head != tail; head++) {
-		struct cqe c = cq[head & mask];
+	if (m > mask + 1) {	/* the helper published nonsense */
+		bad += m;
+		__atomic_store_n(&idx[CQ_HEAD], tail, __ATOMIC_RELEASE);
+		return 0;
+	}
+	for (j = 0; j < m; j++)
+		got[j] = cq[(head + j) & mask];
+	__atomic_store_n(&idx[CQ_HEAD], tail, __ATOMIC_RELEASE);
+	for (j = 0; j < m; j++) {
+		struct cqe c = got[j];
 		struct slot *s;
 		struct owner *o;
 
@@ -252,7 +268,6 @@ static int reap(void)
 		pthread_mutex_unlock(&o->lock);
 		woke[c.tag % nthreads] = 1;
 	}
-	__atomic_store_n(&idx[CQ_HEAD], tail, __ATOMIC_RELEASE);
 	for (k = 0; k < nthreads; k++)
 		if (woke[k])
 			pthread_cond_signal(&owners[k].cond);
@@ -359,6 +374,10 @@ int main(int argc, char **argv)
 	sz = ftell(f);
 	fseek(f, 0, SEEK_SET);
 	nslots = sz / sizeof(struct sqe);
+	if (h->ring_entries > 65536) {
+		fprintf(stderr, "ringsub: rings of up to 65536 entries\n");
+		return 1;
+	}
 	if (nslots < 1 || nslots > (int)h->ring_entries) {
 		fprintf(stderr, "ringsub: %d templates for a ring of %u\n",
 			nslots, h->ring_entries);
