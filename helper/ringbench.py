@@ -432,6 +432,18 @@ def start_helper(sock, backend, spin_us, extra=(), xts_io=None,
     return subprocess.Popen(cmd, env=env)
 
 
+def idle_cpu(pid, after=1.0, window=1.0):
+    """The helper's CPU, in % of one core, over ``window`` s that start
+    ``after`` s after its last request."""
+    time.sleep(after)
+    c0 = helper_cpu_seconds(pid)
+    time.sleep(window)
+    c1 = helper_cpu_seconds(pid)
+    if c0 is None or c1 is None:
+        return None
+    return round(100 * (c1 - c0) / window, 3)
+
+
 def submitters_for(depth, submitters):
     """Submitter threads of the C driver at ``depth``: ``submitters``,
     or by default one per request up to 4."""
@@ -489,6 +501,7 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
         report["openssl"] = openssl_xts(sorted({s for s in sizes
                                                 if s >= 16} | {4 * KiB}))
     for backend in backends:
+        idle = None
         tmp = tempfile.mkdtemp(prefix="kgpu-ring-")
         sock = os.path.join(tmp, "ring.sock")
         drv = RingDriver(sock, entries=256, data_size=data_bytes)
@@ -539,6 +552,8 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
                                  f"us p99 {r['p99_us']:.1f} us helper cpu "
                                  f"{r['helper_cpu_us_per_req']} us/req "
                                  f"verified {r['verified']}")
+            idle = idle_cpu(proc.pid)
+            progress(f"[{backend}] idle: {idle}% of a core")
         finally:
             proc.terminate()
             try:
@@ -546,7 +561,8 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
-            report["helpers"][backend] = {"exit_status": rc}
+            report["helpers"][backend] = {"exit_status": rc,
+                                          "idle_cpu_pct": idle}
             drv.close()
             if os.path.exists(counters):
                 os.unlink(counters)
@@ -715,6 +731,10 @@ def print_report(rep, out=sys.stdout):
     out.write("(* = fewer buffers than the depth fit in the data area; "
               "busy = helper CPU minus its polling; sub = the submitter "
               "side's CPU)\n")
+    for b, h in (rep.get("helpers") or {}).items():
+        if h.get("idle_cpu_pct") is not None:
+            out.write(f"{b} helper idle (1 s after the last request, over "
+                      f"1 s): {h['idle_cpu_pct']}% of one core\n")
     if rep.get("compute_end_to_end"):
         out.write(f"compute end_to_end at 1M (GB/s): "
                   f"{rep['compute_end_to_end']}\n")

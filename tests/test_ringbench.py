@@ -29,6 +29,8 @@ def test_c_submitter_through_a_real_helper_on_the_cpu_backend():
     res = rep["results"]
     assert len(res) == 3 * 3
     assert rep["helpers"]["cpu"]["exit_status"] == 0
+    # asleep in poll() once idle: far under 2 % of a core
+    assert rep["helpers"]["cpu"]["idle_cpu_pct"] < 2
     assert "published on its own" in rep["method"]["driver"]
     for r in res:
         assert r["n_runs"] == 3 and len(r["runs"]) == 3
@@ -101,3 +103,21 @@ def test_native_build_without_cc_is_a_clear_error(monkeypatch, tmp_path):
             native.build("ringsub")
     finally:
         native.build.cache_clear()
+
+
+@pytest.mark.gpu
+def test_c_submitter_through_the_gpu_helper():
+    """The same through the cupy backend (zero-copy XTS, the C batch
+    path): verified, no errors, nothing on the helper's CPU."""
+    from kgpu_helper.services import cuda_available
+    ok, why = cuda_available()
+    if not ok:
+        pytest.skip(why)
+    _need_cc()
+    rep = ringbench.run(["cupy"], ["aes-xts-256-enc", "nop"], [4096, 1 << 20],
+                        [1, 32], 0.05, 512, 64 << 20, 50.0, lambda *_: None,
+                        driver="c", runs=1, anchor=False,
+                        compare_compute=False)
+    for r in rep["results"]:
+        assert r["errors"] == 0 and r["helper_cpu_completions"] == 0
+        assert r["verified"] in (True, None)
