@@ -28,9 +28,18 @@ class NativeUnavailable(RuntimeError):
 
 
 def cache_dir():
+    """``$KGPU_NATIVE_CACHE``, else ``~/.cache/kgpu/native``, else (not
+    writable) a folder of this user's under the temporary directory."""
     d = os.environ.get("KGPU_NATIVE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "kgpu", "native")
-    os.makedirs(d, exist_ok=True)
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"kgpu-native-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
     return d
 
 
@@ -54,8 +63,12 @@ def build(name, shared=False):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=name)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, src], capture_output=True,
-                           text=True)
+        try:
+            r = subprocess.run([cc, *flags, "-o", tmp, src],
+                               capture_output=True, text=True)
+        except OSError as e:
+            raise NativeUnavailable(f"cannot run {cc} to build {name}.c: "
+                                    f"{e}") from None
         if r.returncode:
             raise NativeUnavailable(f"{cc} could not build {name}.c: "
                                     f"{r.stderr.strip()[-2000:]}")
