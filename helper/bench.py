@@ -364,8 +364,11 @@ def check_targets(results, ceiling):
                    "slow).")
 @click.option("--min-time", type=float, default=0.25, show_default=True,
               help="Seconds each measurement runs for (at least 3 calls).")
+@click.option("--anchor/--no-anchor", default=True, show_default=True,
+              help="Measure openssl speed -evp aes-256-xts at the same sizes "
+                   "(1 core and all cores) when openssl is installed.")
 def compute(backend, json_path, sizes, quick, service_list, path_list,
-            unit_size, cpu_threads, cpu_max_size, min_time):
+            unit_size, cpu_threads, cpu_max_size, min_time, anchor):
     """Throughput of AES-XTS and RAID6 on each path, in GB/s of user data.
 
     Paths: kernel (data already in GPU memory; calls queued back to back on
@@ -376,7 +379,7 @@ def compute(backend, json_path, sizes, quick, service_list, path_list,
     device-to-device copy rate, checks the targets of the design and
     reports, per service, the size from which the GPU beats the CPU.
     """
-    from kgpu_helper.services import get_backend
+    from kgpu_helper.services import BackendUnavailable, get_backend
     from kgpu_helper.services.cpu import CpuBackend, cpu_name
 
     size_list = ([parse_size(s) for s in sizes.split(",")] if sizes
@@ -398,7 +401,10 @@ def compute(backend, json_path, sizes, quick, service_list, path_list,
 
     gpu = None
     if backend != "cpu":
-        gpu = get_backend(backend)
+        try:
+            gpu = get_backend(backend)
+        except BackendUnavailable as e:
+            raise click.ClickException(str(e)) from None
         if gpu.name != "cupy":
             progress("no usable GPU: measuring the CPU paths only")
             gpu = None
@@ -446,6 +452,11 @@ def compute(backend, json_path, sizes, quick, service_list, path_list,
                             if gpu else None),
         "targets": check_targets(results, ceiling),
     }
+    if anchor and any(s.startswith("aes-xts") for s in services):
+        from kgpu_helper.anchor import openssl_xts
+        progress("openssl speed -evp aes-256-xts (the CPU anchor)...")
+        report["openssl"] = openssl_xts(
+            [z for z in size_list if z >= 16], cores=threads)
     print_report(report, services, size_list, paths)
     if json_path:
         with open(json_path, "w") as f:
@@ -475,6 +486,9 @@ def print_report(rep, services, sizes, paths):
             out.write(f"{s:<17}{fmt_size(z):>6}" + "".join(
                 f"{v:>14.2f}" if v is not None else f"{'-':>14}"
                 for v in vals) + "\n")
+    if rep.get("openssl"):
+        from kgpu_helper.anchor import format_anchor
+        out.write("\n".join(format_anchor(rep["openssl"])) + "\n")
     if rep["crossover_bytes"]:
         out.write("GPU (end_to_end) >= CPU (all cores) from:\n")
         for s, z in rep["crossover_bytes"].items():

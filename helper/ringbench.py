@@ -117,8 +117,9 @@ def _pct(a, q):
     return float(np.percentile(a, q)) / 1e3 if len(a) else None
 
 
-def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
-    """Measure one (service, size, depth); returns a result dict."""
+def _prepare(drv, cfg, depth, cpu, keys, rng, cap):
+    """Buffers and request templates of one point: (offsets, templates,
+    expected contents of buffer 0 after its first request)."""
     nbuf = depth if cfg.buf_bytes == 0 else max(1, min(depth,
                                                        cap // cfg.buf_bytes))
     drv.reset_buffers()
@@ -133,7 +134,7 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
         for o in offs[1:]:
             drv.view(o, cfg.buf_bytes)[:] = first
     tmpl = np.concatenate([cfg.template(o, i) for i, o in enumerate(offs)])
-    before = expect = None
+    expect = None
     if cfg.buf_bytes:
         before = drv.view(offs[0], cfg.buf_bytes).copy()
         expect = cfg.expected(cpu, keys, before, tmpl[:1])
@@ -141,15 +142,104 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
             b = drv.view(offs[0], cfg.buf_bytes).reshape(cfg.k + 2, cfg.unit)
             b[1] = 0xA5
             b[cfg.k - 1] = 0x5A
+    return offs, tmpl, expect
+
+
+def _verify(drv, cfg, offs, tmpl, expect):
+    """One request on buffer 0, checked against the CPU oracle (None for
+    nop). Leaves nothing in flight."""
+    if not cfg.buf_bytes:
+        return None
+    drv.submit(tmpl[:1])
+    c = drv.wait(timeout=30, spin=DRIVER_SPIN)
+    if len(c) == 0:
+        raise RuntimeError(f"{cfg.name}: no completion in 30 s")
+    got = drv.view(offs[0], cfg.buf_bytes)
+    return bool(int(c["status"][0]) == 0 and np.array_equal(got, expect))
+
+
+def run_config_c(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap,
+                 threads, counters):
+    """Measure one (service, size, depth) with the C submitter
+    (helper/native/ringsub.c); returns a result dict of one run."""
+    from kgpu_helper.native import build
+    exe = build("ringsub")
+    offs, tmpl, expect = _prepare(drv, cfg, depth, cpu, keys, rng, cap)
+    checked = _verify(drv, cfg, offs, tmpl, expect)
+    with tempfile.NamedTemporaryFile(prefix="kgpu-tmpl-") as f:
+        f.write(tmpl.tobytes())
+        f.flush()
+        sock = drv.conn.fileno()
+        cmd = [exe, str(drv.memfd), str(sock), f.name, str(min_time),
+               str(min(0.05, min_time / 4)), str(threads), str(drv.seq),
+               str(pid), counters or "-"]
+        r = subprocess.run(cmd, pass_fds=(drv.memfd, sock),
+                           capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(f"ringsub failed ({r.returncode}): "
+                           f"{r.stderr.strip()}")
+    m = json.loads(r.stdout)
+    drv.seq = int(m["next_seq"])
+    return _result(cfg, depth, len(offs), m["requests"], m["seconds"],
+                   m["p50_us"], m["p99_us"], m["helper_cpu_s"],
+                   m["helper_spin_s"], m["helper_sync_s"],
+                   m["submitter_cpu_s"], m["errors"], m["cpu_flagged"],
+                   checked, threads=m["threads"])
+
+
+def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,
+            scpu, errors, cpu_flagged, checked, threads=None):
+    nbytes = done * cfg.user_bytes
+    # negative: not measured (a helper that publishes no counters)
+    hspin = None if hspin is None or hspin < 0 else hspin
+    hsync = None if hsync is None or hsync < 0 else hsync
+    hcpu = None if hcpu is None or hcpu < 0 else hcpu
+
+    def per_gb(x):
+        if x is None or x < 0 or not nbytes:
+            return None
+        return round(x / (nbytes / 1e9), 4)
+
+    def per_req(x):
+        if x is None or x < 0 or not done:
+            return None
+        return round(x / done * 1e6, 3)
+    busy = hcpu - hspin if hcpu is not None and hspin is not None else None
+    return {
+        "service": cfg.name, "size": cfg.size, "depth": depth,
+        "depth_effective": nbuf, "submitters": threads, "requests": done,
+        "seconds": round(sec, 4),
+        "requests_per_s": round(done / sec, 1),
+        "gbps": round(nbytes / sec / 1e9, 3),
+        "p50_us": p50, "p99_us": p99,
+        "helper_cpu_s": hcpu, "helper_spin_s": hspin, "helper_sync_s": hsync,
+        "submitter_cpu_s": scpu,
+        "helper_cpu_s_per_gb": per_gb(hcpu),
+        "helper_busy_s_per_gb": per_gb(busy),
+        "helper_spin_s_per_gb": per_gb(hspin),
+        "helper_sync_s_per_gb": per_gb(hsync),
+        "submitter_cpu_s_per_gb": per_gb(scpu),
+        "helper_cpu_us_per_req": per_req(hcpu),
+        "helper_busy_us_per_req": per_req(busy),
+        "submitter_cpu_us_per_req": per_req(scpu),
+        "errors": errors, "helper_cpu_completions": cpu_flagged,
+        "verified": checked,
+    }
+
+
+def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
+    """Measure one (service, size, depth) with the Python driver (one
+    sq_tail store per batch); returns a result dict of one run."""
+    offs, tmpl, expect = _prepare(drv, cfg, depth, cpu, keys, rng, cap)
+    checked = _verify(drv, cfg, offs, tmpl, expect)
     buf_of = np.zeros(drv.entries, dtype=np.int64)
     tags = drv.submit(tmpl)
     buf_of[tags] = np.arange(len(tags))
     spin = DRIVER_SPIN
-    checked = None
     lat = []
     done = errors = cpu_flagged = 0
     warm_until = time.perf_counter() + min(0.05, min_time / 4)
-    t0 = c0 = None
+    t0 = c0 = s0 = None
     while True:
         c = drv.wait(timeout=30, spin=spin)
         if len(c) == 0:
@@ -159,15 +249,10 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
             raise RuntimeError("the helper detached during the benchmark")
         bufs = buf_of[c["tag"]]
         now = time.perf_counter()
-        if checked is None and cfg.buf_bytes and (bufs == 0).any():
-            st = int(c["status"][bufs == 0][0])
-            got = drv.view(offs[0], cfg.buf_bytes)
-            checked = bool(st == 0 and np.array_equal(got, expect))
-            if cfg.kind == "xts":  # later requests run on changed data
-                pass
         if t0 is None:
             if now >= warm_until:
                 t0, c0 = now, helper_cpu_seconds(pid)
+                s0, p0 = _counters(COUNTERS[0]), time.process_time()
         else:
             lat.append(c["latency_ns"])
             done += len(c)
@@ -175,6 +260,7 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
             cpu_flagged += int((c["flags"] & abi.CQE_CPU != 0).sum())
             if now - t0 >= min_time and done >= 3 * len(offs):
                 t1, c1 = now, helper_cpu_seconds(pid)
+                s1, p1 = _counters(COUNTERS[0]), time.process_time()
                 break
         tags = drv.submit(tmpl[bufs])
         buf_of[tags] = bufs
@@ -182,22 +268,57 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
         if not len(drv.wait(timeout=30, spin=spin)):
             raise RuntimeError("helper stuck while draining")
     lat = np.concatenate(lat) if lat else np.zeros(0)
-    sec = t1 - t0
-    nbytes = done * cfg.user_bytes
     cpu_s = (c1 - c0) if c0 is not None and c1 is not None else None
-    return {
-        "service": cfg.name, "size": cfg.size, "depth": depth,
-        "depth_effective": len(offs), "requests": done,
-        "seconds": round(sec, 4),
-        "requests_per_s": round(done / sec, 1),
-        "gbps": round(nbytes / sec / 1e9, 3),
-        "p50_us": _pct(lat, 50), "p99_us": _pct(lat, 99),
-        "helper_cpu_s": cpu_s,
-        "helper_cpu_s_per_gb": (round(cpu_s / (nbytes / 1e9), 4)
-                                if cpu_s is not None and nbytes else None),
-        "errors": errors, "helper_cpu_completions": cpu_flagged,
-        "verified": checked,
-    }
+    spin_s = sync_s = None
+    if s0 is not None and s1 is not None:
+        spin_s, sync_s = s1[0] - s0[0], s1[1] - s0[1]
+    return _result(cfg, depth, len(offs), done, t1 - t0, _pct(lat, 50),
+                   _pct(lat, 99), cpu_s, spin_s, sync_s, p1 - p0, errors,
+                   cpu_flagged, checked)
+
+
+#: where the helper publishes its polling time (KGPU_HELPER_COUNTERS)
+COUNTERS = [None]
+
+
+def _counters(path):
+    """(spin s, sync s) from the helper's counters file, or None."""
+    if not path:
+        return None
+    try:
+        a = np.fromfile(path, dtype=np.uint64, count=2)
+    except OSError:
+        return None
+    return (a[0] / 1e9, a[1] / 1e9) if len(a) == 2 else None
+
+
+#: per run, these are summarised as median and range over the runs
+_VARYING = ("requests_per_s", "gbps", "p50_us", "p99_us",
+            "helper_cpu_s_per_gb", "helper_busy_s_per_gb",
+            "helper_spin_s_per_gb", "helper_sync_s_per_gb",
+            "submitter_cpu_s_per_gb", "helper_cpu_us_per_req",
+            "helper_busy_us_per_req", "submitter_cpu_us_per_req")
+
+
+def summarise(runs):
+    """One result from several runs of a point: each varying figure is
+    the median, with its range under ``<name>_range``; every run is kept
+    under ``runs``."""
+    out = dict(runs[0])
+    for k in _VARYING:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if not vals:
+            out[k], out[k + "_range"] = None, None
+            continue
+        out[k] = round(float(np.median(vals)), 4)
+        out[k + "_range"] = [round(min(vals), 4), round(max(vals), 4)]
+    for k in ("requests", "errors", "helper_cpu_completions"):
+        out[k] = sum(r[k] for r in runs)
+    out["verified"] = (None if all(r["verified"] is None for r in runs)
+                       else all(r["verified"] for r in runs))
+    out["n_runs"] = len(runs)
+    out["runs"] = runs
+    return out
 
 
 def bare_launch_us(n=2000):
@@ -295,18 +416,58 @@ def zero_copy_probe(be, n=2000):
     return {k: round(v, 2) for k, v in res.items()}
 
 
-def start_helper(sock, backend, spin_us, extra=(), xts_io=None):
+def start_helper(sock, backend, spin_us, extra=(), xts_io=None,
+                 counters=None):
     cmd = [sys.executable, "-m", "kgpu_helper.cli", "helper", "--backend",
            backend, "--ring", "shm:" + sock, "--crossover", "none",
            "--spin-us", str(spin_us), *extra]
-    env = None
+    env = dict(os.environ)
+    if os.environ.get("KGPU_BENCH_HELPER_PATH"):
+        # measure another helper (e.g. an older checkout) behind this bench
+        env["PYTHONPATH"] = os.environ["KGPU_BENCH_HELPER_PATH"]
     if xts_io:
-        env = dict(os.environ, KGPU_XTS_IO=xts_io)
+        env["KGPU_XTS_IO"] = xts_io
+    if counters:
+        env["KGPU_HELPER_COUNTERS"] = counters
     return subprocess.Popen(cmd, env=env)
 
 
+def idle_cpu(pid, after=1.0, window=1.0):
+    """The helper's CPU, in % of one core, over ``window`` s that start
+    ``after`` s after its last request."""
+    time.sleep(after)
+    c0 = helper_cpu_seconds(pid)
+    time.sleep(window)
+    c1 = helper_cpu_seconds(pid)
+    if c0 is None or c1 is None:
+        return None
+    return round(100 * (c1 - c0) / window, 3)
+
+
+def submitters_for(depth, submitters):
+    """Submitter threads of the C driver at ``depth``: ``submitters``,
+    or by default one per request up to 4."""
+    return max(1, min(depth, submitters or 4))
+
+
+METHODS = {
+    "c": ("C submitter (helper/native/ringsub.c): each request published "
+          "on its own (lock, SQE, store-release sq_tail, one doorbell "
+          "byte: kgpu_submit's wake-up), from {submitters} submitter "
+          "threads that sleep on a condition variable until a completion "
+          "thread, asleep in poll() on the helper's doorbell, reaps the CQ "
+          "and wakes them (the module's done()); nothing spins"),
+    "python": ("Python driver (helper/ringdriver.py): a whole batch "
+               "published with one sq_tail store and one doorbell byte; "
+               "spins on the CQ tail up to "
+               f"{DRIVER_SPIN * 1e3:g} ms after submitting, then sleeps "
+               "on its socket; its own costs are inside the latencies"),
+}
+
+
 def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
-        spin_us, progress, compare_compute=True, xts_io=None):
+        spin_us, progress, compare_compute=True, xts_io=None, driver="c",
+        runs=3, submitters=None, anchor=True):
     from kgpu_helper.services import KeyTable, get_backend
     from kgpu_helper.services.cpu import CpuBackend, cpu_name
 
@@ -318,21 +479,38 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
               .isoformat(timespec="seconds"), "cpu": cpu_name(),
               "unit_size": unit_size, "results": [], "helpers": {},
               "method": {
-                  "driver": f"spins on the CQ tail up to {DRIVER_SPIN * 1e3:g}"
-                            " ms after submitting, then sleeps on its socket;"
-                            " one doorbell byte per submitted batch",
+                  "driver": METHODS[driver].format(
+                      submitters=(submitters or "min(depth, 4)")),
+                  "driver_kind": driver,
+                  "runs_per_point": runs,
                   "helper_spin_us": spin_us,
                   "helper": "polls the SQ for helper_spin_us when idle, then"
                             " sleeps in poll(); one doorbell per posted batch",
+                  "cpu": "helper CPU from /proc/PID/task/*/schedstat over "
+                         "the measured window; 'spin' is the time the "
+                         "helper spent in its polling loops (ring or GPU "
+                         "event), 'busy' the rest; 'sync' is wall time in "
+                         "CUDA event waits (which may spin or sleep, by "
+                         "CUDA's flags), inside busy; the submitter's CPU "
+                         "is its own process's (getrusage), reported apart",
                   "xts_io": xts_io or os.environ.get("KGPU_XTS_IO", "auto"),
               }}
+    if anchor:
+        from kgpu_helper.anchor import openssl_xts
+        progress("openssl speed -evp aes-256-xts (the CPU anchor)...")
+        report["openssl"] = openssl_xts(sorted({s for s in sizes
+                                                if s >= 16} | {4 * KiB}))
     for backend in backends:
+        idle = None
         tmp = tempfile.mkdtemp(prefix="kgpu-ring-")
         sock = os.path.join(tmp, "ring.sock")
         drv = RingDriver(sock, entries=256, data_size=data_bytes)
         drv.set_key(0, key64)
         drv.set_key(1, key32)
-        proc = start_helper(sock, backend, spin_us, xts_io=xts_io)
+        counters = os.path.join(tmp, "counters")
+        COUNTERS[0] = counters
+        proc = start_helper(sock, backend, spin_us, xts_io=xts_io,
+                            counters=counters)
         try:
             if not drv.wait_attach(120):
                 raise RuntimeError(f"the {backend} helper did not attach")
@@ -354,15 +532,28 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
                     for depth in ([32] if compare_only else depths):
                         progress(f"[{backend}] {sname} {size // KiB}K "
                                  f"depth {depth}")
-                        r = run_config(drv, proc.pid, cfg, depth, min_time,
-                                       cpu, keys, rng, data_bytes)
+                        each = []
+                        for _ in range(runs):
+                            if driver == "c":
+                                each.append(run_config_c(
+                                    drv, proc.pid, cfg, depth, min_time, cpu,
+                                    keys, rng, data_bytes,
+                                    submitters_for(depth, submitters),
+                                    counters))
+                            else:
+                                each.append(run_config(
+                                    drv, proc.pid, cfg, depth, min_time, cpu,
+                                    keys, rng, data_bytes))
+                        r = summarise(each)
                         r["backend"] = backend
                         report["results"].append(r)
                         progress(f"    {r['requests_per_s']:.0f} req/s "
                                  f"{r['gbps']} GB/s p50 {r['p50_us']:.1f} "
-                                 f"us p99 {r['p99_us']:.1f} us cpu/GB "
-                                 f"{r['helper_cpu_s_per_gb']} verified "
-                                 f"{r['verified']}")
+                                 f"us p99 {r['p99_us']:.1f} us helper cpu "
+                                 f"{r['helper_cpu_us_per_req']} us/req "
+                                 f"verified {r['verified']}")
+            idle = idle_cpu(proc.pid)
+            progress(f"[{backend}] idle: {idle}% of a core")
         finally:
             proc.terminate()
             try:
@@ -370,8 +561,11 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
-            report["helpers"][backend] = {"exit_status": rc}
+            report["helpers"][backend] = {"exit_status": rc,
+                                          "idle_cpu_pct": idle}
             drv.close()
+            if os.path.exists(counters):
+                os.unlink(counters)
             os.rmdir(tmp)
     if "cupy" in backends:
         be = get_backend("cupy")
@@ -434,6 +628,40 @@ def targets(rep):
                         "end_to_end", "ring_gbps": best,
                         "end_to_end_gbps": g, "ratio": round(best / g, 3),
                         "met": best >= 0.9 * g})
+    # issue 11's small-request targets (C submitter)
+    xts4 = [r for r in res if r["backend"] == "cupy" and r["size"] == 4 * KiB
+            and r["service"] == "aes-xts-256-enc"]
+    best = max((r for r in xts4 if r["depth"] >= 128),
+               key=lambda r: r["requests_per_s"], default=None)
+    if best:
+        out.append({"target": "xts 4K depth>=128 >= 1,000,000 req/s",
+                    "value": best["requests_per_s"], "depth": best["depth"],
+                    "met": best["requests_per_s"] >= 1e6})
+    nop = max((r for r in res if r["backend"] == "cupy"
+               and r["service"] == "nop"),
+              key=lambda r: r["requests_per_s"], default=None)
+    if nop:
+        out.append({"target": "nop >= 2,000,000 req/s",
+                    "value": nop["requests_per_s"], "depth": nop["depth"],
+                    "met": nop["requests_per_s"] >= 2e6})
+    r1 = find("cupy", "aes-xts-256-enc", 4 * KiB, 1)
+    if r1:
+        out.append({"target": "xts 4K depth 1 p50 <= 15 us (GPU-resident "
+                    "path)", "value_us": r1["p50_us"],
+                    "met": r1["p50_us"] <= 15})
+    r32 = find("cupy", "aes-xts-256-enc", 4 * KiB, 32)
+    if r32:
+        out.append({"target": "xts 4K depth 32 >= 500,000 req/s",
+                    "value": r32["requests_per_s"],
+                    "met": r32["requests_per_s"] >= 5e5})
+        ossl = {a["size"]: a for a in
+                (rep.get("openssl") or {}).get("results", [])}
+        o4 = ossl.get(4 * KiB, {}).get("one_core_s_per_gb")
+        if o4 and r32.get("helper_cpu_s_per_gb") is not None:
+            out.append({"target": "xts 4K depth 32 helper CPU/GB <= 1/3 of "
+                        "openssl 1 core", "helper_s_per_gb":
+                        r32["helper_cpu_s_per_gb"], "openssl_s_per_gb": o4,
+                        "met": r32["helper_cpu_s_per_gb"] <= o4 / 3})
     for r in res:
         if r["backend"] != "cupy" or r["size"] != MiB or r["depth"] != 32:
             continue
@@ -448,7 +676,18 @@ def targets(rep):
     return out
 
 
+def _rng(r, k, fmt):
+    """``median [min-max]`` of a summarised figure."""
+    v, rg = r.get(k), r.get(k + "_range")
+    if v is None:
+        return "-"
+    if not rg or rg[0] == rg[1]:
+        return format(v, fmt)
+    return f"{format(v, fmt)} [{format(rg[0], fmt)}-{format(rg[1], fmt)}]"
+
+
 def print_report(rep, out=sys.stdout):
+    from kgpu_helper.anchor import format_anchor
     out.write(f"device: {rep.get('device', '-')}   cpu: {rep['cpu']}   "
               f"{rep['date']}   xts unit {rep['unit_size']}\n")
     if rep.get("bare_cupy"):
@@ -460,21 +699,42 @@ def print_report(rep, out=sys.stdout):
         out.write(f"zero-copy probe: {json.dumps(rep['zero_copy'])}\n")
     if rep.get("method"):
         m = rep["method"]
-        out.write(f"method: helper spin {m['helper_spin_us']:g} us, xts io "
-                  f"{m['xts_io']}; driver {m['driver']}\n")
-    out.write(f"{'backend':<8}{'service':<17}{'size':>6}{'depth':>6}"
-              f"{'req/s':>11}{'GB/s':>9}{'p50 us':>9}{'p99 us':>9}"
-              f"{'cpu s/GB':>10}  ok\n")
+        out.write(f"method: {m['driver']}. Helper: spin "
+                  f"{m['helper_spin_us']:g} us, xts io {m['xts_io']}. "
+                  f"Each point {m.get('runs_per_point', 1)} runs: median "
+                  f"[min-max]. CPU: {m.get('cpu', '')}.\n")
+    if rep.get("openssl"):
+        out.write("\n".join(format_anchor(rep["openssl"])) + "\n")
+    out.write(f"{'backend':<7}{'service':<16}{'size':>6}{'depth':>6} "
+              f"{'req/s':>24} {'p50 us':>20} {'p99 us':>22} "
+              f"{'helper cpu us/req (busy, spin)':>32} {'sub us/req':>10} "
+              f"{'helper s/GB':>11} ok\n")
     for r in rep["results"]:
         d = (f"{r['depth']}" if r["depth"] == r["depth_effective"]
              else f"{r['depth_effective']}*")
-        cg = r["helper_cpu_s_per_gb"]
-        out.write(f"{r['backend']:<8}{r['service']:<17}"
-                  f"{r['size'] // KiB:>5}K{d:>6}{r['requests_per_s']:>11.0f}"
-                  f"{r['gbps']:>9.2f}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}"
-                  f"{(f'{cg:.3f}' if cg is not None else '-'):>10}  "
+        busy = r.get("helper_busy_us_per_req")
+        spin = (None if r.get("helper_cpu_us_per_req") is None or busy is None
+                else r["helper_cpu_us_per_req"] - busy)
+        hc = (f"{_rng(r, 'helper_cpu_us_per_req', '.1f')} ("
+              f"{'-' if busy is None else f'{busy:.1f}'}, "
+              f"{'-' if spin is None else f'{spin:.1f}'})")
+        sub = r.get("submitter_cpu_us_per_req")
+        cg = r.get("helper_cpu_s_per_gb")
+        out.write(f"{r['backend']:<7}{r['service']:<16}"
+                  f"{r['size'] // KiB:>5}K{d:>6} "
+                  f"{_rng(r, 'requests_per_s', '.0f'):>24} "
+                  f"{_rng(r, 'p50_us', '.1f'):>20} "
+                  f"{_rng(r, 'p99_us', '.1f'):>22} {hc:>32} "
+                  f"{'-' if sub is None else f'{sub:.1f}':>10} "
+                  f"{'-' if cg is None else f'{cg:.3f}':>11} "
                   f"{'yes' if r['verified'] else r['verified']}\n")
-    out.write("(* = fewer buffers than the depth fit in the data area)\n")
+    out.write("(* = fewer buffers than the depth fit in the data area; "
+              "busy = helper CPU minus its polling; sub = the submitter "
+              "side's CPU)\n")
+    for b, h in (rep.get("helpers") or {}).items():
+        if h.get("idle_cpu_pct") is not None:
+            out.write(f"{b} helper idle (1 s after the last request, over "
+                      f"1 s): {h['idle_cpu_pct']}% of one core\n")
     if rep.get("compute_end_to_end"):
         out.write(f"compute end_to_end at 1M (GB/s): "
                   f"{rep['compute_end_to_end']}\n")
@@ -510,8 +770,21 @@ def print_report(rep, out=sys.stdout):
 @click.option("--xts-io", type=click.Choice(["auto", "zerocopy", "copy"]),
               default=None, help="The helper's XTS data path (sets "
               "KGPU_XTS_IO for it; default: the helper's own choice).")
+@click.option("--driver", type=click.Choice(["c", "python"]), default="c",
+              show_default=True,
+              help="The kernel's side: c (one request published at a time, "
+                   "submitters sleep until woken, as kgpu.ko) or python "
+                   "(whole batches, the tests' driver).")
+@click.option("--runs", type=click.IntRange(1, 20), default=3,
+              show_default=True, help="Runs per point (median and range).")
+@click.option("--submitters", type=click.IntRange(1, 256), default=None,
+              help="Submitter threads of the C driver (default: "
+                   "min(depth, 4)).")
+@click.option("--anchor/--no-anchor", default=True, show_default=True,
+              help="Measure openssl speed -evp aes-256-xts too.")
 def ring(backends, json_path, sizes, depths, service_list, unit_size,
-         min_time, data_size, spin_us, xts_io):
+         min_time, data_size, spin_us, xts_io, driver, runs, submitters,
+         anchor):
     """The helper through the ring, without the kernel module.
 
     This process plays the kernel's side of the ring ABI over shared
@@ -539,9 +812,17 @@ def ring(backends, json_path, sizes, depths, service_list, unit_size,
                                      param_hint="--depths")
     services = (service_list.split(",") if service_list
                 else SERVICES)
+    if driver == "c":
+        from kgpu_helper.native import NativeUnavailable, build
+        try:
+            build("ringsub")
+        except NativeUnavailable as e:
+            raise click.ClickException(f"{e} (or use --driver python)") \
+                from None
     rep = run(blist, services, size_list, depth_list, min_time,
-                        int(unit_size), parse_size(data_size), spin_us,
-                        progress, xts_io=xts_io)
+              int(unit_size), parse_size(data_size), spin_us, progress,
+              xts_io=xts_io, driver=driver, runs=runs,
+              submitters=submitters, anchor=anchor)
     print_report(rep)
     if json_path:
         with open(json_path, "w") as f:

@@ -171,3 +171,46 @@ def test_get_backend_cpu_without_cuda(monkeypatch):
     assert get_backend().name == "cpu"
     with pytest.raises(ValueError, match="backend must be"):
         get_backend("opencl")
+
+
+@pytest.mark.parametrize("unit", [512, 1024, 4096])
+def test_cpu_cached_contexts_follow_key_changes(unit):
+    """The ECB contexts cached per slot and generation: a key set again
+    in the same slot is used at once, and every unit size (tweaks of
+    32 to 256 blocks) agrees with OpenSSL's own XTS."""
+    rng = np.random.default_rng(unit)
+    be = CpuBackend(threads=1)
+    oracle = CpuBackend(xts_impl="openssl-xts")
+    keys = KeyTable([rng.bytes(64), rng.bytes(32)])
+    data = rng.integers(0, 256, 8 * unit, dtype=np.uint8)
+    sec = np.arange(8, dtype=np.uint64) + np.uint64(2 ** 40 - 3)
+    for round_ in range(3):
+        for slot in (0, 1):
+            slots = np.full(8, slot, np.int32)
+            got = be.xts_encrypt(keys, data, sec, slots, unit_size=unit)
+            want = oracle.xts_encrypt(keys, data, sec, slots,
+                                      unit_size=unit)
+            assert np.array_equal(got, want), (round_, slot)
+            back = be.xts_decrypt(keys, got, sec, slots, unit_size=unit)
+            assert np.array_equal(back, data)
+        keys.set(0, rng.bytes(64))
+        keys.set(1, rng.bytes(32))
+
+
+def test_cpu_small_requests_stay_on_the_calling_thread(monkeypatch):
+    """Under 1 MiB nothing goes to the pool; from 1 MiB it is split."""
+    be = CpuBackend(threads=4)
+    calls = []
+    real = be._pool.submit
+    monkeypatch.setattr(be._pool, "submit",
+                        lambda *a: calls.append(1) or real(*a))
+    keys = KeyTable([bytes(range(64))])
+    for size, split in ((4096, False), (512 << 10, False), (1 << 20, True)):
+        calls.clear()
+        d = np.zeros(size, np.uint8) + 7
+        out = be.xts_encrypt(keys, d, np.arange(size // 512,
+                                                dtype=np.uint64))
+        assert bool(calls) == split, size
+        ref = CpuBackend(threads=1).xts_encrypt(
+            keys, d, np.arange(size // 512, dtype=np.uint64))
+        assert np.array_equal(out, ref)

@@ -7,9 +7,15 @@ AES-XTS has two implementations, chosen with ``xts_impl``:
 
 - ``"ecb"`` (default, fast): XTS built from its definition. The tweak
   input of every unit is encrypted with K2 in one OpenSSL ECB call per key
-  slot, the per-block tweaks T_j = T_0 * alpha^j are derived with numpy,
-  and the data goes through one OpenSSL ECB call per slot between two
-  XORs with the tweaks. This batches thousands of units per OpenSSL call.
+  slot, the per-block tweaks T_j = T_0 * alpha^j are derived with numpy
+  (all j of a run of 64 blocks in one broadcast shift), and the data goes
+  through one OpenSSL ECB call per slot between two XORs with the tweaks.
+  This batches thousands of units per OpenSSL call. The ECB contexts of a
+  key slot are made once per slot and generation (KeyTable.generations)
+  and reused: no key setup per call. A call under SPLIT_MIN bytes runs on
+  the calling thread; larger ones are split over the thread pool, each
+  piece with contexts of its own (OpenSSL contexts are not shared across
+  threads).
 - ``"openssl-xts"`` (the oracle): one ``modes.XTS`` context per data unit,
   i.e. OpenSSL's own XTS. Slow (a Python call per unit) but independent
   of this package's tweak arithmetic. OpenSSL refuses keys whose two
@@ -42,6 +48,12 @@ _SH63 = np.uint64(63)
 # Bytes of each member processed per step: big enough for numpy to be
 # efficient, small enough that k rows stay in the cache.
 _RAID_STEP = 64 * 1024
+#: XTS calls of fewer bytes run on the calling thread (a thread hand-off
+#: costs more than it saves below this)
+SPLIT_MIN = 1 << 20
+# shifts 1..63 of the broadcast tweak derivation, and 64 minus them
+_R = np.arange(1, 64, dtype=np.uint64)
+_BACK = np.uint64(64) - _R
 
 
 def cpu_name():
@@ -81,6 +93,9 @@ class CpuBackend(Backend):
         self.xts_impl = xts_impl
         self._pool = (ThreadPoolExecutor(self.threads)
                       if self.threads > 1 else None)
+        # (id(keys), slot) -> (keys, generation, [enc1, dec1, enc2]); the
+        # KeyTable is held so that its id cannot be reused meanwhile
+        self._ctx = {}
 
     def device_name(self):
         return cpu_name()
@@ -113,18 +128,38 @@ class CpuBackend(Backend):
                           for s in np.unique(req.slots)]
         run = (self._xts_group_openssl if self.xts_impl == "openssl-xts"
                else self._xts_group_ecb)
+        split = self._pool is not None and data.size >= SPLIT_MIN
         for slot, idx in groups:
             k1, k2 = keys.halves(slot)
+            # one thread: the slot's cached contexts; split: fresh ones
+            ctx = None if split else self._contexts(keys, slot, k1, k2)
             if idx is None:
-                self._split(n, lambda a, b: run(
-                    decrypt, k1, k2, src[a:b], iv16[a:b], dst[a:b]))
+                self._split(n if split else 1, lambda a, b: run(
+                    decrypt, k1, k2, src[a:b], iv16[a:b], dst[a:b], ctx)
+                    if split else run(decrypt, k1, k2, src, iv16, dst, ctx))
             else:
                 s = np.ascontiguousarray(src[idx])
                 d = np.empty_like(s)
-                self._split(len(idx), lambda a, b: run(
-                    decrypt, k1, k2, s[a:b], iv16[idx[a:b]], d[a:b]))
+                self._split(len(idx) if split else 1, lambda a, b: run(
+                    decrypt, k1, k2, s[a:b], iv16[idx[a:b]], d[a:b], ctx)
+                    if split else run(decrypt, k1, k2, s, iv16[idx], d, ctx))
                 dst[idx] = d
         return out
+
+    def _contexts(self, keys, slot, k1, k2):
+        """[K1 encryptor, K1 decryptor, K2 encryptor] (ECB) of a slot,
+        made once per slot generation."""
+        gen = keys.generations[slot]
+        c = self._ctx.get((id(keys), slot))
+        if c is not None and c[0] is keys and c[1] == gen:
+            return c[2]
+        ctx = [Cipher(algorithms.AES(k1), modes.ECB()).encryptor(),
+               Cipher(algorithms.AES(k1), modes.ECB()).decryptor(),
+               Cipher(algorithms.AES(k2), modes.ECB()).encryptor()]
+        if len(self._ctx) > 4096:
+            self._ctx.clear()
+        self._ctx[(id(keys), slot)] = (keys, gen, ctx)
+        return ctx
 
     @staticmethod
     def _iv_bytes(req):
@@ -147,7 +182,7 @@ class CpuBackend(Backend):
             f.result()
 
     @staticmethod
-    def _xts_group_openssl(decrypt, k1, k2, src, iv16, dst):
+    def _xts_group_openssl(decrypt, k1, k2, src, iv16, dst, ctx=None):
         key = k1 + k2
         for i in range(src.shape[0]):
             c = Cipher(algorithms.AES(key), modes.XTS(iv16[i].tobytes()))
@@ -156,36 +191,27 @@ class CpuBackend(Backend):
                                    dtype=np.uint8)
 
     @staticmethod
-    def _xts_group_ecb(decrypt, k1, k2, src, iv16, dst):
+    def _xts_group_ecb(decrypt, k1, k2, src, iv16, dst, ctx=None):
         m, unit = src.shape
         if m == 0:
             return
         bpu = unit // 16
+        if ctx is None:
+            ctx = [Cipher(algorithms.AES(k1), modes.ECB()).decryptor()
+                   if decrypt else
+                   Cipher(algorithms.AES(k1), modes.ECB()).encryptor(),
+                   None, Cipher(algorithms.AES(k2), modes.ECB()).encryptor()]
+            ctx[1] = ctx[0]
         # T_0 = E_K2(iv) for every unit, one ECB call.
-        enc2 = Cipher(algorithms.AES(k2), modes.ECB()).encryptor()
-        t = np.frombuffer(enc2.update(np.ascontiguousarray(iv16).reshape(-1)),
-                          dtype="<u8").reshape(m, 2)
-        # Tweaks of all blocks, T_j = T_0 * alpha^j, by doubling the run:
-        # T_{s..2s-1} = T_{0..s-1} * alpha^s, log2(blocks per unit) steps,
-        # on (bpu, m) arrays so that every step works on contiguous rows.
-        lo = np.empty((bpu, m), dtype="<u8")
-        hi = np.empty((bpu, m), dtype="<u8")
-        lo[0], hi[0] = t[:, 0], t[:, 1]
-        s = 1
-        while s < bpu:
-            e = min(2 * s, bpu)
-            lo[s:e], hi[s:e] = _mul_alpha_pow(lo[:e - s], hi[:e - s], s)
-            s = e
-        tw = np.empty((m, bpu, 2), dtype="<u8")
-        tw[:, :, 0] = lo.T
-        tw[:, :, 1] = hi.T
+        t = np.empty(m * 16 + 15, dtype=np.uint8)
+        ctx[2].update_into(np.ascontiguousarray(iv16).reshape(-1), t)
+        tw = _tweaks(t[:m * 16].view("<u8").reshape(m, 2), bpu)
         x = src.view("<u8").reshape(m, bpu, 2) ^ tw
-        c = Cipher(algorithms.AES(k1), modes.ECB())
-        ctx = c.decryptor() if decrypt else c.encryptor()
         # update_into a buffer we own: a few times faster than update(),
         # which allocates the output; it asks for one block of slack.
         buf = np.empty(x.nbytes + 15, dtype=np.uint8)
-        ctx.update_into(x.reshape(-1).view(np.uint8), buf)
+        (ctx[1] if decrypt else ctx[0]).update_into(
+            x.reshape(-1).view(np.uint8), buf)
         y = buf[:x.nbytes].view("<u8").reshape(m, bpu, 2)
         np.bitwise_xor(y, tw, out=dst.view("<u8").reshape(m, bpu, 2))
 
@@ -255,6 +281,34 @@ class CpuBackend(Backend):
             return
         for f in [self._pool.submit(fn, a, b) for a, b in ranges]:
             f.result()
+
+
+def _tweaks(t0, bpu):
+    """The tweaks T_j = T_0 * alpha^j, j < bpu, of units whose T_0 are
+    the rows of ``t0`` ((m, 2) uint64: lo, hi); returns (m, bpu, 2).
+    T_{64c} come one after the other (a 64-bit shift each); the 63 that
+    follow each of them, T_{64c + r} = T_{64c} * x^r, in one broadcast."""
+    m = t0.shape[0]
+    run = min(bpu, 64)
+    nb = bpu // run
+    tw = np.empty((m, nb, run, 2), dtype="<u8")
+    tw[:, 0, 0] = t0
+    for c in range(1, nb):
+        tw[:, c, 0, 0], tw[:, c, 0, 1] = _mul_alpha_pow(
+            tw[:, c - 1, 0, 0], tw[:, c - 1, 0, 1], 64)
+    if run > 1:
+        r, back = _R[:run - 1], _BACK[:run - 1]
+        lo = tw[:, :, :1, 0]
+        hi = tw[:, :, :1, 1]
+        ov = hi >> back
+        nlo = lo << r
+        nhi = (hi << r) | (lo >> back)
+        # ov * x^128 = ov * (x^7 + x^2 + x + 1), ov < 2^63
+        nlo ^= ov ^ (ov << _ONE) ^ (ov << np.uint64(2)) ^ (ov << _SH7)
+        nhi ^= (ov >> _SH63) ^ (ov >> np.uint64(62)) ^ (ov >> np.uint64(57))
+        tw[:, :, 1:, 0] = nlo
+        tw[:, :, 1:, 1] = nhi
+    return tw.reshape(m, bpu, 2)
 
 
 def _mul_alpha_pow(lo, hi, j):

@@ -69,6 +69,9 @@ class KeyTable:
     def __init__(self, keys=()):
         keys = list(keys)
         self._keys = [None] * len(keys)
+        #: per slot, a count of its changes (set or wipe): a backend may
+        #: cache whatever it derives from a slot under (slot, generation)
+        self.generations = [0] * len(keys)
         self.schedule = np.zeros((len(keys), SLOT_WORDS), dtype=np.uint32)
         self.version = 0
         for slot, k in enumerate(keys):
@@ -80,6 +83,7 @@ class KeyTable:
     def add(self, key):
         """Append a slot; returns its index."""
         self._keys.append(None)
+        self.generations.append(0)
         self.schedule = np.vstack(
             [self.schedule, np.zeros((1, SLOT_WORDS), np.uint32)])
         self.set(len(self._keys) - 1, key)
@@ -100,12 +104,14 @@ class KeyTable:
         row[180] = nr
         self._keys[slot] = key
         self.schedule[slot] = row
+        self.generations[slot] += 1
         self.version += 1
 
     def wipe(self, slot):
         """Forget the key of ``slot``; using the slot afterwards is an error."""
         self._keys[slot] = None
         self.schedule[slot] = 0
+        self.generations[slot] += 1
         self.version += 1
 
     def key(self, slot):
