@@ -232,3 +232,60 @@ def test_member_with_a_file_system_or_partitions_is_refused(tmp_path):
         subprocess.run(["sfdisk", "-q", str(pt)], input="label: gpt\n,\n",
                        text=True, check=True, capture_output=True)
         assert "partition table" in member_refusal(str(pt))
+
+
+def _gpu_files():
+    return [os.path.join(DATA, "gpu-compute-h200.json"),
+            os.path.join(DATA, "gpu-ring-h200.json")]
+
+
+def test_gpu_results_join_the_report(tmp_path):
+    """kgpu report --gpu-results with JSON stored from an H200 run."""
+    from kgpu_helper.cli import cli
+
+    report.write_report(_results(), str(tmp_path))
+    args = ["report", "--dir", str(tmp_path)]
+    for f in _gpu_files():
+        args += ["--gpu-results", f]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    _check_png(tmp_path / "gpu.png")
+    res = json.loads((tmp_path / "report.json").read_text())
+    gpu = res["gpu"]
+    assert gpu["device"] == "NVIDIA H200"
+    assert gpu["copy_ceiling"]["bidir_gbps"] > 0
+    # the openssl rows past one XTS data unit (16 MiB) are nonsense, out
+    assert max(gpu["openssl"]["by_size"], key=int) == str(16 << 20)
+    md = (tmp_path / "report.md").read_text()
+    assert "![GPU throughput against request size](gpu.png)" in md
+    assert "**PASS" in md      # the demo's part is still there
+    text = " ".join(gpu["findings"])
+    assert "PCIe copy ceiling" in text and "openssl" in text
+    assert "the CPU wins there" in text     # 4 KiB: it does, in that run
+
+
+def test_gpu_findings_follow_the_numbers():
+    reports = [(os.path.basename(f), json.load(open(f)))
+               for f in _gpu_files()]
+    gpu = report.gpu_section(reports)
+    e2e = max(r["gbps"] for r in gpu["compute"]
+              if r["service"] == "aes-xts-256-enc"
+              and r["path"] == "end_to_end")
+    assert f"{e2e:.1f} GB/s" in gpu["findings"][0]
+    # in that run one H200 (47.7 GB/s) stays behind 16 cores (55.4)
+    assert "behind the whole CPU" in gpu["findings"][0]
+    # a GPU twice as fast: the sentence turns around
+    for r in reports[0][1]["results"]:
+        r["gbps"] *= 2
+    fast = report.gpu_section(reports)
+    assert "ahead of the whole CPU" in fast["findings"][0]
+
+
+def test_report_refuses_files_that_are_not_bench_json(tmp_path):
+    from kgpu_helper.cli import cli
+
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    r = CliRunner().invoke(cli, ["report", "--dir", str(tmp_path),
+                                 "--gpu-results", str(bad)])
+    assert r.exit_code != 0 and "not a kgpu bench JSON" in r.output
