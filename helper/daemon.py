@@ -445,6 +445,21 @@ class Helper:
         if self._counters is not None:
             self._counters[1] = int(self.sync_s * 1e9)
 
+    def _wait_any(self):
+        """Several engines: wait for any chunk (not only the oldest, which
+        may sit on a slow engine) or the ring, polling."""
+        start = time.perf_counter()
+        try:
+            while not self.stopping:
+                for ch in self.inflight:
+                    if ch.done():
+                        return
+                if self.t.pending():
+                    return
+                time.sleep(20e-6)
+        finally:
+            self._spun(start)
+
     def _spun(self, start):
         self.spin_s += time.perf_counter() - start
         if self._counters is not None:
@@ -514,6 +529,8 @@ class Helper:
                 elif self.inflight and (sqes is None or not len(sqes)):
                     if self.stopping:
                         self.inflight[0].wait()
+                    elif len(self.gpus) > 1:
+                        self._wait_any()
                     else:
                         self._wait_oldest()
         finally:
