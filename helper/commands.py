@@ -135,6 +135,8 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
             h.close()
         log.info("stopping: %d requests answered in %d batches", n,
                  h.stats["batches"])
+        for line in h.report():
+            log.info("served: %s", line)
     finally:
         t.close()
     return 0

@@ -17,6 +17,13 @@ Where things are:
 - :mod:`kgpu_helper.engine_gpu`: GpuEngine (one per GPU), zero-copy and
   copy paths, failover.
 - :mod:`kgpu_helper.calibrate`: the start-up crossover measurement.
+
+Several GPU engines (``--gpus 0,1``): each chunk goes to the live engine
+with the least work in flight (bytes queued and not yet completed, then
+requests), ties taken in turn; a slow or busy engine so gets fewer
+chunks, an idle one is preferred. :class:`EngineAccount` keeps, per
+engine and for the CPU, the work in flight and the requests and bytes
+served; the helper logs them at stop and every ``report_every`` seconds.
 """
 
 import collections
@@ -40,6 +47,27 @@ log = logging.getLogger("kgpu.helper")
 #: a chunk (one launch, one stream) closes at this many bytes
 CHUNK_BYTES = 8 << 20
 CHUNK_REQS = 1024
+#: seconds between two per-engine reports in the log (0: only at stop)
+REPORT_EVERY = float(os.environ.get("KGPU_HELPER_REPORT_S", "60"))
+
+
+class EngineAccount:
+    """One engine's (or the CPU's) load and what it served."""
+
+    __slots__ = ("label", "q_bytes", "q_reqs", "chunks", "reqs", "bytes",
+                 "failed")
+
+    def __init__(self, label):
+        self.label = label
+        self.q_bytes = self.q_reqs = 0      # in flight, not yet completed
+        self.chunks = self.reqs = self.bytes = 0   # served (status 0)
+        self.failed = 0                     # requests it could not serve
+
+    def line(self):
+        return (f"{self.label}: {self.reqs} requests, "
+                f"{self.bytes / 1e6:.1f} MB in {self.chunks} chunks"
+                + (f", {self.failed} failed over" if self.failed else "")
+                + (f", {self.q_reqs} in flight" if self.q_reqs else ""))
 
 
 # ------------------------------------------------------------------ helper
@@ -54,7 +82,8 @@ class Helper:
     """
 
     def __init__(self, transport, backend, gpus=(), spin=50e-6,
-                 cpu_backend=None, stats=None, xts_io=None):
+                 cpu_backend=None, stats=None, xts_io=None, engines=None,
+                 report_every=None):
         from kgpu_helper.services.cpu import CpuBackend
 
         self.t = transport
@@ -74,7 +103,19 @@ class Helper:
                 self.gpus.append(GpuEngine(be, self.region, self.keys,
                                            self.cpu, self._registered,
                                            xts_io=xts_io))
+        if engines is not None:
+            # prebuilt engines (the tests' fakes): submit(svc, reqs, row)
+            # -> chunk with done(), wait(), finish(); .broken; .streams
+            self.gpus = list(engines)
         self._rr = 0
+        self.cpu_acct = EngineAccount("cpu")
+        self.accts = [EngineAccount(self._label(i, g))
+                      for i, g in enumerate(self.gpus)]
+        self._acct_of = {id(g): a for g, a in zip(self.gpus, self.accts)}
+        self._cost = {}  # id(chunk) -> (account, bytes, requests)
+        self.report_every = (REPORT_EVERY if report_every is None
+                             else report_every)
+        self._reported = time.monotonic()
         self.inflight = collections.deque()
         # batches of 2 or more: validated and grouped in one C pass where
         # a C compiler is at hand (helper/native/fastpath.c), else numpy
@@ -120,15 +161,74 @@ class Helper:
 
     # -- dispatch
 
+    @staticmethod
+    def _label(i, g):
+        try:
+            name = g.name()
+        except Exception:  # noqa: BLE001 - a name is only for the log
+            name = type(g).__name__
+        return f"engine {i} ({name})"
+
     def _gpu(self):
-        if len(self.gpus) == 1:
-            g = self.gpus[0]
+        """The live engine with the least work in flight (bytes, then
+        requests); ties in turn, starting after the last one chosen."""
+        gs = self.gpus
+        n = len(gs)
+        if n == 1:
+            g = gs[0]
             return g if g.broken is None else None
-        live = [g for g in self.gpus if g.broken is None]
-        if not live:
+        best = bkey = None
+        for j in range(n):
+            i = (self._rr + j) % n
+            g = gs[i]
+            if g.broken is not None:
+                continue
+            a = self.accts[i]
+            key = (a.q_bytes, a.q_reqs)
+            if best is None or key < bkey:
+                best, bkey = i, key
+        if best is None:
             return None
-        self._rr = (self._rr + 1) % len(live)
-        return live[self._rr]
+        self._rr = (best + 1) % n
+        return gs[best]
+
+    def _finish(self, ch):
+        """A chunk's CQEs, with its engine's account brought up to date:
+        requests answered CQE_CPU count for the CPU, failed ones (status
+        not 0) as failed over."""
+        cq = ch.finish()
+        cost = self._cost.pop(id(ch), None)
+        if cost is not None:
+            a, nbytes, nreqs = cost
+            a.q_bytes -= nbytes
+            a.q_reqs -= nreqs
+            a.chunks += 1
+            cpu = (cq["flags"] & abi.CQE_CPU) != 0
+            ok = cq["status"] == 0
+            if ok.all() and not cpu.any():
+                a.reqs += nreqs
+                a.bytes += nbytes
+            else:
+                lens = ch.reqs["in_len"].astype(np.int64)
+                mine = ok & ~cpu
+                a.reqs += int(mine.sum())
+                a.bytes += int(lens[mine].sum())
+                a.failed += int((~mine).sum())
+                c = self.cpu_acct
+                c.reqs += int((ok & cpu).sum())
+                c.bytes += int(lens[ok & cpu].sum())
+        return cq
+
+    def report(self):
+        """Per engine (and the CPU): requests and bytes served."""
+        return [a.line() for a in [*self.accts, self.cpu_acct]]
+
+    def _maybe_report(self):
+        now = time.monotonic()
+        if now - self._reported >= self.report_every:
+            self._reported = now
+            for line in self.report():
+                log.info("served so far: %s", line)
 
     def dispatch(self, sqes):
         """Validate and start ``sqes``; returns (ready CQE arrays, list of
@@ -208,26 +308,45 @@ class Helper:
         return ready, pending
 
     def _start(self, s, part, row, ready, pending):
-        """One chunk to a GPU, or (no GPU, or it fails) to the CPU."""
+        """One chunk to a GPU (the least loaded; if it fails, the next
+        live one), or (no GPU left) to the CPU."""
         g = self._gpu()
-        if g is not None:
+        while g is not None:
             try:
-                pending.append(g.submit(s, part, row))
-                self.stats[("gpu", s)] += len(part)
-                return
+                ch = g.submit(s, part, row)
             except Exception as e:  # noqa: BLE001 - fail over
                 g.broken = f"{type(e).__name__}: {e}"
                 log.error("%s: cannot queue work (%s); taking it "
                           "out of service", g.name(), g.broken)
-                # Part of the chunk may be queued already: the CPU may
-                # redo it only once nothing on the GPU can still write.
+                # Part of the chunk may be queued already: another engine
+                # or the CPU may redo it only once nothing on the GPU can
+                # still write.
                 if not self._quiesce():
                     ready.append(_cqes(part, EIO))
                     return
+                g = self._gpu()
+                continue
+            a = self._acct_of.get(id(g))
+            if a is not None:
+                nbytes = row[5] if row is not None else \
+                    int(part["in_len"].sum())
+                a.q_bytes += nbytes
+                a.q_reqs += len(part)
+                self._cost[id(ch)] = (a, nbytes, len(part))
+            pending.append(ch)
+            self.stats[("gpu", s)] += len(part)
+            return
         self.stats[("cpu", s)] += len(part)
         # CQE_CPU whenever the CPU did it, GPUs or not: the
         # kernel's GPU/CPU split must tell the truth.
-        ready.append(_cqes(part, _cpu_run(self.cpu, s, part), abi.CQE_CPU))
+        st = _cpu_run(self.cpu, s, part)
+        c = self.cpu_acct
+        c.chunks += 1
+        ok = (np.asarray(st) == 0) if isinstance(st, np.ndarray) else \
+            np.full(len(part), st == 0)
+        c.reqs += int(ok.sum())
+        c.bytes += int(part["in_len"].astype(np.int64)[ok].sum())
+        ready.append(_cqes(part, st, abi.CQE_CPU))
 
     @staticmethod
     def _groups(reqs):
@@ -326,6 +445,21 @@ class Helper:
         if self._counters is not None:
             self._counters[1] = int(self.sync_s * 1e9)
 
+    def _wait_any(self):
+        """Several engines: wait for any chunk (not only the oldest, which
+        may sit on a slow engine) or the ring, polling."""
+        start = time.perf_counter()
+        try:
+            while not self.stopping:
+                for ch in self.inflight:
+                    if ch.done():
+                        return
+                if self.t.pending():
+                    return
+                time.sleep(20e-6)
+        finally:
+            self._spun(start)
+
     def _spun(self, start):
         self.spin_s += time.perf_counter() - start
         if self._counters is not None:
@@ -369,17 +503,34 @@ class Helper:
                         ready, pend = [_cqes(sqes, EIO)], []
                     out.extend(ready)
                     self.inflight.extend(pend)
-                while self.inflight and self.inflight[0].done():
-                    out.append(self.inflight.popleft().finish())
+                if len(self.gpus) > 1:
+                    # any engine's finished chunks, not only the oldest's:
+                    # a slow engine must not hold back a fast one's posts
+                    # (nor make it look busy to _gpu())
+                    if self.inflight:
+                        keep = collections.deque()
+                        for ch in self.inflight:
+                            if ch.done():
+                                out.append(self._finish(ch))
+                            else:
+                                keep.append(ch)
+                        self.inflight = keep
+                else:
+                    while self.inflight and self.inflight[0].done():
+                        out.append(self._finish(self.inflight.popleft()))
                 if out:
                     cq = np.concatenate(out) if len(out) > 1 else out[0]
                     t.post(cq)
                     answered += len(cq)
                     self.stats["batches"] += 1
                     self.stats["answered"] += len(cq)
+                    if self.report_every > 0:
+                        self._maybe_report()
                 elif self.inflight and (sqes is None or not len(sqes)):
                     if self.stopping:
                         self.inflight[0].wait()
+                    elif len(self.gpus) > 1:
+                        self._wait_any()
                     else:
                         self._wait_oldest()
         finally:
@@ -387,7 +538,7 @@ class Helper:
             while self.inflight:
                 ch = self.inflight.popleft()
                 try:
-                    cq = ch.finish()
+                    cq = self._finish(ch)
                     t.post(cq)
                 except Exception as e:  # noqa: BLE001 - the ring is gone
                     log.warning("could not post a chunk at exit: %s", e)

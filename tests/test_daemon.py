@@ -43,9 +43,10 @@ def xts_oracle(key, data, sector, step, unit, plain=False, decrypt=False):
 class Served:
     """A driver and an in-process Helper (cpu backend) on a thread."""
 
-    def __init__(self, tmp_path, entries=64, backend="cpu", xts_io=None):
+    def __init__(self, tmp_path, entries=64, backend="cpu", xts_io=None,
+                 data_size=4 << 20, **helper_kw):
         self.d = RingDriver(str(tmp_path / "ring.sock"), entries=entries,
-                            data_size=4 << 20, key_slots=4)
+                            data_size=data_size, key_slots=4)
         self.d.set_key(0, KEY64)
         self.d.set_key(1, KEY32)
         box = []
@@ -57,7 +58,7 @@ class Served:
         self.t = box[0]
         be = (get_backend("cpu", threads=2) if backend == "cpu"
               else get_backend(backend))
-        self.h = Helper(self.t, be, spin=0, xts_io=xts_io)
+        self.h = Helper(self.t, be, spin=0, xts_io=xts_io, **helper_kw)
         self.th = threading.Thread(target=self.h.serve)
         self.th.start()
 
