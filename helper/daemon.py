@@ -74,7 +74,7 @@ XTS_IO = os.environ.get("KGPU_XTS_IO", "auto")
 ZC_MAX = (int(os.environ["KGPU_XTS_ZC_MAX"])
           if os.environ.get("KGPU_XTS_ZC_MAX") else None)
 XTS_SVCS = (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC)
-RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC)
+RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC, abi.SVC_RAID6_PQD)
 _DUMMY_KEY = bytes(range(1, 33))
 
 
@@ -160,6 +160,12 @@ def _check_one(r, lo, hi, keys):
             return EINVAL
         keys.refresh((key_slot,))
         return 0 if keys.loaded[key_slot] else ENOKEY
+    if svc == abi.SVC_RAID6_PQD:
+        # deltas of data slots fa..fb, then P and Q (uapi/kgpu.h)
+        if not (4 <= nd <= 32 and in_off == out_off and fa <= fb < nd - 2
+                and in_len == (fb - fa + 3) * unit):
+            return EINVAL
+        return 0
     if not (4 <= nd <= 32 and in_off == out_off and in_len == nd * unit):
         return EINVAL
     if svc == abi.SVC_RAID6_REC and not (
@@ -190,8 +196,9 @@ def validate(sqes, region, keys):
 
     bad = (svc >= abi.SVC_COUNT) | (sqes["flags"] != 0)
     xts = (svc == abi.SVC_XTS_ENC) | (svc == abi.SVC_XTS_DEC)
+    pqd = svc == abi.SVC_RAID6_PQD
     raid = (svc == abi.SVC_RAID6_GEN) | (svc == abi.SVC_RAID6_REC)
-    data = xts | raid
+    data = xts | raid | pqd
     buf_ok = (inside(in_off, in_len) & inside(out_off, out_len)
               & (in_len > 0) & (in_len == out_len))
     unit_ok = (unit > 0) & (unit % np.uint64(16) == 0)
@@ -211,6 +218,13 @@ def validate(sqes, region, keys):
     fail_ok = ((fa < nd) & ((fb == abi.RAID6_NONE) | ((fb < nd) & (fb != fa))))
     bad |= raid & ~rshape
     bad |= rec & ~fail_ok
+    # RAID6_PQD: deltas of data slots fa..fb, then P and Q
+    fa64, fb64 = fa.astype(np.uint64), fb.astype(np.uint64)
+    pshape = ((nd >= 4) & (nd <= 32) & (in_off == out_off) & (fa64 <= fb64)
+              & (fb64 + np.uint64(2) < nd)
+              & (in_len == (fb64 - np.minimum(fa64, fb64) + np.uint64(3))
+                 * unit))
+    bad |= pqd & ~pshape
     st[bad] = EINVAL
     # XTS: the key slot must hold a key
     ks = sqes["key_slot"].astype(np.int64)
@@ -310,11 +324,18 @@ class CpuEngine:
                 if int(r["fail_b"]) != abi.RAID6_NONE:
                     failed.append(int(r["fail_b"]))
                 self.be.raid6_recover(self._blocks(r), failed)
+        elif svc == abi.SVC_RAID6_PQD:
+            for r in reqs:
+                b = self._blocks(r)
+                n = b.shape[0] - 2
+                self.be.raid6_pqd(b[:n], b[n], b[n + 1], int(r["fail_a"]))
         return np.zeros(len(reqs), np.int16)
 
     def _blocks(self, r):
-        off, nd, u = int(r["in_off"]), int(r["ndisks"]), int(r["unit_size"])
-        return self.buf[off:off + nd * u].reshape(nd, u)
+        """The request's blocks as (blocks, unit_size)."""
+        off, u = int(r["in_off"]), int(r["unit_size"])
+        nb = int(r["in_len"]) // u
+        return self.buf[off:off + nb * u].reshape(nb, u)
 
     def _xts(self, decrypt, reqs):
         fn = self.be.xts_decrypt if decrypt else self.be.xts_encrypt
@@ -586,7 +607,10 @@ class GpuEngine:
     def _raid(self, svc, reqs, i, st):
         cp = self.cp
         rt = cp.cuda.runtime
-        nd = int(reqs["ndisks"][0])
+        pqd = svc == abi.SVC_RAID6_PQD
+        # blocks per request: PQD's group shares fail_a..fail_b
+        nd = (int(reqs["fail_b"][0]) - int(reqs["fail_a"][0]) + 3 if pqd
+              else int(reqs["ndisks"][0]))
         k = nd - 2
         units = reqs["unit_size"].astype(np.int64)
         ncol = int(units.sum())
@@ -611,8 +635,12 @@ class GpuEngine:
             rt.memcpy2DAsync(dp + int(cols[j]), ncol, hbase + int(hoff[j]),
                              u, u, rows_in, 1, st.ptr)
         blocks = d[:nd * ncol].reshape(nd, ncol)
-        if gen:
-            self.be.launch_gen(blocks[:k], blocks[k], blocks[k + 1])
+        if gen or pqd:
+            if gen:
+                self.be.launch_gen(blocks[:k], blocks[k], blocks[k + 1])
+            else:
+                self.be.launch_pqd(blocks[:k], blocks[k], blocks[k + 1],
+                                   int(reqs["fail_a"][0]))
             for j in range(len(reqs)):
                 u = int(units[j])
                 rt.memcpy2DAsync(hbase + int(hoff[j]) + k * u, u,
