@@ -30,12 +30,16 @@
  * the work is redone degraded. With more than two members dead, I/O that
  * needs a dead member fails with -EIO, never with wrong data.
  *
- * The helper. P/Q (RAID6_GEN) and recovery (RAID6_REC) go to kgpu when
- * kgpu_offload() says a helper is usable; the request's buffer is filled
- * from the stripe buffer, which stays intact, so done(req, KGPU_FALLBACK)
- * (no helper, it died, it timed out) recomputes from it with raid6_pq.
- * Read-modify-write uses raid6_pq's xor_syndrome on the CPU: the ring has
- * no P/Q delta service.
+ * The helper. P/Q (RAID6_GEN), recovery (RAID6_REC) and read-modify-
+ * write's P/Q delta update (RAID6_PQD: old ^ new of the written data
+ * blocks, old P and Q -> new P and Q) go to kgpu when kgpu_offload() says
+ * a helper is usable and the request is above the crossover; the
+ * request's buffer is filled from the stripe buffer, which stays intact,
+ * so done(req, KGPU_FALLBACK) (no helper, it died, it timed out)
+ * recomputes from it with kgpu_raid6_cpu() (raid6_pq). A read of the one
+ * lost data block of a stripe whose P is alive is rebuilt by XOR on the
+ * CPU from the other data blocks and P: a round trip to the helper costs
+ * more than the XOR.
  */
 #include <linux/bio.h>
 #include <linux/blkdev.h>
@@ -994,7 +998,13 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 		bio_set_dev(bio, c->devs[m]->bdev);
 		return DM_MAPIO_REMAPPED;
 	}
-	if (!bio_sectors(bio))
+	/*
+	 * Discard, write-zeroes and secure erase are not advertised
+	 * (num_discard_bios and friends are 0), so dm answers them with
+	 * EOPNOTSUPP before they get here; anything else is refused.
+	 */
+	if (!bio_sectors(bio) ||
+	    (bio_op(bio) != REQ_OP_READ && bio_op(bio) != REQ_OP_WRITE))
 		return DM_MAPIO_KILL;
 
 	io->sector = dm_target_offset(ti, bio->bi_iter.bi_sector);

@@ -129,6 +129,14 @@ run_points gpu-raid6/1-missing /dev/mapper/b6 $((LEN / 2048)) reads
 dmsetup status b6 > $KGPU_OUT/status-gpu-raid6-1-missing.txt
 dmsetup remove b6
 kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
+kgpu status 2>/dev/null | grep raid6 > $KGPU_OUT/status-kgpu-raid6.txt || true
+# the helper's requests per batch (it says so when it stops)
+if [ "$HP" != 0 ]; then
+  kill -TERM $HP
+  for i in $(seq 100); do kill -0 $HP 2>/dev/null || break; sleep 0.1; done
+  grep -o "[0-9]* requests answered in [0-9]* batches" /tmp/helper.log \
+    > $KGPU_OUT/status-helper.txt || true
+fi
 """
 
 

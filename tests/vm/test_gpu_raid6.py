@@ -386,9 +386,11 @@ def test_helper_served_raid6(guest):
     st = json.loads(guest[1]["kstatus.json"])
     svcs = {s["name"]: s for s in st["services"]}
     served = sum(svcs[n]["helper_cpu"] + svcs[n]["gpu"]
-                 for n in ("raid6-gen", "raid6-rec"))
+                 for n in ("raid6-gen", "raid6-rec", "raid6-pqd"))
     assert served > 0, svcs
     assert svcs["raid6-rec"]["helper_cpu"] + svcs["raid6-rec"]["gpu"] > 0
+    # read-modify-write (fio's small random writes) went to the helper
+    assert svcs["raid6-pqd"]["helper_cpu"] + svcs["raid6-pqd"]["gpu"] > 0
 
 
 def test_no_kernel_complaints(guest):
