@@ -22,7 +22,8 @@ import subprocess
 import click
 
 HELPER = r"""
-kgpu helper --backend cpu > /tmp/helper.log 2>&1 &
+CX=auto; [ "${CROSSOVER:--1}" -ge 0 ] && CX=$CROSSOVER
+kgpu helper --backend cpu --crossover $CX > /tmp/helper.log 2>&1 &
 echo $! > /tmp/helper.pid
 for i in $(seq 1200); do grep -q "INFO: serving" /tmp/helper.log && break; sleep 0.1; done
 grep -q "INFO: serving" /tmp/helper.log
@@ -213,6 +214,8 @@ def _run(kernel, body, no_helper, json_path, what, **settings):
     rows = summarize(points)
     where = (f"QEMU TCG guest, kernel {tb.kernel.release}, "
              f"{'no helper' if no_helper else 'helper with the cpu backend'}")
+    if not no_helper and settings.get("crossover", -1) >= 0:
+        where += f", crossover {settings['crossover']} bytes"
     click.echo(f"# {where}")
     click.echo(format_rows(rows))
     status = {k: r.files[k].decode().strip() for k in r.files
@@ -275,8 +278,12 @@ def bench_crypt(kernel, seconds, reps, iodepth, no_helper, json_path,
 @click.option("--member-mb", default=48, show_default=True)
 @click.option("--chunk-k", default=64, show_default=True,
               help="Chunk size in KiB.")
+@click.option("--crossover", type=int, default=-1,
+              help="Bytes: the helper's crossover for every service "
+                   "(requests below it stay on the kernel's CPU); default: "
+                   "what the helper decides (a cpu-backend helper: 0).")
 def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
-                member_mb, chunk_k):
+                member_mb, chunk_k, crossover):
     """fio on gpu-raid6 (helper attached, cpu backend) and on md RAID6
     (mdadm, left-symmetric) over the same loop devices in one guest:
     sequential 1 MiB and random 4 KiB writes and reads, healthy, then
@@ -289,4 +296,5 @@ def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
         raise click.BadParameter("--devs takes 4 to 32 members")
     return _run(kernel, RAID6, no_helper, json_path, "gpu-raid6 and md RAID6",
                 ndevs=devs, member_mb=member_mb, chunk_k=chunk_k,
-                seconds_per_run=seconds, reps=reps, iodepth=iodepth)
+                seconds_per_run=seconds, reps=reps, iodepth=iodepth,
+                crossover=crossover)
