@@ -111,6 +111,7 @@ MDSIZE=2048; MDOFF=0
 r6create good "$(table raid6_zr 128 "$1 - $3 $4")"
 dmsetup table good > $O/table.txt
 dmsetup status good > $O/status.txt
+blkdiscard /dev/mapper/good > $O/discard.txt 2>&1 || echo "rc=$?" >> $O/discard.txt
 echo "$1 - $3 $4" > $O/table-devs.txt
 dmsetup remove good
 freeloops
@@ -319,6 +320,12 @@ def test_table_and_status_lines(guest):
     assert status == ["0", "2048", "gpu-raid6", "4", "ADAA", "0", "0", "0",
                       "0", "0"], status
     assert len(devs) == 4
+
+
+def test_discard_refused_cleanly(guest):
+    """No discard support is advertised: blkdiscard fails, nothing else."""
+    text = guest[1]["discard.txt"]
+    assert "rc=" in text and "not supported" in text, text
 
 
 @pytest.mark.parametrize("tag", INTEROP)
