@@ -30,12 +30,16 @@
  * the work is redone degraded. With more than two members dead, I/O that
  * needs a dead member fails with -EIO, never with wrong data.
  *
- * The helper. P/Q (RAID6_GEN) and recovery (RAID6_REC) go to kgpu when
- * kgpu_offload() says a helper is usable; the request's buffer is filled
- * from the stripe buffer, which stays intact, so done(req, KGPU_FALLBACK)
- * (no helper, it died, it timed out) recomputes from it with raid6_pq.
- * Read-modify-write uses raid6_pq's xor_syndrome on the CPU: the ring has
- * no P/Q delta service.
+ * The helper. P/Q (RAID6_GEN), recovery (RAID6_REC) and read-modify-
+ * write's P/Q delta update (RAID6_PQD: old ^ new of the written data
+ * blocks, old P and Q -> new P and Q) go to kgpu when kgpu_offload() says
+ * a helper is usable and the request is above the crossover; the
+ * request's buffer is filled from the stripe buffer, which stays intact,
+ * so done(req, KGPU_FALLBACK) (no helper, it died, it timed out)
+ * recomputes from it with kgpu_raid6_cpu() (raid6_pq). A read of the one
+ * lost data block of a stripe whose P is alive is rebuilt by XOR on the
+ * CPU from the other data blocks and P: a round trip to the helper costs
+ * more than the XOR.
  */
 #include <linux/bio.h>
 #include <linux/blkdev.h>
@@ -340,9 +344,25 @@ static bool gr_batch_wait(struct gr_ctx *c, struct gr_batch *b)
 	return !b->errors;
 }
 
-/* Copy len bytes between the bio (skip bytes into io->iter) and buf. */
+enum gr_copy { GR_TO_BIO, GR_FROM_BIO, GR_XOR_FROM_BIO };
+
+static void gr_xor(u8 *dst, const u8 *src, unsigned int len)
+{
+	unsigned int i = 0;
+
+	if (IS_ALIGNED((unsigned long)dst | (unsigned long)src, 8))
+		for (; i + 8 <= len; i += 8)
+			*(u64 *)(dst + i) ^= *(const u64 *)(src + i);
+	for (; i < len; i++)
+		dst[i] ^= src[i];
+}
+
+/*
+ * Between the bio (skip bytes into io->iter) and buf, len bytes: copy to
+ * the bio, copy from it, or XOR the bio's bytes into buf.
+ */
 static void gr_copy_bio(struct gr_io *io, unsigned int skip, u8 *buf,
-			unsigned int len, bool to_bio)
+			unsigned int len, enum gr_copy how)
 {
 	struct bvec_iter iter = io->iter;
 	struct bio *bio = io->bio;
@@ -351,11 +371,17 @@ static void gr_copy_bio(struct gr_io *io, unsigned int skip, u8 *buf,
 	while (len) {
 		struct bio_vec bv = bio_iter_iovec(bio, iter);
 		unsigned int n = min(len, bv.bv_len);
+		u8 *p;
 
-		if (to_bio)
+		if (how == GR_TO_BIO) {
 			memcpy_to_page(bv.bv_page, bv.bv_offset, buf, n);
-		else
+		} else if (how == GR_FROM_BIO) {
 			memcpy_from_page(buf, bv.bv_page, bv.bv_offset, n);
+		} else {
+			p = kmap_local_page(bv.bv_page);
+			gr_xor(buf, p + bv.bv_offset, n);
+			kunmap_local(p);
+		}
 		bio_advance_iter_single(bio, &iter, n);
 		buf += n;
 		len -= n;
@@ -363,54 +389,6 @@ static void gr_copy_bio(struct gr_io *io, unsigned int skip, u8 *buf,
 }
 
 /* ---- P/Q and recovery ----------------------------------------------------- */
-
-static void gr_xor(u8 *dst, const u8 *src, unsigned int len)
-{
-	u64 *d = (u64 *)dst;
-	const u64 *s = (const u64 *)src;
-	unsigned int i;
-
-	for (i = 0; i < len / 8; i++)
-		d[i] ^= s[i];
-}
-
-/*
- * raid6_pq on the CPU. ptrs: nslots blocks of len bytes, data in syndrome
- * order, then P, then Q. GEN: P and Q; REC: rebuild a and b (GR_NONE).
- * One page at a time: the recovery routines stand in a zero page for the
- * lost blocks.
- */
-static void gr_cpu(unsigned int nslots, unsigned int svc, void **ptrs,
-		   unsigned int len, unsigned int a, unsigned int b)
-{
-	unsigned int k = nslots - 2, i, off, n;
-	void *p[GR_MAX_SLOTS];
-
-	if (a > b)
-		swap(a, b);	/* a < b; GR_NONE only in b */
-	for (off = 0; off < len; off += n) {
-		n = min_t(unsigned int, len - off, PAGE_SIZE);
-		for (i = 0; i < nslots; i++)
-			p[i] = ptrs[i] + off;
-		if (svc == KGPU_SVC_RAID6_GEN) {
-			raid6_call.gen_syndrome(nslots, n, p);
-		} else if (a < k && b < k) {
-			raid6_2data_recov(nslots, n, a, b, p);
-		} else if (a < k && b == k) {
-			raid6_datap_recov(nslots, n, a, p);
-		} else if (a < k) {
-			/* one data block (and perhaps Q): from P, then Q */
-			memcpy(p[a], p[k], n);
-			for (i = 0; i < k; i++)
-				if (i != a)
-					gr_xor(p[a], p[i], n);
-			if (b == k + 1)
-				raid6_call.gen_syndrome(nslots, n, p);
-		} else {
-			raid6_call.gen_syndrome(nslots, n, p);
-		}
-	}
-}
 
 static void gr_req_done(struct kgpu_request *req, int status)
 {
@@ -420,43 +398,71 @@ static void gr_req_done(struct kgpu_request *req, int status)
 	complete(&w->done);
 }
 
-/* GEN or REC of the blocks at ptrs, through the helper when it is usable. */
+/*
+ * Request block i of a service's buffer (uapi/kgpu.h): the slot it comes
+ * from. PQD sends slots a..b, then P and Q; GEN and REC all slots.
+ */
+static unsigned int gr_req_slot(unsigned int svc, unsigned int nslots,
+				unsigned int nblk, unsigned int a,
+				unsigned int i)
+{
+	if (svc != KGPU_SVC_RAID6_PQD)
+		return i;
+	return i < nblk - 2 ? a + i : nslots - nblk + i;
+}
+
+/*
+ * GEN, REC or PQD of the blocks at ptrs (a, b: kgpu_raid6_cpu's), through
+ * the helper when it is usable and the request is above the crossover;
+ * else, or when the helper does not answer, raid6_pq on this CPU from
+ * ptrs, which the helper never sees.
+ */
 static void gr_compute(struct gr_ctx *c, unsigned int svc, void **ptrs,
 		       unsigned int len, unsigned int a, unsigned int b)
 {
-	unsigned int n = c->nslots, i;
-	size_t total = (size_t)n * len;
+	unsigned int n = c->nslots, nblk = n, i, s;
 	struct kgpu_request *req;
 	struct gr_wait w;
+	size_t total;
 
+	if (svc == KGPU_SVC_RAID6_PQD)
+		nblk = b - a + 3;
+	total = (size_t)nblk * len;
 	if (n > GR_MAX_DEVS || !kgpu_offload(svc, total))
 		goto cpu;
 	req = kgpu_request_get(total, 0);
 	if (IS_ERR(req))
 		goto cpu;
-	for (i = 0; i < n; i++)
-		memcpy(req->data + (size_t)i * len, ptrs[i], len);
+	for (i = 0; i < nblk; i++) {
+		s = gr_req_slot(svc, n, nblk, a, i);
+		/* GEN needs no old P/Q, REC no lost block */
+		if ((svc == KGPU_SVC_RAID6_GEN && s >= n - 2) ||
+		    (svc == KGPU_SVC_RAID6_REC && (s == a || s == b)))
+			continue;
+		memcpy(req->data + (size_t)i * len, ptrs[s], len);
+	}
 	memset(&req->params, 0, sizeof(req->params));
 	req->params.service = svc;
 	req->params.in_len = total;
 	req->params.out_len = total;
 	req->params.unit_size = len;
 	req->params.ndisks = n;
-	req->params.fail_a = svc == KGPU_SVC_RAID6_REC ? a : KGPU_RAID6_NONE;
-	req->params.fail_b = svc == KGPU_SVC_RAID6_REC ? b : KGPU_RAID6_NONE;
+	req->params.fail_a = svc == KGPU_SVC_RAID6_GEN ? KGPU_RAID6_NONE : a;
+	req->params.fail_b = svc == KGPU_SVC_RAID6_GEN ? KGPU_RAID6_NONE : b;
 	req->done = gr_req_done;
 	req->private = &w;
 	init_completion(&w.done);
 	kgpu_submit(req);
 	wait_for_completion(&w.done);
 	if (w.status == 0) {
-		if (svc == KGPU_SVC_RAID6_GEN) {
-			a = n - 2;
-			b = n - 1;
+		/* what the service wrote: P and Q, or the lost blocks */
+		for (i = 0; i < nblk; i++) {
+			s = gr_req_slot(svc, n, nblk, a, i);
+			if (svc == KGPU_SVC_RAID6_REC ? s == a || s == b :
+			    s >= n - 2)
+				memcpy(ptrs[s], req->data + (size_t)i * len,
+				       len);
 		}
-		memcpy(ptrs[a], req->data + (size_t)a * len, len);
-		if (b != GR_NONE)
-			memcpy(ptrs[b], req->data + (size_t)b * len, len);
 		if (req->cqe_flags & KGPU_CQE_CPU)
 			atomic64_inc(&c->by_helper_cpu);
 		else
@@ -467,7 +473,7 @@ static void gr_compute(struct gr_ctx *c, unsigned int svc, void **ptrs,
 	kgpu_request_put(req);
 cpu:
 	atomic64_inc(&c->by_kernel);
-	gr_cpu(n, svc, ptrs, len, a, b);
+	kgpu_raid6_cpu(svc, n, ptrs, len, a, b);
 }
 
 /* ---- the stripe engine ---------------------------------------------------- */
@@ -546,8 +552,13 @@ redo:
 		for (j = 0; j < k; j++)
 			if (wlo[j] != ulo || whi[j] != uhi)
 				rcw_reads++;
-		/* A tie goes to read-modify-write: no helper round trip. */
-		rmw = raid6_call.xor_syndrome && nw + 2 <= rcw_reads;
+		/*
+		 * Read-modify-write reads the old data it overwrites, P and
+		 * Q; reconstruct-write the data it does not overwrite. A tie
+		 * goes to read-modify-write, which reads fewer bytes (only
+		 * the columns it writes).
+		 */
+		rmw = nw + 2 <= rcw_reads;
 	} else {
 		for (j = 0; j < k; j++)
 			if (gr_dead(c, r->data[j]) &&
@@ -564,7 +575,11 @@ redo:
 		m = r->data[j];
 		if (gr_dead(c, m))
 			continue;
-		if (rmw ? written : (rec || !full))
+		if (rmw && written)
+			gr_mio(c, b, m, REQ_OP_READ, row, wlo[j],
+			       buf->blk[r->slot[m]] + ((wlo[j] - ulo) << 9),
+			       (whi[j] - wlo[j]) << 9);
+		else if (!rmw && (rec || !full))
 			gr_mio(c, b, m, REQ_OP_READ, row, ulo,
 			       buf->blk[r->slot[m]], len);
 	}
@@ -577,22 +592,32 @@ redo:
 	if (!gr_batch_wait(c, b))
 		goto redo;
 
-	/* compute, around the new data */
+	/* compute */
 	if (rmw) {
-		void *dp[GR_MAX_SLOTS];
-
-		for (s = 0; s < c->nslots; s++)
-			dp[s] = ptrs[s];
+		/*
+		 * The written blocks become old ^ new (zero outside the
+		 * columns written), then one P/Q delta update (RAID6_PQD).
+		 */
 		for (j = 0; j < k; j++) {
+			u8 *blk;
+
 			s = r->slot[r->data[j]];
-			if (whi[j] > wlo[j]) {
-				lo = min(lo, s);
-				hi = max(hi, s);
-			} else {
-				dp[s] = gr_zero;
+			if (whi[j] <= wlo[j]) {
+				ptrs[s] = gr_zero;
+				continue;
 			}
+			blk = buf->blk[s];
+			memset(blk, 0, (wlo[j] - ulo) << 9);
+			memset(blk + ((whi[j] - ulo) << 9), 0,
+			       (uhi - whi[j]) << 9);
+			gr_copy_bio(io, (row0 + ((sector_t)j << c->chunk_shift) +
+					 wlo[j] - bs) << 9,
+				    blk + ((wlo[j] - ulo) << 9),
+				    (whi[j] - wlo[j]) << 9, GR_XOR_FROM_BIO);
+			lo = min(lo, s);
+			hi = max(hi, s);
 		}
-		raid6_call.xor_syndrome(c->nslots, lo, hi, len, dp);
+		gr_compute(c, KGPU_SVC_RAID6_PQD, ptrs, len, lo, hi);
 	} else if (rec) {
 		gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
 	}
@@ -602,21 +627,10 @@ redo:
 		gr_copy_bio(io, (row0 + ((sector_t)j << c->chunk_shift) +
 				 wlo[j] - bs) << 9,
 			    buf->blk[r->slot[r->data[j]]] + ((wlo[j] - ulo) << 9),
-			    (whi[j] - wlo[j]) << 9, false);
+			    (whi[j] - wlo[j]) << 9, GR_FROM_BIO);
 	}
-	if (rmw) {
-		void *dp[GR_MAX_SLOTS];
-
-		for (s = 0; s < c->nslots; s++)
-			dp[s] = ptrs[s];
-		for (j = 0; j < k; j++)
-			if (whi[j] <= wlo[j])
-				dp[r->slot[r->data[j]]] = gr_zero;
-		raid6_call.xor_syndrome(c->nslots, lo, hi, len, dp);
-		atomic64_inc(&c->by_kernel);
-	} else {
+	if (!rmw)
 		gr_compute(c, KGPU_SVC_RAID6_GEN, ptrs, len, GR_NONE, GR_NONE);
-	}
 
 	/* write the new data, P and Q */
 	gr_batch_start(b);
@@ -637,30 +651,49 @@ redo:
 	return gr_nfailed(c) > 2 ? -EIO : 0;
 }
 
-/* Read columns [col, col + nsec) of data block j of row, rebuilding. */
+/*
+ * Read columns [col, col + nsec) of data block j of row, rebuilding it if
+ * its member is dead: from P alone, with XOR on this CPU, when it is the
+ * only data block lost and P is alive (the other data blocks and P are
+ * read, not Q); else from all survivors through RAID6_REC.
+ */
 static int gr_read_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 		       const struct gr_row *r, sector_t row, unsigned int j,
 		       sector_t col, unsigned int nsec, unsigned int skip)
 {
 	unsigned int m = r->data[j], s = r->slot[m], len = nsec << 9, fa, fb, i;
+	unsigned int P = c->nslots - 2, Q = c->nslots - 1;
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
+	bool dead, xor;
 
 redo:
-	if (gr_dead(c, m) && !gr_lost(c, r, &fa, &fb))
+	dead = gr_dead(c, m);
+	if (dead && !gr_lost(c, r, &fa, &fb))
 		return -EIO;
+	/* lost: this block, perhaps Q; P alive */
+	xor = dead && (fb == GR_NONE || fb == Q || fa == Q);
 	gr_batch_start(b);
-	for (i = 0; i < c->ndevs; i++)
-		if (!gr_dead(c, i) && (i == m || gr_dead(c, m)))
-			gr_mio(c, b, i, REQ_OP_READ, row, col,
-			       buf->blk[r->slot[i]], len);
+	for (i = 0; i < c->ndevs; i++) {
+		if (gr_dead(c, i) || (i != m && !dead) ||
+		    (xor && r->slot[i] == Q))
+			continue;
+		gr_mio(c, b, i, REQ_OP_READ, row, col, buf->blk[r->slot[i]],
+		       len);
+	}
 	if (!gr_batch_wait(c, b))
 		goto redo;
-	if (gr_dead(c, m)) {
+	if (xor) {
+		memcpy(buf->blk[s], buf->blk[P], len);
+		for (i = 0; i < c->ndevs; i++)
+			if (i != m && r->slot[i] < P)
+				gr_xor(buf->blk[s], buf->blk[r->slot[i]], len);
+		atomic64_inc(&c->by_kernel);
+	} else if (dead) {
 		gr_ptrs(c, buf, r, ptrs);
 		gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
 	}
-	gr_copy_bio(io, skip, buf->blk[s], len, true);
+	gr_copy_bio(io, skip, buf->blk[s], len, GR_TO_BIO);
 	return 0;
 }
 
@@ -965,7 +998,13 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 		bio_set_dev(bio, c->devs[m]->bdev);
 		return DM_MAPIO_REMAPPED;
 	}
-	if (!bio_sectors(bio))
+	/*
+	 * Discard, write-zeroes and secure erase are not advertised
+	 * (num_discard_bios and friends are 0), so dm answers them with
+	 * EOPNOTSUPP before they get here; anything else is refused.
+	 */
+	if (!bio_sectors(bio) ||
+	    (bio_op(bio) != REQ_OP_READ && bio_op(bio) != REQ_OP_WRITE))
 		return DM_MAPIO_KILL;
 
 	io->sector = dm_target_offset(ti, bio->bi_iter.bi_sector);

@@ -18,14 +18,16 @@ every size and offset here matches it.
 import numpy as np
 
 MAGIC = 0x6B677075
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # enum kgpu_service
-SVC_NOP, SVC_XTS_ENC, SVC_XTS_DEC, SVC_RAID6_GEN, SVC_RAID6_REC = range(5)
-SVC_COUNT = 5
+(SVC_NOP, SVC_XTS_ENC, SVC_XTS_DEC, SVC_RAID6_GEN, SVC_RAID6_REC,
+ SVC_RAID6_PQD) = range(6)
+SVC_COUNT = 6
 SERVICE_NAMES = {
     SVC_NOP: "nop", SVC_XTS_ENC: "xts-enc", SVC_XTS_DEC: "xts-dec",
     SVC_RAID6_GEN: "raid6-gen", SVC_RAID6_REC: "raid6-rec",
+    SVC_RAID6_PQD: "raid6-pqd",
 }
 
 IV_PLAIN64 = 0

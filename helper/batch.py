@@ -23,7 +23,7 @@ EINVAL = -errno.EINVAL
 ENOKEY = -errno.ENOKEY
 EIO = -errno.EIO
 XTS_SVCS = (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC)
-RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC)
+RAID_SVCS = (abi.SVC_RAID6_GEN, abi.SVC_RAID6_REC, abi.SVC_RAID6_PQD)
 _DUMMY_KEY = bytes(range(1, 33))
 
 
@@ -109,6 +109,12 @@ def _check_one(r, lo, hi, keys):
             return EINVAL
         keys.refresh((key_slot,))
         return 0 if keys.loaded[key_slot] else ENOKEY
+    if svc == abi.SVC_RAID6_PQD:
+        # deltas of data slots fa..fb, then P and Q (uapi/kgpu.h)
+        if not (4 <= nd <= 32 and in_off == out_off and fa <= fb < nd - 2
+                and in_len == (fb - fa + 3) * unit):
+            return EINVAL
+        return 0
     if not (4 <= nd <= 32 and in_off == out_off and in_len == nd * unit):
         return EINVAL
     if svc == abi.SVC_RAID6_REC and not (
@@ -139,8 +145,9 @@ def validate(sqes, region, keys):
 
     bad = (svc >= abi.SVC_COUNT) | (sqes["flags"] != 0)
     xts = (svc == abi.SVC_XTS_ENC) | (svc == abi.SVC_XTS_DEC)
+    pqd = svc == abi.SVC_RAID6_PQD
     raid = (svc == abi.SVC_RAID6_GEN) | (svc == abi.SVC_RAID6_REC)
-    data = xts | raid
+    data = xts | raid | pqd
     buf_ok = (inside(in_off, in_len) & inside(out_off, out_len)
               & (in_len > 0) & (in_len == out_len))
     unit_ok = (unit > 0) & (unit % np.uint64(16) == 0)
@@ -160,6 +167,13 @@ def validate(sqes, region, keys):
     fail_ok = ((fa < nd) & ((fb == abi.RAID6_NONE) | ((fb < nd) & (fb != fa))))
     bad |= raid & ~rshape
     bad |= rec & ~fail_ok
+    # RAID6_PQD: deltas of data slots fa..fb, then P and Q
+    fa64, fb64 = fa.astype(np.uint64), fb.astype(np.uint64)
+    pshape = ((nd >= 4) & (nd <= 32) & (in_off == out_off) & (fa64 <= fb64)
+              & (fb64 + np.uint64(2) < nd)
+              & (in_len == (fb64 - np.minimum(fa64, fb64) + np.uint64(3))
+                 * unit))
+    bad |= pqd & ~pshape
     st[bad] = EINVAL
     # XTS: the key slot must hold a key
     ks = sqes["key_slot"].astype(np.int64)

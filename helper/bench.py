@@ -17,7 +17,7 @@ QUICK_SIZES = [4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
 SERVICES = ["aes-xts-256-enc", "aes-xts-256-dec", "aes-xts-128-enc",
             "aes-xts-128-dec", "raid6-gen-k4", "raid6-gen-k8",
             "raid6-gen-k16", "raid6-rec2-k4", "raid6-rec2-k8",
-            "raid6-rec2-k16"]
+            "raid6-rec2-k16", "raid6-pqd-k1", "raid6-pqd-k4"]
 PATHS = ["kernel", "end_to_end", "cpu_1core", "cpu_allcores"]
 
 
@@ -63,7 +63,8 @@ class Service:
             self.decrypt = parts[3] == "dec"
             self.unit_size = unit_size
         else:
-            self.kind = parts[1]  # gen / rec2
+            # gen / rec2 / pqd; pqd's k: the data blocks that changed
+            self.kind = parts[1]
             self.k = int(parts[2][1:])
 
     def shape(self, size):
@@ -141,7 +142,7 @@ class Runner:
 
     def cpu(self, be, svc, size):
         shape = svc.shape(size)
-        data = np.empty(shape if svc.kind != "rec2" else
+        data = np.empty(shape if svc.kind in ("xts", "gen") else
                         (shape[0] + 2, shape[1]), np.uint8)
         _rng_fill(self.rng, data)
         if svc.kind == "xts":
@@ -155,6 +156,10 @@ class Runner:
             p = np.empty(shape[1], np.uint8)
             q = np.empty(shape[1], np.uint8)
             return self.time_host(lambda: be.raid6_gen(data, p, q))
+        if svc.kind == "pqd":
+            k = svc.k
+            return self.time_host(lambda: be.raid6_pqd(data[:k], data[k],
+                                                       data[k + 1], 0))
         failed = [1, svc.k - 1]
         return self.time_host(lambda: be.raid6_recover(data, failed))
 
@@ -162,7 +167,7 @@ class Runner:
         import cupy as cp
         be = self.gpu
         shape = svc.shape(size)
-        rows = shape[0] + (2 if svc.kind == "rec2" else 0)
+        rows = shape[0] + (2 if svc.kind in ("rec2", "pqd") else 0)
         footprint = rows * shape[1] * (2 if svc.kind == "xts" else 1)
         # rotate over buffers so memory-bound kernels are not timed from L2
         nbuf = max(1, min(8, math.ceil(256 * MiB / footprint)))
@@ -178,6 +183,10 @@ class Runner:
             elif svc.kind == "gen":
                 pq = cp.empty((2, shape[1]), cp.uint8)
                 fns.append(lambda d=d, pq=pq: be.launch_gen(d, pq[0], pq[1]))
+            elif svc.kind == "pqd":
+                k = svc.k
+                fns.append(lambda d=d: be.launch_pqd(d[:k], d[k], d[k + 1],
+                                                     0))
             else:
                 failed = [1, svc.k - 1]
                 fns.append(lambda d=d: be.launch_recover(d, failed))
@@ -200,6 +209,10 @@ class Runner:
                 hin = be.empty_host(shape)
                 _rng_fill(self.rng, hin)
                 slots.append((hin, be.empty_host((2, shape[1]))))
+            elif svc.kind == "pqd":
+                blocks = be.empty_host((shape[0] + 2, shape[1]))
+                _rng_fill(self.rng, blocks)
+                slots.append((blocks,))
             else:
                 blocks = be.empty_host((shape[0] + 2, shape[1]))
                 _rng_fill(self.rng, blocks)
@@ -213,6 +226,9 @@ class Runner:
                          unit_size=svc.unit_size)
             elif svc.kind == "gen":
                 pipe.raid6_gen(s[0], s[1][0], s[1][1])
+            elif svc.kind == "pqd":
+                k = svc.k
+                pipe.raid6_pqd(s[0][:k], s[0][k], s[0][k + 1], 0)
             else:
                 pipe.raid6_recover(s[0], [1, svc.k - 1])
 

@@ -32,7 +32,7 @@ def calibrate(gpu, cpu, sizes=CAL_SIZES, reps=5):
         return min(ts)
 
     for svc in (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC, abi.SVC_RAID6_GEN,
-                abi.SVC_RAID6_REC):
+                abi.SVC_RAID6_REC, abi.SVC_RAID6_PQD):
         cross = None
         for size in sizes:
             if svc in XTS_SVCS:
@@ -53,6 +53,11 @@ def calibrate(gpu, cpu, sizes=CAL_SIZES, reps=5):
                                                     blocks[k + 1]))
                     tc = best(lambda: cpu.raid6_gen(blocks[:k], blocks[k],
                                                     blocks[k + 1]))
+                elif svc == abi.SVC_RAID6_PQD:
+                    # read-modify-write of two data blocks: 2 deltas, P, Q
+                    b = blocks
+                    tg = best(lambda: gpu.raid6_pqd(b[:2], b[2], b[3], 3))
+                    tc = best(lambda: cpu.raid6_pqd(b[:2], b[2], b[3], 3))
                 else:
                     tg = best(lambda: gpu.raid6_recover(blocks, [1, 5]))
                     tc = best(lambda: cpu.raid6_recover(blocks, [1, 5]))

@@ -35,11 +35,18 @@ class CpuEngine:
                 if int(r["fail_b"]) != abi.RAID6_NONE:
                     failed.append(int(r["fail_b"]))
                 self.be.raid6_recover(self._blocks(r), failed)
+        elif svc == abi.SVC_RAID6_PQD:
+            for r in reqs:
+                b = self._blocks(r)
+                n = b.shape[0] - 2
+                self.be.raid6_pqd(b[:n], b[n], b[n + 1], int(r["fail_a"]))
         return np.zeros(len(reqs), np.int16)
 
     def _blocks(self, r):
-        off, nd, u = int(r["in_off"]), int(r["ndisks"]), int(r["unit_size"])
-        return self.buf[off:off + nd * u].reshape(nd, u)
+        """The request's blocks as (blocks, unit_size)."""
+        off, u = int(r["in_off"]), int(r["unit_size"])
+        nb = int(r["in_len"]) // u
+        return self.buf[off:off + nb * u].reshape(nb, u)
 
     def _xts(self, decrypt, reqs):
         fn = self.be.xts_decrypt if decrypt else self.be.xts_encrypt

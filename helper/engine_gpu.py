@@ -304,7 +304,10 @@ class GpuEngine:
     def _raid(self, svc, reqs, i, st):
         cp = self.cp
         rt = cp.cuda.runtime
-        nd = int(reqs["ndisks"][0])
+        pqd = svc == abi.SVC_RAID6_PQD
+        # blocks per request: PQD's group shares fail_a..fail_b
+        nd = (int(reqs["fail_b"][0]) - int(reqs["fail_a"][0]) + 3 if pqd
+              else int(reqs["ndisks"][0]))
         k = nd - 2
         units = reqs["unit_size"].astype(np.int64)
         ncol = int(units.sum())
@@ -329,8 +332,12 @@ class GpuEngine:
             rt.memcpy2DAsync(dp + int(cols[j]), ncol, hbase + int(hoff[j]),
                              u, u, rows_in, 1, st.ptr)
         blocks = d[:nd * ncol].reshape(nd, ncol)
-        if gen:
-            self.be.launch_gen(blocks[:k], blocks[k], blocks[k + 1])
+        if gen or pqd:
+            if gen:
+                self.be.launch_gen(blocks[:k], blocks[k], blocks[k + 1])
+            else:
+                self.be.launch_pqd(blocks[:k], blocks[k], blocks[k + 1],
+                                   int(reqs["fail_a"][0]))
             for j in range(len(reqs)):
                 u = int(units[j])
                 rt.memcpy2DAsync(hbase + int(hoff[j]) + k * u, u,

@@ -93,6 +93,16 @@ size_t kgpu_max_request(void);
  */
 bool kgpu_offload(unsigned int service, size_t len);
 
+/*
+ * RAID6 services on the kernel's CPU (raid6_pq), as the helper computes
+ * them: GEN, REC or PQD over nslots blocks (data in syndrome order, P, Q)
+ * of len bytes. a, b: REC's lost blocks, PQD's first and last changed
+ * data slot (uapi/kgpu.h). For targets' fallbacks and the self-test.
+ */
+#define KGPU_RAID6_MAX_SLOTS	34	/* 32 members, ddf's two zero slots */
+void kgpu_raid6_cpu(unsigned int svc, unsigned int nslots, void **ptrs,
+		    size_t len, unsigned int a, unsigned int b);
+
 /* XTS key slots in the region: raw K1 || K2, 32 or 64 bytes. */
 int kgpu_key_get(void);
 int kgpu_key_set(int slot, const u8 *key, unsigned int len);

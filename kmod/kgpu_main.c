@@ -104,6 +104,7 @@ const char *const kgpu_svc_names[KGPU_SVC_COUNT] = {
 	[KGPU_SVC_XTS_DEC] = "xts-dec",
 	[KGPU_SVC_RAID6_GEN] = "raid6-gen",
 	[KGPU_SVC_RAID6_REC] = "raid6-rec",
+	[KGPU_SVC_RAID6_PQD] = "raid6-pqd",
 };
 
 static struct kgpu_core {

@@ -8,8 +8,8 @@
  *
  * Each round submits a batch of random requests from inside the kernel
  * (AES-XTS encrypt and decrypt with random unit sizes, sectors and keys;
- * RAID6 syndrome generation and recovery of every kind of one or two lost
- * blocks, 4 to 16 disks) and checks every result against the kernel's own
+ * RAID6 syndrome generation, P/Q delta updates, and recovery of every kind
+ * of one or two lost blocks, 4 to 16 disks) and checks every result against the kernel's own
  * "xts(aes)" and raid6_pq library. Requests the helper does not complete
  * come back as KGPU_FALLBACK and are done here on the CPU, as a target
  * would; with no helper attached everything is done on the CPU. The write
@@ -124,44 +124,28 @@ static int st_xts(struct crypto_skcipher *tfm, const struct kgpu_sqe *p,
 }
 
 /*
- * RAID6 on the CPU with raid6_pq. buf holds ndisks blocks of unit_size:
- * data, P, Q. GEN fills P and Q; REC rebuilds fail_a and fail_b.
+ * RAID6 on the CPU: buf holds the request's blocks as uapi/kgpu.h lays
+ * them out (GEN, REC: ndisks blocks; PQD: the deltas of slots
+ * fail_a..fail_b, then P, then Q).
  */
 static void st_raid6(const struct kgpu_sqe *p, u8 *buf)
 {
-	void *ptrs[32];
-	unsigned int n = p->ndisks, k = n - 2, i;
+	void *ptrs[KGPU_RAID6_MAX_SLOTS];
+	unsigned int n = p->ndisks, nd = p->fail_b - p->fail_a + 1, i;
 	size_t bs = p->unit_size;
-	unsigned int a = p->fail_a, b = p->fail_b;
 
-	for (i = 0; i < n; i++)
-		ptrs[i] = buf + i * bs;
-	if (p->service == KGPU_SVC_RAID6_GEN) {
-		raid6_call.gen_syndrome(n, bs, ptrs);
-		return;
-	}
-	if (b == KGPU_RAID6_NONE || a > b)
-		swap(a, b);	/* a: the lower index, or NONE only in b */
-	if (a == KGPU_RAID6_NONE) {
-		a = b;
-		b = KGPU_RAID6_NONE;
-	}
-	if (a < k && b < k) {
-		raid6_2data_recov(n, bs, a, b, ptrs);
-	} else if (a < k && b == k) {
-		raid6_datap_recov(n, bs, a, ptrs);
-	} else if (a < k) {
-		/* One data block (and perhaps Q): P rebuilds it, then Q. */
-		memcpy(ptrs[a], ptrs[k], bs);
-		for (i = 0; i < k; i++)
-			if (i != a)
-				crypto_xor(ptrs[a], ptrs[i], bs);
-		if (b == k + 1)
-			raid6_call.gen_syndrome(n, bs, ptrs);
+	if (p->service != KGPU_SVC_RAID6_PQD) {
+		for (i = 0; i < n; i++)
+			ptrs[i] = buf + i * bs;
 	} else {
-		/* Only P and/or Q lost. */
-		raid6_call.gen_syndrome(n, bs, ptrs);
+		/* data slots outside fail_a..fail_b are never read */
+		for (i = 0; i < n - 2; i++)
+			ptrs[i] = buf + (i >= p->fail_a && i <= p->fail_b ?
+					 i - p->fail_a : 0) * bs;
+		ptrs[n - 2] = buf + nd * bs;
+		ptrs[n - 1] = buf + (nd + 1) * bs;
 	}
+	kgpu_raid6_cpu(p->service, n, ptrs, bs, p->fail_a, p->fail_b);
 }
 
 /* ---- one batch ----------------------------------------------------------- */
@@ -202,7 +186,7 @@ static void st_pick(struct st_ctx *c, struct st_req *s)
 	static const unsigned int units[] = { 512, 1024, 2048, 4096 };
 	struct kgpu_sqe *p = &s->p;
 	/* XTS (kinds 0, 1) only with a key in a slot. */
-	unsigned int kind = c->k->n ? st_rand(4) : 2 + st_rand(2);
+	unsigned int kind = c->k->n ? st_rand(5) : 2 + st_rand(3);
 
 	memset(p, 0, sizeof(*p));
 	if (kind < 2) {
@@ -216,6 +200,15 @@ static void st_pick(struct st_ctx *c, struct st_req *s)
 		p->iv_mode = st_rand(4) ? KGPU_IV_PLAIN64 : KGPU_IV_PLAIN;
 		p->key_slot = c->k->slot[key];
 		p->reserved = key;	/* which tfm: the self-test's own note */
+	} else if (kind == 4) {
+		unsigned int n = 4 + st_rand(13);
+
+		p->service = KGPU_SVC_RAID6_PQD;
+		p->ndisks = n;
+		p->unit_size = 512 << st_rand(4);
+		p->fail_a = st_rand(n - 2);
+		p->fail_b = p->fail_a + st_rand(n - 2 - p->fail_a);
+		s->len = (size_t)(p->fail_b - p->fail_a + 3) * p->unit_size;
 	} else {
 		unsigned int n = 4 + st_rand(13);
 
@@ -254,6 +247,7 @@ static int st_prepare(struct st_ctx *c, struct st_req *s)
 		ret = st_xts(c->k->tfm[p->reserved], p, s->expect, s->len);
 		break;
 	case KGPU_SVC_RAID6_GEN:
+	case KGPU_SVC_RAID6_PQD:
 		memcpy(s->expect, s->input, s->len);
 		st_raid6(p, s->expect);
 		break;

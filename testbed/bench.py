@@ -21,7 +21,8 @@ import subprocess
 import click
 
 HELPER = r"""
-kgpu helper --backend cpu > /tmp/helper.log 2>&1 &
+CX=auto; [ "${CROSSOVER:--1}" -ge 0 ] && CX=$CROSSOVER
+kgpu helper --backend cpu --crossover $CX > /tmp/helper.log 2>&1 &
 echo $! > /tmp/helper.pid
 for i in $(seq 1200); do grep -q "INFO: serving" /tmp/helper.log && break; sleep 0.1; done
 grep -q "INFO: serving" /tmp/helper.log
@@ -148,6 +149,14 @@ run_points gpu-raid6/1-missing /dev/mapper/b6 $((LEN / 2048)) reads
 dmsetup status b6 > $KGPU_OUT/status-gpu-raid6-1-missing.txt
 dmsetup remove b6
 kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
+kgpu status 2>/dev/null | grep raid6 > $KGPU_OUT/status-kgpu-raid6.txt || true
+# the helper's requests per batch (it says so when it stops)
+if [ "$HP" != 0 ]; then
+  kill -TERM $HP
+  for i in $(seq 100); do kill -0 $HP 2>/dev/null || break; sleep 0.1; done
+  grep -o "[0-9]* requests answered in [0-9]* batches" /tmp/helper.log \
+    > $KGPU_OUT/status-helper.txt || true
+fi
 """
 
 
@@ -208,6 +217,8 @@ def _run(kernel, body, no_helper, json_path, what, **settings):
     rows = summarize(points)
     where = (f"QEMU TCG guest, kernel {tb.kernel.release}, "
              f"{'no helper' if no_helper else 'helper with the cpu backend'}")
+    if not no_helper and settings.get("crossover", -1) >= 0:
+        where += f", crossover {settings['crossover']} bytes"
     click.echo(f"# {where}")
     click.echo(format_rows(rows))
     status = {k: r.files[k].decode().strip() for k in r.files
@@ -270,8 +281,12 @@ def bench_crypt(kernel, seconds, reps, iodepth, no_helper, json_path,
 @click.option("--member-mb", default=48, show_default=True)
 @click.option("--chunk-k", default=64, show_default=True,
               help="Chunk size in KiB.")
+@click.option("--crossover", type=int, default=-1,
+              help="Bytes: the helper's crossover for every service "
+                   "(requests below it stay on the kernel's CPU); default: "
+                   "what the helper decides (a cpu-backend helper: 0).")
 def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
-                member_mb, chunk_k):
+                member_mb, chunk_k, crossover):
     """fio on gpu-raid6 (helper attached, cpu backend) and on md RAID6
     (mdadm, left-symmetric) over the same loop devices in one guest:
     sequential 1 MiB and random 4 KiB writes and reads, healthy, then
@@ -284,4 +299,5 @@ def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
         raise click.BadParameter("--devs takes 4 to 32 members")
     return _run(kernel, RAID6, no_helper, json_path, "gpu-raid6 and md RAID6",
                 ndevs=devs, member_mb=member_mb, chunk_k=chunk_k,
-                seconds_per_run=seconds, reps=reps, iodepth=iodepth)
+                seconds_per_run=seconds, reps=reps, iodepth=iodepth,
+                crossover=crossover)

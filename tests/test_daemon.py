@@ -160,6 +160,38 @@ def test_raid6_gen_and_recover_match_reference(srv):
         assert srv.d.view(o, n).tobytes() == full
 
 
+def test_raid6_pqd_matches_reference(srv):
+    """Read-modify-write through the ring: deltas of data slots 2..4 of a
+    7-data stripe (slot 3 unchanged) with the old P and Q give the P and
+    Q of the new stripe, batched with a second, smaller request."""
+    k, unit = 7, 512
+    old = [RNG.integers(0, 256, unit, dtype=np.uint8).tobytes()
+           for _ in range(k)]
+    new = list(old)
+    new[2] = RNG.integers(0, 256, unit, dtype=np.uint8).tobytes()
+    new[4] = RNG.integers(0, 256, unit, dtype=np.uint8).tobytes()
+    op, oq = raid6_ref.pq(old)
+    np_, nq = raid6_ref.pq(new)
+
+    def delta(i):
+        return bytes(a ^ b for a, b in zip(old[i], new[i]))
+    body = delta(2) + delta(3) + delta(4)
+    o1 = srv.buf(body + op + oq)
+    o2 = srv.buf(delta(4) + op + oq)  # as if only slot 4 changed
+    n1, n2 = 5 * unit, 3 * unit
+    new4 = list(old)
+    new4[4] = new[4]
+    p4, q4 = raid6_ref.pq(new4)
+    res = srv.run(np.concatenate([
+        sqe(abi.SVC_RAID6_PQD, in_off=o1, out_off=o1, in_len=n1, out_len=n1,
+            unit_size=unit, ndisks=k + 2, fail_a=2, fail_b=4),
+        sqe(abi.SVC_RAID6_PQD, in_off=o2, out_off=o2, in_len=n2, out_len=n2,
+            unit_size=unit, ndisks=k + 2, fail_a=4, fail_b=4)]))
+    assert [r[2] for r in res] == [0, 0]
+    assert srv.d.view(o1, n1).tobytes() == body + np_ + nq
+    assert srv.d.view(o2, n2).tobytes() == delta(4) + p4 + q4
+
+
 def bad_requests(d):
     off = d.buffer(8192)
     end = d.data_off + d.data_size
@@ -186,6 +218,12 @@ def bad_requests(d):
         (sqe(abi.SVC_RAID6_GEN, **{**r6, "out_off": off + 512}), -22),
         (sqe(abi.SVC_RAID6_REC, **r6, fail_a=6), -22),
         (sqe(abi.SVC_RAID6_REC, **r6, fail_a=2, fail_b=2), -22),
+        # PQD: slots 1..2 of 6 disks are 4 blocks, not 6; a range past
+        # the data slots; a range backwards
+        (sqe(abi.SVC_RAID6_PQD, **r6, fail_a=1, fail_b=2), -22),
+        (sqe(abi.SVC_RAID6_PQD, **r6, fail_a=1, fail_b=4), -22),
+        (sqe(abi.SVC_RAID6_PQD, **{**r6, "in_len": 2048, "out_len": 2048},
+             fail_a=3, fail_b=2), -22),
         (sqe(abi.SVC_XTS_ENC, **x), 0),                      # a good one
     ]
 

@@ -35,7 +35,7 @@ def random_batch(rng, d, n):
     s = np.zeros(n, abi.SQE)
     s["seq"] = rng.integers(0, 2**63, n, dtype=np.uint64)
     s["tag"] = rng.integers(0, 2**32, n, dtype=np.uint32)
-    s["service"] = rng.choice([0, 1, 1, 1, 2, 2, 3, 4, 7], n)
+    s["service"] = rng.choice([0, 1, 1, 1, 2, 2, 3, 4, 5, 5, 7], n)
     unit = rng.choice([512, 4096, 1024], n)
     s["unit_size"] = unit
     s["in_off"] = off + rng.integers(0, 16, n) * 4096
@@ -52,6 +52,17 @@ def random_batch(rng, d, n):
     s["unit_size"] = np.where(raid, 512, s["unit_size"])
     s["fail_a"] = rng.choice([1, 2, 5, 40], n)
     s["fail_b"] = rng.choice([abi.RAID6_NONE, 2, 3], n)
+    # RAID6_PQD: deltas of data slots fail_a..fail_b, then P and Q; mostly
+    # well shaped, some with fail_b below fail_a or past the data disks
+    pqd = s["service"] == 5
+    s["ndisks"] = np.where(pqd, nd, s["ndisks"])
+    pa = rng.choice([0, 1, 1, 2, 3], n)
+    pb = pa + rng.choice([0, 0, 1, 2, 9], n)
+    pb = np.where(rng.random(n) < 0.1, np.maximum(pa, 1) - 1, pb)
+    s["fail_a"] = np.where(pqd, pa, s["fail_a"])
+    s["fail_b"] = np.where(pqd, pb, s["fail_b"])
+    s["in_len"] = np.where(pqd, (np.abs(pb - pa) + 3) * 512, s["in_len"])
+    s["unit_size"] = np.where(pqd, 512, s["unit_size"])
     s["out_len"] = s["in_len"]
     # corruption
     k = rng.random(n)

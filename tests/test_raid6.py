@@ -112,3 +112,43 @@ def test_argument_errors():
         be.raid6_recover(np.zeros((6, 16), np.uint8), [6])
     with pytest.raises(ValueError, match="4 to 32 disks"):
         be.raid6_recover(np.zeros((3, 16), np.uint8), [0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,start,rows", [(2, 0, 1), (2, 1, 1), (4, 0, 4),
+                                          (6, 2, 3), (8, 7, 1), (30, 5, 20),
+                                          (30, 29, 1)])
+def test_pqd_matches_reference(backend, k, start, rows):
+    """Read-modify-write by delta (RAID6_PQD): the P and Q of the stripe
+    with the new data, computed from scratch by the per-byte reference."""
+    be = make_backend(backend)
+    rng = np.random.default_rng(100 * k + start)
+    n = 4096 + 64 if k < 30 else 64
+    old = rng.integers(0, 256, (k, n), dtype=np.uint8)
+    new = old.copy()
+    changed = [start + i for i in range(rows) if i % 3 != 1 or rows == 1]
+    for i in changed:  # some rows inside the range stay as they were
+        new[i] = rng.integers(0, 256, n, dtype=np.uint8)
+    op, oq = raid6_ref.pq([bytes(r) for r in old])
+    rp, rq = raid6_ref.pq([bytes(r) for r in new])
+    delta = np.ascontiguousarray(old[start:start + rows] ^
+                                 new[start:start + rows])
+    p = np.frombuffer(op, np.uint8).copy()
+    q = np.frombuffer(oq, np.uint8).copy()
+    before = delta.copy()
+    be.raid6_pqd(delta, p, q, start)
+    assert p.tobytes() == rp and q.tobytes() == rq
+    assert np.array_equal(delta, before), "the deltas stay as they were"
+
+
+def test_pqd_argument_errors():
+    be = CpuBackend()
+    z = np.zeros(16, np.uint8)
+    with pytest.raises(ValueError, match="data blocks 0..29"):
+        be.raid6_pqd(np.zeros((2, 16), np.uint8), z, z.copy(), 29)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        be.raid6_pqd(np.zeros((1, 20), np.uint8), np.zeros(20, np.uint8),
+                     np.zeros(20, np.uint8), 0)
+    with pytest.raises(ValueError, match="p must be"):
+        be.raid6_pqd(np.zeros((1, 16), np.uint8), np.zeros(32, np.uint8),
+                     z, 0)

@@ -107,3 +107,9 @@ def test_gpu_xts_large_batch(gsrv):
     assert all(r[3] & abi.CQE_CPU == 0 for r in res)
     for oout, want in checks:
         assert gsrv.d.view(oout, len(want)).tobytes() == want
+
+
+def test_gpu_raid6_pqd(gsrv):
+    """RAID6_PQD (read-modify-write) through the ring on the GPU."""
+    td.test_raid6_pqd_matches_reference(gsrv)
+    assert gsrv.h.stats[("gpu", abi.SVC_RAID6_PQD)] == 2

@@ -146,6 +146,31 @@ __device__ __forceinline__ void rec_impl(uint4* blocks, u64 stride, u64 ncols, i
     }
 }
 
+// P/Q delta update for read-modify-write (the ring's RAID6_PQD): `nrows`
+// rows at `delta` (stride uint4 apart) hold old ^ new of data slots
+// start..start+nrows-1; P and Q (ncols uint4 each) are updated in place:
+// P ^= sum d_i, Q ^= g^start * sum g^i d_(start+i), the sum by Horner's
+// rule from the top row down and g^start as `start` multiplies by g (at
+// most 29). Not templated: the row count is small and varies per request.
+// One copy in every module (outside the per-K entries below).
+extern "C" __global__ void __launch_bounds__(RAID6_THREADS)
+    raid6_pqd(const uint4* __restrict__ delta, uint4* __restrict__ p, uint4* __restrict__ q,
+              u64 stride, u64 ncols, int nrows, int start) {
+    const u64 step = (u64)gridDim.x * blockDim.x;
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < ncols; c += step) {
+        uint4 dp = delta[(u64)(nrows - 1) * stride + c];
+        uint4 dq = dp;
+        for (int i = nrows - 2; i >= 0; --i) {
+            const uint4 d = delta[(u64)i * stride + c];
+            dp = xor4(dp, d);
+            dq = xor4(mul2(dq), d);
+        }
+        for (int i = 0; i < start; ++i) dq = mul2(dq);
+        p[c] = xor4(p[c], dp);
+        q[c] = xor4(q[c], dq);
+    }
+}
+
 // Entry points raid6_gen_k<K> and raid6_rec_k<K>, K = 2..30.
 // gen: data = K rows of `stride` uint4; p, q: ncols uint4 each.
 // rec: blocks = K+2 rows (data, P, Q) of `stride` uint4, rebuilt in place.

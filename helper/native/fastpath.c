@@ -52,7 +52,7 @@ _Static_assert(sizeof(struct sqe) == 64, "sqe");
 _Static_assert(sizeof(struct cqe) == 16, "cqe");
 _Static_assert(sizeof(struct xts_desc) == 48, "xts_desc");
 
-enum { NOP, XTS_ENC, XTS_DEC, R6_GEN, R6_REC, SVC_COUNT };
+enum { NOP, XTS_ENC, XTS_DEC, R6_GEN, R6_REC, R6_PQD, SVC_COUNT };
 #define RAID6_NONE 0xff
 #define IV_PLAIN 1
 
@@ -85,6 +85,15 @@ static int check(const struct sqe *r, uint64_t lo, uint64_t hi,
 		if (r->key_slot >= nkeys)
 			return -EINVAL;
 		return loaded[r->key_slot] ? 0 : -ENOKEY;
+	}
+	if (r->service == R6_PQD) {
+		/* deltas of data slots fail_a..fail_b, then P and Q */
+		if (r->ndisks < 4 || r->ndisks > 32 ||
+		    r->in_off != r->out_off || r->fail_a > r->fail_b ||
+		    r->fail_b + 2 >= r->ndisks ||
+		    r->in_len != (uint64_t)(r->fail_b - r->fail_a + 3) * unit)
+			return -EINVAL;
+		return 0;
 	}
 	if (r->ndisks < 4 || r->ndisks > 32 || r->in_off != r->out_off ||
 	    r->in_len != (uint64_t)r->ndisks * unit)

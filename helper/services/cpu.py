@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from kgpu_helper.services import gf256
 from kgpu_helper.services.interface import (Backend, XtsRequest,
                                              check_raid6_gen,
+                                             check_raid6_pqd,
                                              check_raid6_recover)
 
 _HI = np.uint64(0x8080808080808080)
@@ -269,6 +270,21 @@ class CpuBackend(Backend):
                     qw[:] = qxy
         self._split_bytes(n, part)
         return blocks
+
+    def raid6_pqd(self, delta, p, q, start):
+        rows, n = check_raid6_pqd(delta, p, q, start)
+        dw = delta.view("<u8")
+        pw, qw = p.view("<u8"), q.view("<u8")
+
+        def part(a, b):
+            # Horner over the delta rows, then times g^start
+            dp, dq = _syndromes(dw, rows, a, b, ())
+            for _ in range(int(start)):
+                _mul2(dq)
+            pw[a:b] ^= dp
+            qw[a:b] ^= dq
+        self._split_bytes(n, part)
+        return p, q
 
     def _split_bytes(self, n, fn):
         """Run fn(a, b) over word ranges of at most _RAID_STEP bytes."""

@@ -23,6 +23,7 @@ from kgpu_helper.cuda import get_kernel
 from kgpu_helper.services import aes_tables, gf256
 from kgpu_helper.services.interface import (Backend, XtsRequest,
                                              check_raid6_gen,
+                                             check_raid6_pqd,
                                              check_raid6_recover)
 
 XTS_THREADS = 256
@@ -410,6 +411,38 @@ class CupyBackend(Backend):
              (d_blocks, np.uint64(ncols), np.uint64(ncols), np.int32(mode),
               np.int32(x), np.int32(y), np.uint32(c1), np.uint32(c2)))
 
+    def launch_pqd(self, d_delta, d_p, d_q, start):
+        """Queue a P/Q delta update on the current stream (arrays on
+        device): ``d_delta`` (rows, n) C-contiguous, P and Q updated in
+        place."""
+        rows, n = d_delta.shape
+        ncols = n // 16
+        if ncols == 0:
+            return
+        kern = self._kernels.get("pqd")
+        if kern is None:
+            kern = get_kernel("raid6", "raid6_pqd", RAID6_K=2)
+            self._kernels["pqd"] = kern
+        kern((self._raid_grid(ncols) * RAID6_V,), (RAID6_THREADS,),
+             (d_delta, d_p, d_q, np.uint64(ncols), np.uint64(ncols),
+              np.int32(rows), np.int32(start)))
+
+    def raid6_pqd(self, delta, p, q, start):
+        check_raid6_pqd(delta, p, q, start)
+        if isinstance(delta, np.ndarray):
+            with self.device, self._stream:
+                d_delta = cp.asarray(delta)
+                d_p = cp.asarray(p)
+                d_q = cp.asarray(q)
+                self.launch_pqd(d_delta, d_p, d_q, start)
+                d_p.get(out=p)
+                d_q.get(out=q)
+                self._stream.synchronize()
+            return p, q
+        with self.device:
+            self.launch_pqd(delta, p, q, start)
+        return p, q
+
     def raid6_gen(self, data, p=None, q=None):
         k, n = check_raid6_gen(data, p, q)
         if isinstance(data, np.ndarray):
@@ -536,6 +569,20 @@ class Pipeline:
             self.be.launch_gen(d, d_pq[0], d_pq[1])
             self._copy(p, d_pq[0], _D2H, st)
             self._copy(q, d_pq[1], _D2H, st)
+            return st.record()
+
+    def raid6_pqd(self, delta, p, q, start):
+        """Queue a P/Q delta update of host ``p`` and ``q`` in place."""
+        rows, n = check_raid6_pqd(delta, p, q, start)
+        i, st = self._take()
+        with self.be.device, st:
+            d = self._stage(i, "in", (rows + 2) * n).reshape(rows + 2, n)
+            self._copy(d[:rows], delta, _H2D, st)
+            self._copy(d[rows], p, _H2D, st)
+            self._copy(d[rows + 1], q, _H2D, st)
+            self.be.launch_pqd(d[:rows], d[rows], d[rows + 1], start)
+            self._copy(p, d[rows], _D2H, st)
+            self._copy(q, d[rows + 1], _D2H, st)
             return st.record()
 
     def raid6_recover(self, blocks, failed):

@@ -9,6 +9,8 @@ these methods (see :class:`Backend` for the full contract):
 - ``raid6_gen(data, p=None, q=None)``: md's P and Q syndromes.
 - ``raid6_recover(blocks, failed)``: rebuild one or two lost members in
   place.
+- ``raid6_pqd(delta, p, q, start)``: update P and Q in place for a
+  read-modify-write, from old ^ new of data blocks start, start+1, ...
 
 Keys live in a :class:`KeyTable` of slots, loaded once (the kernel's
 ``key set``), and requests name the slot of each data unit.
@@ -257,6 +259,28 @@ def check_raid6_recover(blocks, failed):
     return disks - 2, n, failed
 
 
+def check_raid6_pqd(delta, p, q, start):
+    """Shape checks of a P/Q delta update; returns (rows, n)."""
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be (changed data blocks, n), got "
+                         f"shape {delta.shape}")
+    rows, n = delta.shape
+    start = int(start)
+    if rows < 1 or start < 0 or start + rows > MAX_DISKS - 2:
+        raise ValueError(f"delta rows {start}..{start + rows - 1} must lie "
+                         f"in data blocks 0..{MAX_DISKS - 3}")
+    if delta.dtype != np.uint8 or not delta.flags.c_contiguous:
+        raise ValueError("delta must be a C-contiguous uint8 array")
+    if n % 16:
+        raise ValueError(f"block length must be a multiple of 16 bytes, "
+                         f"got {n}")
+    for name, a in (("p", p), ("q", q)):
+        if a.shape != (n,) or a.dtype != np.uint8 or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a contiguous uint8 array of "
+                             f"shape ({n},)")
+    return rows, n
+
+
 class Backend(abc.ABC):
     """A compute backend. ``name`` is ``"cpu"`` or ``"cupy"``.
 
@@ -280,7 +304,11 @@ class Backend(abc.ABC):
     ``raid6_recover(blocks, failed)`` with blocks (k+2, n) = data rows in
     md's data order, then P, then Q; the rows listed in ``failed`` (one or
     two indexes) are rebuilt in place from the others and ``blocks`` is
-    returned. n (bytes per member, e.g. stripes x chunk) must be a
+    returned. ``raid6_pqd(delta, p, q, start)`` with delta (r, n) = old ^
+    new data of data blocks start..start+r-1 (zeros for a block that did
+    not change) updates P and Q in place for a read-modify-write:
+    P ^= sum(delta_i), Q ^= sum(g^(start+i) delta_i); returns (p, q).
+    n (bytes per member, e.g. stripes x chunk) must be a
     multiple of 16; the math is per byte, so how stripes are laid out
     inside a row does not matter as long as every row uses the same one.
     """
@@ -315,6 +343,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def raid6_recover(self, blocks, failed):
         """Rebuild the ``failed`` rows of ``blocks`` in place; returns it."""
+
+    @abc.abstractmethod
+    def raid6_pqd(self, delta, p, q, start):
+        """P and Q updated in place by data deltas; returns (p, q)."""
 
     def empty_host(self, shape, dtype=np.uint8):
         """A host buffer suited to this backend (pinned for cupy)."""

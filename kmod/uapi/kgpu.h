@@ -55,7 +55,7 @@
 #include <linux/types.h>
 
 #define KGPU_MAGIC		0x6b677075u	/* "kgpu" */
-#define KGPU_ABI_VERSION	2u
+#define KGPU_ABI_VERSION	3u
 
 /* Services: what a request asks the helper to compute. */
 enum kgpu_service {
@@ -64,6 +64,7 @@ enum kgpu_service {
 	KGPU_SVC_XTS_DEC = 2,		/* AES-XTS decrypt, in -> out */
 	KGPU_SVC_RAID6_GEN = 3,		/* P and Q from the data blocks */
 	KGPU_SVC_RAID6_REC = 4,		/* rebuild fail_a (and fail_b) */
+	KGPU_SVC_RAID6_PQD = 5,		/* P and Q updated by a data delta */
 	KGPU_SVC_COUNT
 };
 
@@ -125,6 +126,18 @@ struct kgpu_ring_idx {
  * unit_size bytes each, data blocks first in Q order, then P, then Q;
  * GEN writes P and Q, REC rewrites blocks fail_a and fail_b from the
  * others (in_len == out_len == ndisks * unit_size).
+ *
+ * RAID6_PQD (read-modify-write, ABI 3): ndisks is the stripe's number of
+ * syndrome slots (data, then P, then Q) and fail_a <= fail_b < ndisks - 2
+ * are the first and last data slot that changed. The buffer at in_off
+ * (== out_off) holds fail_b - fail_a + 3 blocks of unit_size bytes: the
+ * deltas D'_i ^ D_i (old data XOR new data; zeros for a slot in the range
+ * that did not change) of data slots fail_a..fail_b, then the old P, then
+ * the old Q. The helper rewrites the last two blocks with the new
+ *	P' = P ^ sum(delta_i),  Q' = Q ^ sum(g^i * delta_i)
+ * (i the data slot, g = 2 in GF(2^8) mod 0x11d, as raid6_pq's
+ * xor_syndrome(ndisks, fail_a, fail_b, ...)), and leaves the deltas
+ * as they were. in_len == out_len == (fail_b - fail_a + 3) * unit_size.
  */
 struct kgpu_sqe {
 	__u64 seq;		/* unique per request, echoed in the CQE */

@@ -111,6 +111,7 @@ MDSIZE=2048; MDOFF=0
 r6create good "$(table raid6_zr 128 "$1 - $3 $4")"
 dmsetup table good > $O/table.txt
 dmsetup status good > $O/status.txt
+blkdiscard /dev/mapper/good > $O/discard.txt 2>&1 || echo "rc=$?" >> $O/discard.txt
 echo "$1 - $3 $4" > $O/table-devs.txt
 dmsetup remove good
 freeloops
@@ -321,6 +322,12 @@ def test_table_and_status_lines(guest):
     assert len(devs) == 4
 
 
+def test_discard_refused_cleanly(guest):
+    """No discard support is advertised: blkdiscard fails, nothing else."""
+    text = guest[1]["discard.txt"]
+    assert "rc=" in text and "not supported" in text, text
+
+
 @pytest.mark.parametrize("tag", INTEROP)
 def test_md_data_reads_through_gpu_raid6(guest, tag):
     assert guest[0].get(f"{tag}_healthy") == "OK", guest[0]
@@ -386,9 +393,11 @@ def test_helper_served_raid6(guest):
     st = json.loads(guest[1]["kstatus.json"])
     svcs = {s["name"]: s for s in st["services"]}
     served = sum(svcs[n]["helper_cpu"] + svcs[n]["gpu"]
-                 for n in ("raid6-gen", "raid6-rec"))
+                 for n in ("raid6-gen", "raid6-rec", "raid6-pqd"))
     assert served > 0, svcs
     assert svcs["raid6-rec"]["helper_cpu"] + svcs["raid6-rec"]["gpu"] > 0
+    # read-modify-write (fio's small random writes) went to the helper
+    assert svcs["raid6-pqd"]["helper_cpu"] + svcs["raid6-pqd"]["gpu"] > 0
 
 
 def test_no_kernel_complaints(guest):

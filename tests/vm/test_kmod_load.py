@@ -4,6 +4,7 @@ unloads cleanly, repeatedly, on both testbed kernels (one boot each)."""
 import pytest
 
 from conftest import build_modules
+from kgpu_helper.abi import ABI_VERSION
 
 pytestmark = pytest.mark.vm
 
@@ -26,7 +27,7 @@ fd = os.open("/dev/kgpu", os.O_RDWR)
 req = (2 << 30) | (8 << 16) | (0xb7 << 8) | 0
 magic, abi = struct.unpack("<II", fcntl.ioctl(fd, req, bytes(8)))
 print(f"ioctl: magic={{magic:#x}} abi={{abi}}")
-assert magic == 0x6b677075 and abi == 2, (magic, abi)
+assert magic == 0x6b677075 and abi == {abi}, (magic, abi)
 try:
     fcntl.ioctl(fd, 0xdead, bytes(8))
 except OSError as e:
@@ -50,7 +51,7 @@ def test_load_unload(series):
     except TestbedError as e:
         pytest.skip(str(e))
     ko = f"{build_modules(tb.kernel)}/kgpu.ko"
-    result = tb.run(GUEST.format(ko=ko))
+    result = tb.run(GUEST.format(ko=ko, abi=ABI_VERSION))
     assert result.rc == 0, result.output
     assert "kmod-ok" in result.output
     dmesg = result.files["dmesg.txt"].decode()
