@@ -61,7 +61,7 @@
 #define GR_MAX_SLOTS	(GR_MAX_DEVS + 2)
 #define GR_NONE		0xff
 #define GR_SEG		(64 * 1024)	/* bytes of one column segment */
-#define GR_NBUF		4		/* stripe buffers per array */
+#define GR_NBUF		16		/* stripe buffers per array: rows in flight */
 #define GR_LOCKS	64		/* hashed row locks */
 #define GR_MAX_CHUNK	(1U << 16)	/* sectors (32 MiB) */
 
