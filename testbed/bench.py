@@ -188,25 +188,29 @@ def format_rows(rows):
     return "\n".join(out)
 
 
-def _run(kernel, body, no_helper, json_path, what, **settings):
-    """Build the modules, boot, run the script, print and save the table."""
-    from kgpu_testbed import Testbed, TestbedError
-
+def build_modules(headers_dir, release):
+    """`make modules` of this checkout for one kernel; its build folder."""
     repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     if not os.path.exists(os.path.join(repo, "Makefile")):
         raise click.ClickException("the modules are built from a kgpu "
                                    "checkout; install with 'pip install -e .'")
+    p = subprocess.run(["make", "-s", "modules", f"KDIR={headers_dir}"],
+                       cwd=repo, capture_output=True, text=True)
+    if p.returncode:
+        raise click.ClickException(f"module build failed:\n{p.stderr}")
+    return os.path.join(repo, "build", release)
+
+
+def _run(kernel, body, no_helper, json_path, what, **settings):
+    """Build the modules, boot, run the script, print and save the table."""
+    from kgpu_testbed import Testbed, TestbedError
+
     try:
         tb = Testbed(kernel=kernel, timeout=3600)
     except TestbedError as e:
         raise click.ClickException(str(e)) from None
-    build = subprocess.run(["make", "-s", "modules",
-                            f"KDIR={tb.kernel.headers_dir}"], cwd=repo,
-                           capture_output=True, text=True)
-    if build.returncode:
-        raise click.ClickException(f"module build failed:\n{build.stderr}")
-    script = guest_script(body, os.path.join(repo, "build", tb.kernel.release),
-                          no_helper, **settings)
+    build = build_modules(tb.kernel.headers_dir, tb.kernel.release)
+    script = guest_script(body, build, no_helper, **settings)
     click.echo(f"benchmarking {what} in a {tb.kernel.release} guest "
                f"({settings['reps']} runs of {settings['seconds_per_run']} s "
                "per point)", err=True)

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from kgpu_testbed.bench import bench
+from kgpu_testbed.bench import bench, build_modules
 from kgpu_testbed.kernels import list_kernels
 from kgpu_testbed.vm import Testbed, TestbedError
 
@@ -93,21 +93,6 @@ def kernels():
         click.echo(f"{k.series:6} {k.release:32} {k.image}")
 
 
-def _build_modules(headers_dir, release):
-    """make modules for one kernel; returns build/<release> of this checkout."""
-    import subprocess
-
-    repo = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    if not os.path.exists(os.path.join(repo, "Makefile")):
-        raise click.ClickException("the modules are built from a kgpu "
-                                   "checkout; install with 'pip install -e .'")
-    p = subprocess.run(["make", "-s", "modules", f"KDIR={headers_dir}"],
-                       cwd=repo, capture_output=True, text=True)
-    if p.returncode:
-        raise click.ClickException(f"module build failed:\n{p.stderr}")
-    return os.path.join(repo, "build", release)
-
-
 def _conclude(res, report_dir, progress):
     from kgpu_testbed.report import write_report
 
@@ -164,7 +149,7 @@ def demo(kernel, report_dir, quick, reps, seconds_per_run, no_live):
     tb = _testbed(kernel, 2048, None, timeout=1500)
     with Progress(live=False if no_live else None) as progress:
         progress.note(f"building the modules for {tb.kernel.release}")
-        build = _build_modules(tb.kernel.headers_dir, tb.kernel.release)
+        build = build_modules(tb.kernel.headers_dir, tb.kernel.release)
         try:
             res = run_in_testbed(tb, settings, progress, build)
         except TestbedError as e:
@@ -291,7 +276,7 @@ def bench_stack(members, loop_mb, member_mb, force, backend, report_dir,
         if not os.path.isdir(headers):
             raise click.ClickException(f"no kernel headers in {headers}; "
                                        f"install them or give --modules")
-        build = _build_modules(headers, platform.release())
+        build = build_modules(headers, platform.release())
     with Progress() as progress:
         res = run_on_host(settings, progress, build, devs, backend, mddev)
     _conclude(res, report_dir, progress)

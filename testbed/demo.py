@@ -23,6 +23,7 @@ import time
 
 from kgpu_testbed import fio
 from kgpu_testbed.bench import POINT, read_points
+from kgpu_testbed.vm import collect_files
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 JOBS_DIR = os.path.join(HERE, "jobs")
@@ -40,16 +41,18 @@ def settings_for(quick=False, **over):
     return s
 
 
-def build_script(settings, *, build_dir, out, work, members="",
+def build_script(settings, *, build_dir, work, out=None, members="",
                  backend="cpu", mddev="/dev/md0"):
-    """The bash script: settings as variables, bench.POINT, stack.sh."""
-    v = {"B": build_dir, "JOBS": JOBS_DIR, "OUT": out, "WORK": work,
+    """The bash script: settings as variables, bench.POINT, stack.sh.
+    Without ``out`` the results go to $KGPU_OUT (the testbed's)."""
+    v = {"B": build_dir, "JOBS": JOBS_DIR, "WORK": work,
          "MEMBERS": members, "BACKEND": backend, "MDDEV": mddev,
          "SWEEP_BS": settings["sweep_bs"]}
     for k in ("member_mb", "seq_mb", "rand4k_mb", "rand64k_mb", "mixed_mb",
               "reps", "seconds_per_run", "iodepth"):
         v[k.upper()] = str(int(settings[k]))
     lines = [f"{k}={shlex.quote(str(x))}" for k, x in v.items()]
+    lines.append(f"OUT={shlex.quote(out)}" if out else "OUT=$KGPU_OUT")
     lines.append("export KGPU_OUT=$OUT")
     with open(STACK_SH) as f:
         stack = f.read()
@@ -80,6 +83,7 @@ class Progress:
         self.checks = []
         self.activity = ""
         self.pct = None
+        self.fio_detail = ""     # the running fio job's rate and ETA
         self.fatal = None
         self.live = None
         self.end_uptime = None   # the guest's uptime at the script's end
@@ -198,7 +202,7 @@ class Progress:
             parts.append(line)
         if self.activity:
             parts.append(Text(f"  {self.activity}  "
-                              f"{getattr(self, 'fio_detail', '') or ''}",
+                              f"{self.fio_detail}",
                               style="cyan"))
             if self.pct is not None:
                 parts.append(ProgressBar(total=100, completed=self.pct,
@@ -259,7 +263,14 @@ def host_line():
     return f"{platform.node()}, {model}, {os.cpu_count()} CPUs"
 
 
-def finish(res, *, kind, kernel, backend, settings, seconds):
+def finish(files, progress, rc, tail, *, kind, kernel, backend, settings,
+           seconds):
+    """The results of one run of the script: its files, what the progress
+    follower saw (steps, a fatal line), and where and how it ran."""
+    res = collect(files, progress.fatal)
+    res["steps"] = progress.step_times()
+    if rc and not progress.fatal and not res["checks"]:
+        res["fatal"] = f"the stack script exited {rc}: {tail}"
     res.update(where={"kind": kind, "kernel": kernel,
                       "backend": res.get("helper_backend", backend)},
                settings=settings, seconds=round(seconds, 1),
@@ -271,26 +282,21 @@ def finish(res, *, kind, kernel, backend, settings, seconds):
 
 def run_in_testbed(testbed, settings, progress, build_dir, timeout=1500):
     """Run the stack script in ``testbed``; returns the results dict."""
-    script = build_script(settings, build_dir=build_dir, out="$KGPU_OUT",
+    script = build_script(settings, build_dir=build_dir,
                           work="/tmp/kgpu-demo")
-    # $KGPU_OUT is the guest's; build_script quoted it, so unquote it.
-    script = script.replace("OUT='$KGPU_OUT'", "OUT=$KGPU_OUT")
     t0 = time.monotonic()
     progress.note(f"booting {testbed.kernel.release} under QEMU (TCG)")
     r = testbed.run(script, echo=False, on_line=progress.feed,
                     timeout=timeout)
-    res = collect(r.files, progress.fatal)
-    if r.rc and not progress.fatal and not res["checks"]:
-        res["fatal"] = f"the guest script exited {r.rc}: {r.output[-800:]}"
-    res["console_tail"] = r.output[-4000:]
-    res["steps"] = progress.step_times()
-    cpus = testbed.cpus if hasattr(testbed, "cpus") else "?"
     # From the guest's boot to the script's end: the time the demo takes
     # on an idle machine (the wait for another guest's lock left out).
     seconds = progress.end_uptime or (time.monotonic() - t0)
-    return finish(res, kind=f"QEMU TCG guest ({cpus} vCPUs, emulated)",
-                  kernel=testbed.kernel.release, backend="cpu",
-                  settings=settings, seconds=seconds)
+    res = finish(r.files, progress, r.rc, r.output[-800:],
+                 kind=f"QEMU TCG guest ({testbed.cpus} vCPUs, emulated)",
+                 kernel=testbed.kernel.release, backend="cpu",
+                 settings=settings, seconds=seconds)
+    res["console_tail"] = r.output[-4000:]
+    return res
 
 
 def run_on_host(settings, progress, build_dir, members, backend, mddev):
@@ -313,15 +319,7 @@ def run_on_host(settings, progress, build_dir, members, backend, mddev):
             tail = (tail + [ln])[-60:]
             progress.feed(ln)
         rc = proc.wait()
-        files = {}
-        if os.path.isdir(out):
-            for name in os.listdir(out):
-                with open(os.path.join(out, name), "rb") as f:
-                    files[name] = f.read()
-    res = collect(files, progress.fatal)
-    res["steps"] = progress.step_times()
-    if rc and not progress.fatal and not res["checks"]:
-        res["fatal"] = f"the stack script exited {rc}: " + "\n".join(tail)
-    return finish(res, kind="host", kernel=platform.release(),
+        files = collect_files(out)
+    return finish(files, progress, rc, "\n".join(tail), kind="host", kernel=platform.release(),
                   backend=backend, settings=settings,
                   seconds=time.monotonic() - t0)

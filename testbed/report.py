@@ -132,8 +132,7 @@ def _bs_axis(ax, kibs):
     ax.set_xscale("log", base=2)
     ticks = sorted(set(kibs))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{k // 1024} MiB" if k >= 1024 else f"{k} KiB"
-                        for k in ticks])
+    ax.set_xticklabels([_fmt_size(k << 10) for k in ticks])
     ax.set_xlabel("block size (sequential, O_DIRECT)")
     ax.grid(True, which="major", alpha=0.3)
     ax.set_ylim(bottom=0)

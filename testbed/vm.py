@@ -194,7 +194,7 @@ class Testbed:
                                                           on_line)
                     seconds = time.monotonic() - start
                     rc = _read_rc(rundir)
-                    files = _collect(os.path.join(rundir, "out"))
+                    files = collect_files(os.path.join(rundir, "out"))
                 if rc is not None:
                     return RunResult(rc, output, seconds, files, boots=boot)
                 if started:
@@ -392,7 +392,7 @@ def _read_rc(rundir):
         return None
 
 
-def _collect(outdir, limit=64 << 20):
+def collect_files(outdir, limit=64 << 20):
     files = {}
     for dirpath, _, names in os.walk(outdir):
         for name in names:
