@@ -18,7 +18,7 @@ every size and offset here matches it.
 import numpy as np
 
 MAGIC = 0x6B677075
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # enum kgpu_service
 (SVC_NOP, SVC_XTS_ENC, SVC_XTS_DEC, SVC_RAID6_GEN, SVC_RAID6_REC,
@@ -59,7 +59,8 @@ REGION_HDR_FIELDS = [
     ("data_size", "__u64", 1),
     ("rw_off", "__u64", 1),
     ("idx_off", "__u64", 1),
-    ("reserved", "__u64", 4),
+    ("link_off", "__u64", 1),
+    ("reserved", "__u64", 3),
 ]
 
 # struct kgpu_ring_idx: the page of ring indexes, at idx_off.
@@ -73,6 +74,25 @@ RING_IDX_FIELDS = [
     ("cq_head", "__u32", 1),
     ("pad_cq_head", "__u32", 15),
 ]
+
+# struct kgpu_link: the ivshmem handshake, at LINK_OFF in the header page.
+LINK_FIELDS = [
+    ("helper_state", "__u32", 1),
+    ("helper_token", "__u32", 1),
+    ("helper_pid", "__u32", 1),
+    ("need_wakeup", "__u32", 1),
+    ("crossover", "__u32", 8),
+    ("pad_helper", "__u32", 4),
+    ("guest_state", "__u32", 1),
+    ("guest_token", "__u32", 1),
+    ("guest_id", "__u32", 1),
+    ("pad_guest", "__u32", 13),
+]
+LINK_OFF = 2048
+IVSHMEM_HELPER_PEER = 0
+IVSHMEM_VENDOR, IVSHMEM_DEVICE = 0x1AF4, 0x1110
+LINK_NONE, LINK_ATTACH, LINK_DETACH = 0, 1, 2
+LINK_READY = 1
 
 SQE_FIELDS = [
     ("seq", "__u64", 1),
@@ -118,6 +138,7 @@ VERSION_FIELDS = [
 STRUCTS = {
     "kgpu_region_hdr": REGION_HDR_FIELDS,
     "kgpu_ring_idx": RING_IDX_FIELDS,
+    "kgpu_link": LINK_FIELDS,
     "kgpu_sqe": SQE_FIELDS,
     "kgpu_cqe": CQE_FIELDS,
     "kgpu_key_slot": KEY_SLOT_FIELDS,
@@ -136,6 +157,7 @@ def dtype_of(fields):
 
 REGION_HDR = dtype_of(REGION_HDR_FIELDS)
 RING_IDX = dtype_of(RING_IDX_FIELDS)
+LINK = dtype_of(LINK_FIELDS)
 SQE = dtype_of(SQE_FIELDS)
 CQE = dtype_of(CQE_FIELDS)
 KEY_SLOT = dtype_of(KEY_SLOT_FIELDS)
@@ -170,4 +192,5 @@ ATTR_NAMES = [
     "KGPU_ATTR_SVC_BYTES", "KGPU_ATTR_SVC_GPU", "KGPU_ATTR_SVC_HELPER_CPU",
     "KGPU_ATTR_SVC_FALLBACK", "KGPU_ATTR_SVC_ERRORS",
     "KGPU_ATTR_SVC_CROSSOVER", "KGPU_ATTR_PAD", "KGPU_ATTR_HELPER_STALLED",
+    "KGPU_ATTR_PROVIDER",
 ]

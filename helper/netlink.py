@@ -52,11 +52,12 @@ ATTR_TYPES = {
     "KGPU_ATTR_SVC_CROSSOVER": "uint32",
     "KGPU_ATTR_PAD": "hex",
     "KGPU_ATTR_HELPER_STALLED": "uint32",
+    "KGPU_ATTR_PROVIDER": "asciiz",
 }
 NLA_MAP = tuple((name, ATTR_TYPES[name]) for name in abi.ATTR_NAMES)
 
-GLOBAL_ATTRS = ("HELPER_PID", "HELPER_STALLED", "RING_ENTRIES", "INFLIGHT",
-                "DATA_SIZE", "DATA_USED", "TIMEOUT_MS", "TIMEOUTS",
+GLOBAL_ATTRS = ("HELPER_PID", "HELPER_STALLED", "PROVIDER", "RING_ENTRIES",
+                "INFLIGHT", "DATA_SIZE", "DATA_USED", "TIMEOUT_MS", "TIMEOUTS",
                 "ATTACHES", "BAD_COMPLETIONS", "WAITS")
 SERVICE_ATTRS = ("REQUESTS", "BYTES", "GPU", "HELPER_CPU", "FALLBACK",
                  "ERRORS", "CROSSOVER")
@@ -169,7 +170,10 @@ def format_stats(st):
     stalled = (", STALLED: a request got no answer in time; requests go "
                "to the CPU until it answers" if st.get("helper_stalled")
                else "")
-    lines = [f"helper:    {'attached, pid ' + str(pid) if pid else 'none'}"
+    where = (" on the host (ivshmem)" if st.get("provider") == "ivshmem"
+             else "")
+    who = f"attached, pid {pid}{where}" if pid else "none"
+    lines = [f"helper:    {who}"
              f"{stalled} (attaches so far: {st.get('attaches')})",
              f"ring:      {st.get('inflight')}/{st.get('ring_entries')} "
              f"requests in flight; data {mib(st.get('data_used'))} of "

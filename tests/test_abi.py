@@ -34,7 +34,9 @@ def _c_program():
     for const in ("KGPU_MAGIC", "KGPU_ABI_VERSION", "KGPU_IOC_VERSION",
                   "KGPU_IOC_COMPLETE", "KGPU_SVC_COUNT", "KGPU_ATTR_MAX",
                   "KGPU_CMD_SET_CROSSOVER", "KGPU_RAID6_NONE",
-                  "KGPU_CQE_CPU"):
+                  "KGPU_CQE_CPU", "KGPU_LINK_OFF",
+                  "KGPU_IVSHMEM_HELPER_PEER", "KGPU_LINK_ATTACH",
+                  "KGPU_LINK_DETACH", "KGPU_LINK_READY"):
         lines.append(f'printf("{const} %llu\\n", '
                      f'(unsigned long long)({const}));')
     lines += ["return 0;", "}"]
@@ -78,6 +80,13 @@ def test_constants_match_header(c_layout):
     assert c_layout["KGPU_IOC_COMPLETE"] == (abi.IOC_COMPLETE,)
     assert c_layout["KGPU_SVC_COUNT"] == (abi.SVC_COUNT,)
     assert c_layout["KGPU_ATTR_MAX"] == (len(abi.ATTR_NAMES) - 1,)
+    assert c_layout["KGPU_LINK_OFF"] == (abi.LINK_OFF,)
+    assert c_layout["KGPU_IVSHMEM_HELPER_PEER"] == (abi.IVSHMEM_HELPER_PEER,)
+    assert c_layout["KGPU_LINK_ATTACH"] == (abi.LINK_ATTACH,)
+    assert c_layout["KGPU_LINK_DETACH"] == (abi.LINK_DETACH,)
+    assert c_layout["KGPU_LINK_READY"] == (abi.LINK_READY,)
+    assert abi.LINK_OFF + abi.LINK.itemsize <= 4096
+    assert abi.LINK_OFF >= abi.REGION_HDR.itemsize
     assert c_layout["KGPU_CMD_SET_CROSSOVER"] == (abi.CMD_SET_CROSSOVER,)
     assert c_layout["KGPU_RAID6_NONE"] == (abi.RAID6_NONE,)
     assert c_layout["KGPU_CQE_CPU"] == (abi.CQE_CPU,)

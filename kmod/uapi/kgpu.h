@@ -55,7 +55,7 @@
 #include <linux/types.h>
 
 #define KGPU_MAGIC		0x6b677075u	/* "kgpu" */
-#define KGPU_ABI_VERSION	3u
+#define KGPU_ABI_VERSION	4u
 
 /* Services: what a request asks the helper to compute. */
 enum kgpu_service {
@@ -96,7 +96,8 @@ struct kgpu_region_hdr {
 	__u64 data_size;
 	__u64 rw_off;		/* the helper may write from here on */
 	__u64 idx_off;		/* struct kgpu_ring_idx */
-	__u64 reserved[4];
+	__u64 link_off;		/* struct kgpu_link (ivshmem), KGPU_LINK_OFF */
+	__u64 reserved[3];
 };
 
 /*
@@ -188,6 +189,66 @@ struct kgpu_key_slot {
 	__u8 pad[48];
 };
 
+/*
+ * The ivshmem region provider (ABI 4). A guest without a GPU loads kgpu.ko
+ * with region=ivshmem (or auto, the default, when a PCI device 1af4:1110
+ * is present): the region is then the BAR2 of QEMU's ivshmem-doorbell
+ * device, a shared-memory file of its host, and the helper is a process
+ * on the host ("kgpu helper --ivshmem SOCKET", the device's ivshmem
+ * server). Same layout, same rings; what /dev/kgpu does on one machine is
+ * done through struct kgpu_link and two interrupts:
+ *
+ *  - helper -> guest: the helper signals the eventfd of the guest's MSI-X
+ *    vector 0 (attach, detach, and once per batch of completions); the
+ *    guest handles it on a workqueue: link state first, then the CQ;
+ *  - guest -> helper: the guest writes (KGPU_IVSHMEM_HELPER_PEER << 16 | 0)
+ *    to the BAR0 Doorbell register after publishing sq_tail, only while
+ *    need_wakeup is set (the helper sets it, then looks at the SQ once
+ *    more, before it sleeps; it clears it when it wakes): once per burst.
+ *
+ * Attach: the helper writes its crossovers, pid and a new nonzero token,
+ * then helper_state = KGPU_LINK_ATTACH, and interrupts the guest. The
+ * guest (at probe, or on that interrupt, once guest_state is
+ * KGPU_LINK_READY) completes on its CPU whatever an earlier helper still
+ * had, writes its header, keys and zeroed ring indexes back, sets
+ * guest_token = helper_token and rings the doorbell; the helper serves
+ * once it reads guest_state == READY and guest_token == its token. A
+ * helper that stops cleanly sets helper_state = KGPU_LINK_DETACH and
+ * interrupts; the guest detaches as when /dev/kgpu closes. A helper that
+ * dies says nothing: its requests time out into the CPU (the stall of
+ * the netlink section), and the next helper's attach replaces it. The
+ * guest unloading sets guest_state and guest_token to 0 and rings.
+ *
+ * Trust: the host is trusted by the guest as a hypervisor is; the guest
+ * is not trusted by the helper, which checks every request against that
+ * guest's own region, as it does with /dev/kgpu.
+ */
+#define KGPU_LINK_OFF		2048	/* in the header page */
+#define KGPU_IVSHMEM_HELPER_PEER 0	/* the helper's ivshmem peer id */
+#define KGPU_IVSHMEM_VENDOR	0x1af4
+#define KGPU_IVSHMEM_DEVICE	0x1110
+
+#define KGPU_LINK_NONE		0
+#define KGPU_LINK_ATTACH	1	/* helper_state: serve me */
+#define KGPU_LINK_DETACH	2	/* helper_state: I stopped */
+#define KGPU_LINK_READY		1	/* guest_state: the region is valid */
+
+/* struct kgpu_link - at KGPU_LINK_OFF; each side writes its own line. */
+struct kgpu_link {
+	/* written by the helper */
+	__u32 helper_state;	/* KGPU_LINK_NONE, _ATTACH or _DETACH */
+	__u32 helper_token;	/* nonzero, new for every attach */
+	__u32 helper_pid;	/* its pid on the host, for kgpu status */
+	__u32 need_wakeup;	/* 1 while it sleeps: ring the doorbell */
+	__u32 crossover[8];	/* bytes, per service: see SET_CROSSOVER */
+	__u32 pad_helper[4];
+	/* written by the guest */
+	__u32 guest_state;	/* KGPU_LINK_READY once the region is valid */
+	__u32 guest_token;	/* helper_token of the helper attached */
+	__u32 guest_id;		/* its ivshmem IVPosition */
+	__u32 pad_guest[13];
+};
+
 /* KGPU_IOC_VERSION: the module's magic and ABI version. */
 struct kgpu_version {
 	__u32 magic;
@@ -245,6 +306,7 @@ enum kgpu_genl_attr {
 	KGPU_ATTR_SVC_CROSSOVER,	/* u32: bytes, see above */
 	KGPU_ATTR_PAD,
 	KGPU_ATTR_HELPER_STALLED,	/* u32: 1 while the helper is stalled */
+	KGPU_ATTR_PROVIDER,		/* string: "vmalloc" or "ivshmem" */
 	__KGPU_ATTR_MAX,
 };
 #define KGPU_ATTR_MAX (__KGPU_ATTR_MAX - 1)
