@@ -19,12 +19,22 @@ memory_option = click.option(
 cpus_option = click.option(
     "--cpus", default=None, type=click.IntRange(1, 64),
     help="Guest CPUs (default: host CPUs, at most 4).")
+ivshmem_option = click.option(
+    "--ivshmem", multiple=True, metavar="SOCKET",
+    help="Give the guest an ivshmem-doorbell device served by the ivshmem "
+         "server at SOCKET ('kgpu helper --ivshmem SOCKET'); repeatable.")
+bundle_option = click.option(
+    "--bundle", type=click.Path(dir_okay=False, exists=True), default=None,
+    metavar="FILE",
+    help="Run QEMU, the kernel and the guest root from this bundle (of "
+         "'kgpu testbed bundle') instead of the host's; the current "
+         "directory is shared at its own path.")
 
 
-def _testbed(kernel, memory_mb, cpus, timeout=600):
+def _testbed(kernel, memory_mb, cpus, timeout=600, ivshmem=(), bundle=None):
     try:
         return Testbed(kernel=kernel, memory_mb=memory_mb, cpus=cpus,
-                       timeout=timeout)
+                       timeout=timeout, ivshmem=ivshmem, bundle=bundle)
     except TestbedError as e:
         raise click.ClickException(str(e))
 
@@ -47,17 +57,21 @@ def testbed():
 @cpus_option
 @click.option("--timeout", default=600, show_default=True, metavar="SECONDS",
               help="Kill the guest if the command has not finished by then.")
+@ivshmem_option
+@bundle_option
 @click.argument("command", nargs=-1, required=True)
-def run_cmd(kernel, memory_mb, cpus, timeout, command):
+def run_cmd(kernel, memory_mb, cpus, timeout, ivshmem, bundle, command):
     """Run COMMAND (a bash command line) as root in a fresh guest.
 
     The guest's console is streamed here; the exit status is the command's.
 
     \b
-    Example:
+    Examples:
       kgpu testbed run --kernel 6.12 'uname -r'
+      kgpu testbed run --ivshmem /tmp/kgpu.sock 'lspci'
+      kgpu testbed run --bundle kgpu-testbed.tar.gz 'insmod $KGPU_MODULES/kgpu.ko'
     """
-    tb = _testbed(kernel, memory_mb, cpus, timeout)
+    tb = _testbed(kernel, memory_mb, cpus, timeout, ivshmem, bundle)
     try:
         result = tb.run(" ".join(command))
     except TestbedError as e:
@@ -71,9 +85,11 @@ def run_cmd(kernel, memory_mb, cpus, timeout, command):
 @kernel_option
 @memory_option
 @cpus_option
-def shell(kernel, memory_mb, cpus):
+@ivshmem_option
+@bundle_option
+def shell(kernel, memory_mb, cpus, ivshmem, bundle):
     """An interactive root shell in a fresh guest ('exit' powers off)."""
-    tb = _testbed(kernel, memory_mb, cpus)
+    tb = _testbed(kernel, memory_mb, cpus, ivshmem=ivshmem, bundle=bundle)
     try:
         sys.exit(tb.shell())
     except TestbedError as e:
@@ -81,6 +97,55 @@ def shell(kernel, memory_mb, cpus):
 
 
 testbed.add_command(bench)   # kgpu testbed bench crypt
+
+
+@testbed.command("bundle")
+@kernel_option
+@click.option("--modules", "modules_dir", default=None,
+              type=click.Path(file_okay=False, exists=True),
+              help="Folder with kgpu.ko, dm-gpu-crypt.ko and dm-gpu-raid6.ko "
+                   "for that kernel (default: build them from this checkout).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="The archive (default: build/kgpu-testbed-RELEASE.tar.gz "
+                   "in the checkout).")
+def bundle_cmd(kernel, modules_dir, output):
+    """Pack the testbed for an x86-64 host without QEMU, in one tar.gz.
+
+    \b
+    It holds QEMU with its libraries (less glibc: the host's runs it), its
+    TCG module and ROMs, the guest kernel (default 6.12) and initramfs,
+    kgpu's modules for it, and a guest root with the tools the guest tests
+    use (fio, dmsetup, cryptsetup, mdadm, e2fsprogs, kmod, bash, busybox),
+    their libraries and the kernel modules they need. No Python in the
+    guest: it reads kgpu's counters from /sys/kernel/debug/kgpu. Only
+    installed files are packed; the same files give the same archive.
+    On the other host:
+      kgpu testbed run --bundle FILE [--ivshmem SOCKET] COMMAND
+    """
+    import time
+
+    from kgpu_testbed import bundle as bundle_mod
+    from kgpu_testbed.kernels import find_kernel
+
+    try:
+        k = find_kernel(kernel or "6.12")
+    except LookupError as e:
+        raise click.ClickException(str(e))
+    start = time.monotonic()
+    if modules_dir is None:
+        click.echo(f"building kgpu's modules for {k.release}", err=True)
+        modules_dir = build_modules(k.headers_dir, k.release)
+    out = output or bundle_mod.default_path(k.release)
+    try:
+        summary = bundle_mod.build(k, modules_dir, out,
+                                   log=lambda m: click.echo(m, err=True))
+    except bundle_mod.BundleError as e:
+        raise click.ClickException(str(e))
+    for part, (n, size) in summary["parts"].items():
+        click.echo(f"  {part + '/':6} {n:4} files, {size / 1e6:6.1f} MB "
+                   f"unpacked")
+    click.echo(f"{out}: {summary['archive_bytes'] / 1e6:.1f} MB, kernel "
+               f"{k.release}, built in {time.monotonic() - start:.0f} s")
 
 
 @testbed.command()

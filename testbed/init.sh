@@ -5,6 +5,11 @@
 # read-only over 9p with a tmpfs overlay on top, then runs the command the
 # host left in the run share (or a shell) chrooted into that overlay, and
 # powers off. The exit status goes back through the run share.
+#
+# kgpu.root=bundle (a bundle of kgpu testbed bundle): the 9p root is the
+# bundle's guest root instead of the host's, and the host's working
+# directory (tag hostcwd, its path in the run share's cwd file) is mounted
+# at the same path, read-only under its own tmpfs overlay.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -21,6 +26,7 @@ for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	kgpu.mode=*) mode="${arg#kgpu.mode=}" ;;
 	kgpu.overlay_mb=*) overlay_mb="${arg#kgpu.overlay_mb=}" ;;
+	kgpu.root=*) root="${arg#kgpu.root=}" ;;
 	esac
 done
 
@@ -53,6 +59,15 @@ mkdir -p $r/run/kgpu
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 kgpurun $r/run/kgpu ||
 	die "cannot mount the run share"
 ln -sf /proc/self/mounts $r/etc/mtab 2>/dev/null
+cwd=$(cat $r/run/kgpu/cwd 2>/dev/null)
+if [ "$root" = bundle ] && [ -n "$cwd" ]; then
+	mkdir -p /cwd /rw/cwd/upper /rw/cwd/work "$r$cwd"
+	mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose \
+		hostcwd /cwd || die "cannot mount the host's $cwd over 9p"
+	mount -t overlay overlay \
+		-o lowerdir=/cwd,upperdir=/rw/cwd/upper,workdir=/rw/cwd/work "$r$cwd" ||
+		die "cannot mount the overlay on $cwd"
+fi
 hostname kgpu-testbed
 # PID 1 stays in the initramfs, and the kernel runs its modprobe helper
 # (crypto algorithms, dm targets on demand) from PID 1's root: send it to

@@ -106,7 +106,7 @@ def initramfs_for(kernel, log=None):
         cpio = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc",
                                "--owner=0:0"], cwd=root, input=files,
                               check=True, capture_output=True).stdout
-    tmp = out + ".tmp"
+    tmp = f"{out}.{os.getpid()}.tmp"
     with gzip.open(tmp, "wb", compresslevel=1) as f:
         f.write(cpio)
     os.replace(tmp, out)

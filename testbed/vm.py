@@ -4,7 +4,9 @@ Each run boots a guest: QEMU starts with the chosen Debian kernel and the
 cached initramfs, the guest mounts the host root read-only over 9p under a
 tmpfs overlay, runs the command as root from the caller's working
 directory, writes its exit status to a small per-run 9p share and powers
-off. Whatever happens, no QEMU process outlives the call: a guest that
+off. With a bundle (``kgpu testbed bundle``), QEMU, the kernel, the
+initramfs and the guest root all come from the bundle instead, and the
+caller's working directory is shared at its own path. Whatever happens, no QEMU process outlives the call: a guest that
 does not finish in time is killed with a message saying so, and QEMU is
 killed with the process that started it (a test run stopped by SIGTERM
 leaves no guest behind to starve the next ones).
@@ -14,8 +16,14 @@ that stops without it (an early oops or panic under TCG, a boot that
 hangs before init) never ran the command, so it is booted again, up to
 BOOTS boots in all. A guest that dies after the marker is never booted
 again: that is the command's failure, reported as such.
+
+Guests can have ivshmem-doorbell devices (``ivshmem=[SOCKET, ...]``),
+each the client of an ivshmem server such as ``kgpu helper --ivshmem``;
+``run_together`` boots several guests at once under one hold of the lock.
 """
 
+import contextlib
+import copy
 import ctypes
 import fcntl
 import os
@@ -24,9 +32,11 @@ import select
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +58,10 @@ GUEST_OUT_DIR = GUEST_RUN_DIR + "/out"
 # One guest at a time on this machine: two TCG guests on a small host
 # starve each other into timeouts. Every boot holds this lock.
 LOCK_PATH = os.environ.get("KGPU_TESTBED_LOCK", "/tmp/kgpu-testbed.lock")
+# Memory of each guest that run_together boots (at most).
+TOGETHER_MEMORY_MB = 1024
+# The guest's PATH with a bundle's root (no host interpreter there).
+BUNDLE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class TestbedError(RuntimeError):
@@ -74,6 +88,34 @@ def qemu_available(qemu=QEMU):
     return shutil.which(qemu) is not None
 
 
+def _opt(value):
+    """``value`` inside a QEMU option list (commas doubled)."""
+    return str(value).replace(",", ",,")
+
+
+def ivshmem_argv(sockets):
+    """QEMU arguments for one ivshmem-doorbell device (one vector) per
+    server socket, in order: the guest sees them as PCI devices in that
+    order."""
+    argv = []
+    for i, path in enumerate(sockets):
+        argv += ["-chardev", f"socket,path={_opt(path)},id=ivs{i}",
+                 "-device", f"ivshmem-doorbell,chardev=ivs{i},vectors=1"]
+    return argv
+
+
+def check_ivshmem(sockets):
+    """Raise TestbedError unless each path is a listening socket's."""
+    for path in sockets:
+        try:
+            ok = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            ok = False
+        if not ok:
+            raise TestbedError(f"no ivshmem server at {path}: start 'kgpu "
+                               f"helper --ivshmem {path}' first")
+
+
 class Testbed:
     """A recipe for guest boots: which kernel, how much memory and CPU.
 
@@ -83,8 +125,16 @@ class Testbed:
 
     def __init__(self, kernel=None, memory_mb=2048, cpus=None,
                  overlay_mb=1024, timeout=600, log=None, qemu=QEMU,
-                 boot_timeout=BOOT_TIMEOUT):
-        if isinstance(kernel, Kernel):
+                 boot_timeout=BOOT_TIMEOUT, ivshmem=(), bundle=None):
+        self.log = log or (lambda msg: print(f"testbed: {msg}", file=sys.stderr))
+        # Sockets of ivshmem servers, one ivshmem-doorbell device each.
+        self.ivshmem = [os.path.abspath(p) for p in ivshmem]
+        self.bundle = None
+        self.qemu_env = {}
+        if bundle is not None:
+            self._use_bundle(bundle, kernel)
+            qemu = self.bundle.qemu
+        elif isinstance(kernel, Kernel):
             self.kernel = kernel
         else:
             try:
@@ -96,19 +146,42 @@ class Testbed:
         self.overlay_mb = overlay_mb
         self.timeout = timeout
         self.boot_timeout = boot_timeout
-        self.log = log or (lambda msg: print(f"testbed: {msg}", file=sys.stderr))
         self.qemu = qemu
         if not qemu_available(qemu):
             raise TestbedError(f"{qemu} not found; install qemu-system-x86 "
                                "('make deps')")
 
-    def _qemu_argv(self, initrd, rundir, mode):
+    def _use_bundle(self, archive, kernel):
+        from kgpu_testbed.bundle import BundleError, unpack
+
+        try:
+            self.bundle = unpack(archive, log=self.log)
+        except BundleError as e:
+            raise TestbedError(str(e)) from None
+        release = self.bundle.release
+        want = kernel.release if isinstance(kernel, Kernel) else kernel
+        if want and want != release and not release.startswith(want + "."):
+            raise TestbedError(f"the bundle {archive} has kernel {release}, "
+                               f"not {want}")
+        self.kernel = Kernel(release, self.bundle.kernel_image)
+        self.qemu_env = self.bundle.qemu_env()
+
+    def _initrd(self):
+        if self.bundle:
+            return self.bundle.initrd
+        return initramfs_for(self.kernel, log=self.log)
+
+    def _popen_env(self):
+        return dict(os.environ, **self.qemu_env) if self.qemu_env else None
+
+    def _qemu_argv(self, initrd, rundir, mode, cwd=None):
+        root = self.bundle.root if self.bundle else "/"
         append = " ".join([
             "console=ttyS0", "quiet", "loglevel=4", "panic=-1",
             "mitigations=off", "random.trust_cpu=on", "tsc=reliable",
             "no_timer_check", "8250.nr_uarts=1", "rdinit=/init",
             f"kgpu.mode={mode}", f"kgpu.overlay_mb={self.overlay_mb}",
-        ])
+        ] + (["kgpu.root=bundle"] if self.bundle else []))
         # Multi-threaded TCG. Rarely, 6.12 oopses early (an int3 in
         # sched_clock_cpu while the kernel patches its code; once in 21
         # boots): run() boots such a guest again. thread=single, measured
@@ -118,19 +191,29 @@ class Testbed:
         # and reads 24-33 vs 46-54: the guest gets one host core, not two.
         # No oops in those ~25 boots of either mode: too rare to tell
         # whether single avoids it, and too slow to pay for always.
-        argv = [
-            self.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+        argv = [self.qemu]
+        if self.bundle:
+            argv += ["-L", self.bundle.share]
+        argv += [
+            "-accel", "tcg,thread=multi", "-cpu", "max",
             "-smp", str(self.cpus), "-m", str(self.memory_mb),
             "-kernel", self.kernel.image, "-initrd", initrd,
             "-append", append, "-no-reboot", "-nic", "none",
             "-display", "none", "-vga", "none",
-            "-fsdev", "local,id=hostroot,path=/,security_model=none,"
-                      "readonly=on,multidevs=remap",
+            "-fsdev", f"local,id=hostroot,path={_opt(root)},"
+                      "security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
             "-fsdev", f"local,id=kgpurun,path={rundir},security_model=none,"
                       "multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=kgpurun,mount_tag=kgpurun",
         ]
+        if self.bundle and cwd and cwd != "/":
+            # The caller's folder at its own path, under its own overlay.
+            argv += [
+                "-fsdev", f"local,id=hostcwd,path={_opt(cwd)},"
+                          "security_model=none,readonly=on,multidevs=remap",
+                "-device", "virtio-9p-pci,fsdev=hostcwd,mount_tag=hostcwd"]
+        argv += ivshmem_argv(self.ivshmem)
         if mode == "shell":
             argv += ["-serial", "mon:stdio"]
         else:
@@ -140,10 +223,13 @@ class Testbed:
     def _write_script(self, rundir, command, cwd, env):
         os.makedirs(os.path.join(rundir, "out"))
         lines = ["# written by the kgpu testbed on the host"]
-        # This interpreter's folder first: the guest's python3 and kgpu
-        # are then the ones running here (a venv's, say).
-        path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        path = f"{os.path.dirname(sys.executable)}:{path}:/usr/sbin:/sbin"
+        if self.bundle:
+            path = BUNDLE_PATH
+        else:
+            # This interpreter's folder first: the guest's python3 and
+            # kgpu are then the ones running here (a venv's, say).
+            path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            path = f"{os.path.dirname(sys.executable)}:{path}:/usr/sbin:/sbin"
         guest_env = {
             "PATH": path,
             "HOME": "/root", "TERM": os.environ.get("TERM", "dumb"),
@@ -153,9 +239,15 @@ class Testbed:
             "DM_DISABLE_UDEV": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        for name in ("VIRTUAL_ENV", "PYTHONPATH"):
-            if os.environ.get(name):
-                guest_env[name] = os.environ[name]
+        if self.bundle:
+            # kgpu.ko, dm-gpu-crypt.ko, dm-gpu-raid6.ko in the bundle.
+            guest_env["KGPU_MODULES"] = self.bundle.guest_modules
+            with open(os.path.join(rundir, "cwd"), "w") as f:
+                f.write(cwd if cwd != "/" else "")
+        else:
+            for name in ("VIRTUAL_ENV", "PYTHONPATH"):
+                if os.environ.get(name):
+                    guest_env[name] = os.environ[name]
         guest_env.update(env or {})
         for k, v in guest_env.items():
             lines.append(f"export {k}={shlex.quote(v)}")
@@ -168,7 +260,7 @@ class Testbed:
             f.write("\n".join(lines) + "\n")
 
     def run(self, command, *, cwd=None, env=None, timeout=None, echo=True,
-            on_line=None):
+            on_line=None, locked=False):
         """Run ``command`` (a bash command line) as root in a fresh guest.
 
         Streams the guest console to stdout when ``echo``, and hands each
@@ -179,17 +271,19 @@ class Testbed:
         boots at most; each boot has ``timeout`` s from its start to power
         off, and a ``timeout`` shorter than ``boot_timeout`` stays a plain
         timeout. Raises TestbedError if the guest died or timed out once
-        the command had started, or if no boot reached it.
+        the command had started, or if no boot reached it. ``locked``:
+        the caller holds the testbed lock (``guest_lock``) already.
         """
         timeout = timeout or self.timeout
-        cwd = cwd or os.getcwd()
-        with _guest_lock(self.log):
-            initrd = initramfs_for(self.kernel, log=self.log)
+        cwd = os.path.abspath(cwd or os.getcwd())
+        check_ivshmem(self.ivshmem)
+        with contextlib.nullcontext() if locked else guest_lock(self.log):
+            initrd = self._initrd()
             for boot in range(1, BOOTS + 1):
                 start = time.monotonic()
                 with tempfile.TemporaryDirectory(prefix="kgpu-run-") as rundir:
                     self._write_script(rundir, command, cwd, env)
-                    argv = self._qemu_argv(initrd, rundir, "run")
+                    argv = self._qemu_argv(initrd, rundir, "run", cwd)
                     output, started, status = self._drive(argv, timeout, echo,
                                                           on_line)
                     seconds = time.monotonic() - start
@@ -219,16 +313,18 @@ class Testbed:
 
     def shell(self):
         """An interactive root shell in the guest on this terminal."""
-        with _guest_lock(self.log):
-            initrd = initramfs_for(self.kernel, log=self.log)
+        check_ivshmem(self.ivshmem)
+        with guest_lock(self.log):
+            initrd = self._initrd()
             with tempfile.TemporaryDirectory(prefix="kgpu-run-") as rundir:
-                self._write_script(rundir, "exec /bin/bash -l", os.getcwd(),
-                                   None)
+                cwd = os.getcwd()
+                self._write_script(rundir, "exec /bin/bash -l", cwd, None)
                 self.log(f"booting {self.kernel.release}; 'exit' powers off, "
                          "Ctrl-A X kills the VM")
                 proc = subprocess.Popen(
-                    self._qemu_argv(initrd, rundir, "shell"),
-                    start_new_session=False, preexec_fn=_die_with_parent)
+                    self._qemu_argv(initrd, rundir, "shell", cwd),
+                    env=self._popen_env(), start_new_session=False,
+                    preexec_fn=_die_with_parent)
                 try:
                     proc.wait()
                 finally:
@@ -251,6 +347,7 @@ class Testbed:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT,
+                                env=self._popen_env(),
                                 start_new_session=True,
                                 preexec_fn=_die_with_parent)
         chunks = []
@@ -300,25 +397,83 @@ class Testbed:
         return _strip_marker(b"".join(chunks)), started, status
 
 
-class _guest_lock:
-    """Holds LOCK_PATH for one run (all its boots); says so when it waits."""
+_held = threading.Lock()     # guards the two below
+_held_fd = None
+_held_depth = 0
 
-    def __init__(self, log):
-        self.log = log
-        self.fd = None
 
-    def __enter__(self):
-        self.fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+@contextlib.contextmanager
+def guest_lock(log=None):
+    """Hold LOCK_PATH, the machine's one-guest-at-a-time lock, for the
+    block; says so when it waits. Within this process it nests: runs
+    inside the block (from any thread) share the hold, so a caller that
+    takes it can boot several guests at once (``run_together``)."""
+    global _held_fd, _held_depth
+    with _held:
+        if _held_depth == 0:
+            fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                (log or print)(f"waiting for another guest to finish "
+                               f"({LOCK_PATH})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            _held_fd = fd
+        _held_depth += 1
+    try:
+        yield
+    finally:
+        with _held:
+            _held_depth -= 1
+            if _held_depth == 0:
+                os.close(_held_fd)      # closing drops the lock
+                _held_fd = None
+
+
+def run_together(runs, log=None):
+    """Boot one guest per ``(testbed, command)`` or ``(testbed, command,
+    run_kwargs)`` at the same time, under one hold of the testbed lock;
+    a list of RunResult in the same order, each with its own output,
+    files and exit status.
+
+    Each guest gets at most TOGETHER_MEMORY_MB of memory and its share of
+    the host's CPUs, and does not echo its console unless ``echo=True`` is
+    in its run_kwargs. Raises TestbedError, naming the guest, when any
+    guest could not run its command (after all of them have stopped)."""
+    jobs = []
+    for spec in runs:
+        tb = copy.copy(spec[0])
+        tb.memory_mb = min(tb.memory_mb, TOGETHER_MEMORY_MB)
+        tb.cpus = max(1, min(tb.cpus, (os.cpu_count() or 1) // len(runs)))
+        kwargs = dict(spec[2]) if len(spec) > 2 else {}
+        kwargs.setdefault("echo", False)
+        check_ivshmem(tb.ivshmem)
+        jobs.append((tb, spec[1], kwargs))
+    results = [None] * len(jobs)
+    errors = [None] * len(jobs)
+
+    def one(i, tb, command, kwargs):
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.log(f"waiting for another guest to finish ({LOCK_PATH})")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
+            results[i] = tb.run(command, locked=True, **kwargs)
+        except BaseException as e:   # handed to the caller below
+            errors[i] = e
 
-    def __exit__(self, *exc):
-        os.close(self.fd)   # closing drops the lock
-        return False
+    with guest_lock(log):
+        for tb, _, _ in jobs:
+            tb._initrd()        # built once, before the guests race for it
+        threads = [threading.Thread(target=one, args=(i,) + job,
+                                    name=f"kgpu-guest-{i + 1}")
+                   for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, e in enumerate(errors):
+        if e is not None:
+            if isinstance(e, TestbedError):
+                raise TestbedError(f"guest {i + 1} of {len(jobs)}: {e}") from e
+            raise e
+    return results
 
 
 # The kernel's last word at power-off, not the command's output.
@@ -366,11 +521,16 @@ def _clean(data):
     return data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
 
 
+_LIBC = ctypes.CDLL(None)
+
+
 def _die_with_parent():
-    """In QEMU before exec: SIGKILL when this process dies, even where no
-    ``finally`` runs (SIGTERM, SIGKILL), so that no guest is orphaned."""
+    """In QEMU before exec: SIGKILL when this process (the thread that
+    started it) dies, even where no ``finally`` runs (SIGTERM, SIGKILL),
+    so that no guest is orphaned. Only a libc call, loaded beforehand:
+    the child of a threaded parent must not take locks."""
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill(proc):
