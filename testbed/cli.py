@@ -68,7 +68,7 @@ def run_cmd(kernel, memory_mb, cpus, timeout, ivshmem, bundle, command):
     \b
     Examples:
       kgpu testbed run --kernel 6.12 'uname -r'
-      kgpu testbed run --ivshmem /tmp/kgpu.sock 'lspci'
+      kgpu testbed run --ivshmem /tmp/kgpu.sock 'ls /sys/bus/pci/devices'
       kgpu testbed run --bundle kgpu-testbed.tar.gz 'insmod $KGPU_MODULES/kgpu.ko'
     """
     tb = _testbed(kernel, memory_mb, cpus, timeout, ivshmem, bundle)
