@@ -56,7 +56,7 @@ static struct kgpu_ivs {
 	bool up;			/* the region is laid out and live */
 	bool stopping;			/* the work item must not attach */
 	bool enabled;			/* pci_enable_device, regions held */
-	char why[200];			/* why the device is not used */
+	char why[256];			/* why the device is not used */
 } ivs;
 
 static void kgpu_ivs_bell(void)
@@ -192,7 +192,7 @@ static int kgpu_ivs_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 
 	ret = pci_alloc_irq_vectors(pdev, 1, 1, PCI_IRQ_MSIX);
 	if (ret < 0) {
-		ret = ivs_fail(ret, "it has no MSI-X vector (%d): without one the host helper cannot interrupt this guest (QEMU: -device ivshmem-doorbell,chardev=...,vectors=1, with its ivshmem server running)",
+		ret = ivs_fail(ret, "it has no MSI-X vector (%d), so the host helper cannot interrupt this guest (an ivshmem-plain device has none); QEMU: -device ivshmem-doorbell,chardev=...,vectors=1, served by the helper's ivshmem server",
 			       ret);
 		goto bad;
 	}
