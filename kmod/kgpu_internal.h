@@ -24,6 +24,7 @@ struct kgpu_svc_stats {
 
 /* A consistent copy of the counters, for netlink and debugfs. */
 struct kgpu_stats {
+	const char *provider;	/* "vmalloc" or "ivshmem" */
 	pid_t helper_pid;
 	bool helper_stalled;
 	u32 ring_entries;
@@ -45,8 +46,30 @@ int kgpu_set_crossover(unsigned int service, u32 bytes);
 
 int kgpu_netlink_init(void);
 void kgpu_netlink_exit(void);
+void kgpu_stats_debugfs_init(struct dentry *dir);
 
 int kgpu_selftest_init(struct dentry *dir);
 void kgpu_selftest_exit(void);
+
+/*
+ * Region providers. kgpu_main.c lays the region out and runs the rings;
+ * a provider supplies the memory and the helper's attach, detach and
+ * doorbell. vmalloc (kgpu_main.c): the helper is a local process that
+ * opens /dev/kgpu. ivshmem (kgpu_ivshmem.c): the region is the BAR2 of
+ * QEMU's ivshmem-doorbell device, the helper a process on the host, and
+ * struct kgpu_link plus two interrupts stand for the file.
+ */
+size_t kgpu_region_data_size(size_t avail);
+int kgpu_region_setup(void *base, size_t data_size, struct kgpu_link *link);
+void kgpu_region_wipe_keys(void);
+void kgpu_link_attach(pid_t pid, const u32 *crossover, unsigned int n);
+void kgpu_link_detach(void);
+void kgpu_link_reap(void);
+
+/* 0: the ivshmem device is the region; -ENODEV: none (or not usable). */
+int kgpu_ivshmem_init(bool required);
+void kgpu_ivshmem_stop(void);
+void kgpu_ivshmem_exit(void);
+void kgpu_ivshmem_kick(void);
 
 #endif /* _KGPU_INTERNAL_H */

@@ -50,6 +50,15 @@
  * the next open attaches a new helper; the module need not be reloaded.
  * With no helper attached, kgpu_request_get() fails with -ENODEV and the
  * targets use the CPU from the start.
+ *
+ * Providers. Where the region comes from is the one thing that differs
+ * (module parameter region=): vmalloc, the above; or ivshmem, the BAR2
+ * of QEMU's ivshmem-doorbell device in a guest without a GPU, served by
+ * a helper on the host (kgpu_ivshmem.c, uapi/kgpu.h for the protocol).
+ * There /dev/kgpu attaches nothing: struct kgpu_link and the device's
+ * interrupt stand for open, close and KGPU_IOC_COMPLETE, and the same
+ * kgpu_attach(), kgpu_detach_finish() and kgpu_reap_unlock() do the work;
+ * kgpu_submit() rings the host's doorbell while the helper asks for it.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -98,6 +107,38 @@ module_param_cb(timeout_ms, &kgpu_timeout_ops, &timeout_ms, 0644);
 MODULE_PARM_DESC(timeout_ms,
 		 "A request the helper has not completed by then goes to the CPU (10..60000)");
 
+/* region=: where the region comes from; after load, the one in use. */
+enum { KGPU_REGION_AUTO, KGPU_REGION_VMALLOC, KGPU_REGION_IVSHMEM };
+static const char *const kgpu_region_names[] = {
+	[KGPU_REGION_AUTO] = "auto",
+	[KGPU_REGION_VMALLOC] = "vmalloc",
+	[KGPU_REGION_IVSHMEM] = "ivshmem",
+};
+static int region_mode = KGPU_REGION_AUTO;
+
+static int kgpu_set_region(const char *val, const struct kernel_param *kp)
+{
+	int i = sysfs_match_string(kgpu_region_names, val);
+
+	if (i < 0)
+		return -EINVAL;
+	*(int *)kp->arg = i;
+	return 0;
+}
+
+static int kgpu_get_region(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%s\n", kgpu_region_names[*(int *)kp->arg]);
+}
+
+static const struct kernel_param_ops kgpu_region_ops = {
+	.set	= kgpu_set_region,
+	.get	= kgpu_get_region,
+};
+module_param_cb(region, &kgpu_region_ops, &region_mode, 0444);
+MODULE_PARM_DESC(region,
+		 "Where the shared region comes from: auto (ivshmem if a device 1af4:1110 is present, else vmalloc), vmalloc, or ivshmem");
+
 const char *const kgpu_svc_names[KGPU_SVC_COUNT] = {
 	[KGPU_SVC_NOP] = "nop",
 	[KGPU_SVC_XTS_ENC] = "xts-enc",
@@ -119,6 +160,7 @@ static struct kgpu_core {
 	struct kgpu_sqe *sq;
 	struct kgpu_cqe *cq;
 	struct kgpu_key_slot *keys;
+	struct kgpu_link *link;		/* ivshmem only, else NULL */
 	u8 *data;
 	u64 data_off;
 	u32 entries;
@@ -385,7 +427,10 @@ void kgpu_submit(struct kgpu_request *req)
 	smp_store_release(&kg.idx->sq_tail, kg.sq_tail);
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
-	wake_up_interruptible(&kg.poll_wq);
+	if (kg.link)
+		kgpu_ivshmem_kick();
+	else
+		wake_up_interruptible(&kg.poll_wq);
 	if (!delayed_work_pending(&kg.timeout_work))
 		kgpu_arm_timeout();
 }
@@ -412,6 +457,9 @@ EXPORT_SYMBOL_GPL(kgpu_request_put);
 struct page *kgpu_data_page(const struct kgpu_request *req, size_t off)
 {
 	if (WARN_ON_ONCE(!req->data || off >= req->size))
+		return NULL;
+	/* An ivshmem BAR is device memory: no struct pages. */
+	if (kg.link)
 		return NULL;
 	/* The region is vmalloc_user() memory: every page has a struct page. */
 	return vmalloc_to_page(req->data + off);
@@ -452,26 +500,20 @@ static void kgpu_run_done(struct list_head *list, int status)
 /* ---- completions --------------------------------------------------------- */
 
 /*
- * Reap [cq_head, cq_tail) for the helper's @file; returns the number of
- * valid completions.
+ * Reap [cq_head, cq_tail) of the attached helper, entered with kg.lock
+ * held (taken with @irqf); returns the number of valid completions.
  */
-static int kgpu_reap(struct file *file)
+static int kgpu_reap_unlock(unsigned long irqf)
+	__releases(&kg.lock)
 {
 	LIST_HEAD(ok);
 	LIST_HEAD(failed);
 	struct kgpu_request *req;
-	unsigned long irqf;
 	bool resumed = false;
 	u32 tail, n, i;
 	int reaped = 0;
 	pid_t pid;
 
-	spin_lock_irqsave(&kg.lock, irqf);
-	if (!kg.attached || kg.helper_file != file ||
-	    kg.helper_owner != current->files) {
-		spin_unlock_irqrestore(&kg.lock, irqf);
-		return -ENODEV;
-	}
 	pid = kg.helper_pid;
 	tail = smp_load_acquire(&kg.idx->cq_tail);
 	n = tail - kg.cq_head;
@@ -542,6 +584,33 @@ static int kgpu_reap(struct file *file)
 	kgpu_run_done(&failed, KGPU_FALLBACK);
 	wake_up(&kg.space_wq);
 	return reaped;
+}
+
+/* KGPU_IOC_COMPLETE: only from the process that attached through @file. */
+static int kgpu_reap(struct file *file)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (!kg.attached || kg.helper_file != file ||
+	    kg.helper_owner != current->files) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return -ENODEV;
+	}
+	return kgpu_reap_unlock(irqf);
+}
+
+/* The link's interrupt (ivshmem): the helper posted completions. */
+void kgpu_link_reap(void)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (!kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return;
+	}
+	kgpu_reap_unlock(irqf);
 }
 
 /*
@@ -651,11 +720,51 @@ static void kgpu_region_restore(void)
 	mutex_unlock(&kg.key_mutex);
 }
 
+/*
+ * Attach helper @pid: the region written back, requests go to it from
+ * now on. The helper's file is claimed (vmalloc) or the link's work item
+ * runs this (ivshmem): one attach at a time.
+ */
+static void kgpu_attach(pid_t pid)
+{
+	unsigned long irqf;
+
+	kgpu_region_restore();
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	kg.attached = true;
+	kg.stalled = false;
+	kg.probe = NULL;
+	kg.helper_pid = pid;
+	kg.attaches++;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+}
+
+/*
+ * The link (ivshmem): a helper on the host asked to be served, with its
+ * crossovers, one per service (bytes, at most the data space).
+ */
+void kgpu_link_attach(pid_t pid, const u32 *crossover, unsigned int n)
+{
+	size_t max = (size_t)kg.data_blocks * KGPU_DATA_ALIGN;
+	unsigned int i;
+
+	for (i = 0; i < KGPU_SVC_COUNT && i < n; i++)
+		WRITE_ONCE(kg.svc[i].crossover,
+			   min_t(size_t, crossover[i], max));
+	kgpu_attach(pid);
+	pr_info("helper %d on the host attached (ivshmem)\n", pid);
+}
+
 static int kgpu_open(struct inode *inode, struct file *file)
 {
 	unsigned long irqf;
 	pid_t pid = task_tgid_nr(current);
 
+	if (kg.link) {
+		pr_info_ratelimited("/dev/kgpu attaches nothing here: the region is the ivshmem device's, served by a helper on the host\n");
+		return -ENODEV;
+	}
 	if (kgpu_region_pinned()) {
 		pr_warn_ratelimited("the region is still pinned for DMA by the previous helper; try again\n");
 		return -EAGAIN;
@@ -670,45 +779,21 @@ static int kgpu_open(struct inode *inode, struct file *file)
 	kg.helper_owner = current->files;
 	spin_unlock_irqrestore(&kg.lock, irqf);
 
-	kgpu_region_restore();
-
-	spin_lock_irqsave(&kg.lock, irqf);
-	kg.attached = true;
-	kg.stalled = false;
-	kg.probe = NULL;
-	kg.helper_pid = pid;
-	kg.attaches++;
-	spin_unlock_irqrestore(&kg.lock, irqf);
+	kgpu_attach(pid);
 	pr_info("helper %d attached\n", pid);
 	return 0;
 }
 
 /*
- * Detach the helper if @file is its file: complete on the CPU whatever it
- * owned, tear down its mappings, start the ring over.
+ * The second half of a detach, once kg.attached is false: complete on the
+ * CPU whatever the helper owned and start the ring over.
  */
-static void kgpu_detach(struct file *file)
+static void kgpu_detach_finish(void)
 {
 	LIST_HEAD(orphans);
 	unsigned long irqf;
 	u32 tag, n = 0;
 	pid_t pid;
-
-	spin_lock_irqsave(&kg.lock, irqf);
-	if (kg.helper_file != file || !kg.attached) {
-		spin_unlock_irqrestore(&kg.lock, irqf);
-		return;
-	}
-	/* No new request, mapping or doorbell from here on. */
-	kg.attached = false;
-	spin_unlock_irqrestore(&kg.lock, irqf);
-
-	/*
-	 * Mappings left (a helper that closed its file but kept the region
-	 * mapped) fault from now on. Every mapping of the region is this
-	 * helper's: the next one cannot open before helper_file is cleared.
-	 */
-	unmap_mapping_range(file->f_mapping, 0, 0, 1);
 
 	spin_lock_irqsave(&kg.lock, irqf);
 	pid = kg.helper_pid;
@@ -748,6 +833,47 @@ static void kgpu_detach(struct file *file)
 		pr_info("helper %d detached\n", pid);
 	kgpu_run_done(&orphans, KGPU_FALLBACK);
 	wake_up_all(&kg.space_wq);
+}
+
+/*
+ * Detach the helper if @file is its file: complete on the CPU whatever it
+ * owned, tear down its mappings, start the ring over.
+ */
+static void kgpu_detach(struct file *file)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (kg.helper_file != file || !kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return;
+	}
+	/* No new request, mapping or doorbell from here on. */
+	kg.attached = false;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+
+	/*
+	 * Mappings left (a helper that closed its file but kept the region
+	 * mapped) fault from now on. Every mapping of the region is this
+	 * helper's: the next one cannot open before helper_file is cleared.
+	 */
+	unmap_mapping_range(file->f_mapping, 0, 0, 1);
+	kgpu_detach_finish();
+}
+
+/* The link (ivshmem): the helper stopped, or another one replaces it. */
+void kgpu_link_detach(void)
+{
+	unsigned long irqf;
+
+	spin_lock_irqsave(&kg.lock, irqf);
+	if (!kg.attached) {
+		spin_unlock_irqrestore(&kg.lock, irqf);
+		return;
+	}
+	kg.attached = false;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+	kgpu_detach_finish();
 }
 
 static int kgpu_same_file(const void *p, struct file *file, unsigned int fd)
@@ -952,6 +1078,7 @@ void kgpu_get_stats(struct kgpu_stats *st)
 {
 	unsigned long irqf;
 
+	st->provider = kg.link ? "ivshmem" : "vmalloc";
 	spin_lock_irqsave(&kg.lock, irqf);
 	st->helper_pid = kg.attached ? kg.helper_pid : 0;
 	st->helper_stalled = kg.attached && kg.stalled;
@@ -997,41 +1124,88 @@ static int kgpu_check_params(void)
 	return 0;
 }
 
-static int kgpu_region_alloc(void)
+/* Offsets of the parts, from the parameters; the data space comes last. */
+struct kgpu_layout {
+	size_t keys_off, rw_off, idx_off, sq_off, cq_off, data_off;
+};
+
+static void kgpu_layout(struct kgpu_layout *l)
 {
 	/* Read-only for the helper: header, keys. Then ring indexes on. */
-	size_t keys_off = PAGE_SIZE;
-	size_t rw_off = keys_off +
-			PAGE_ALIGN(key_slots * sizeof(struct kgpu_key_slot));
-	size_t idx_off = rw_off;
-	size_t sq_off = idx_off + PAGE_SIZE;
-	size_t cq_off = sq_off + PAGE_ALIGN(ring_entries * sizeof(struct kgpu_sqe));
-	size_t data_off = cq_off +
-			  PAGE_ALIGN(ring_entries * sizeof(struct kgpu_cqe));
-	size_t data_size = (size_t)data_mb << 20;
-	struct kgpu_region_hdr *h = &kg.hdr_copy;
+	l->keys_off = PAGE_SIZE;
+	l->rw_off = l->keys_off +
+		    PAGE_ALIGN(key_slots * sizeof(struct kgpu_key_slot));
+	l->idx_off = l->rw_off;
+	l->sq_off = l->idx_off + PAGE_SIZE;
+	l->cq_off = l->sq_off +
+		    PAGE_ALIGN(ring_entries * sizeof(struct kgpu_sqe));
+	l->data_off = l->cq_off +
+		      PAGE_ALIGN(ring_entries * sizeof(struct kgpu_cqe));
+}
 
-	BUILD_BUG_ON(sizeof(struct kgpu_region_hdr) > PAGE_SIZE);
+/*
+ * The data space a region of @avail bytes holds: data_mb MiB, or less if
+ * that does not fit, in whole KGPU_DATA_ALIGN blocks; 0 if none does.
+ */
+size_t kgpu_region_data_size(size_t avail)
+{
+	struct kgpu_layout l;
+
+	kgpu_layout(&l);
+	if (avail <= l.data_off)
+		return 0;
+	return round_down(min_t(size_t, avail - l.data_off,
+				(size_t)data_mb << 20), KGPU_DATA_ALIGN);
+}
+
+/*
+ * Lay the region out at @base: the parts, the header (here and in the
+ * kernel's copy), zeroed keys and ring indexes, and the kernel's own
+ * bookkeeping. @link: the ivshmem link in the header page, or NULL.
+ */
+int kgpu_region_setup(void *base, size_t data_size, struct kgpu_link *link)
+{
+	struct kgpu_region_hdr *h = &kg.hdr_copy;
+	struct kgpu_layout l;
+
+	BUILD_BUG_ON(sizeof(struct kgpu_region_hdr) > KGPU_LINK_OFF);
+	BUILD_BUG_ON(KGPU_LINK_OFF + sizeof(struct kgpu_link) > PAGE_SIZE);
 	BUILD_BUG_ON(sizeof(struct kgpu_ring_idx) > PAGE_SIZE);
 	BUILD_BUG_ON(sizeof(struct kgpu_sqe) != 64);
 	BUILD_BUG_ON(sizeof(struct kgpu_cqe) != 16);
 	BUILD_BUG_ON(sizeof(struct kgpu_key_slot) != 128);
 
-	kg.region_size = data_off + data_size;
-	kg.region = vmalloc_user(kg.region_size);
-	if (!kg.region)
+	kgpu_layout(&l);
+	kg.key_copy = kcalloc(key_slots, sizeof(*kg.key_copy), GFP_KERNEL);
+	kg.reqs = kcalloc(ring_entries, sizeof(*kg.reqs), GFP_KERNEL);
+	kg.data_map = bitmap_zalloc(data_size / KGPU_DATA_ALIGN, GFP_KERNEL);
+	kg.key_map = bitmap_zalloc(key_slots, GFP_KERNEL);
+	if (!kg.key_copy || !kg.reqs || !kg.data_map || !kg.key_map) {
+		bitmap_free(kg.key_map);
+		bitmap_free(kg.data_map);
+		kfree(kg.reqs);
+		kfree(kg.key_copy);
+		kg.key_map = kg.data_map = NULL;
+		kg.reqs = NULL;
+		kg.key_copy = NULL;
 		return -ENOMEM;
-	kg.entries = ring_entries;
-	kg.rw_off = rw_off;
-	kg.hdr = kg.region;
-	kg.keys = kg.region + keys_off;
-	kg.idx = kg.region + idx_off;
-	kg.sq = kg.region + sq_off;
-	kg.cq = kg.region + cq_off;
-	kg.data = kg.region + data_off;
-	kg.data_off = data_off;
-	kg.data_blocks = data_size / KGPU_DATA_ALIGN;
+	}
 
+	kg.region = base;
+	kg.region_size = l.data_off + data_size;
+	kg.entries = ring_entries;
+	kg.rw_off = l.rw_off;
+	kg.hdr = base;
+	kg.keys = base + l.keys_off;
+	kg.idx = base + l.idx_off;
+	kg.sq = base + l.sq_off;
+	kg.cq = base + l.cq_off;
+	kg.data = base + l.data_off;
+	kg.data_off = l.data_off;
+	kg.data_blocks = data_size / KGPU_DATA_ALIGN;
+	kg.link = link;
+
+	memset(h, 0, sizeof(*h));
 	h->magic = KGPU_MAGIC;
 	h->abi_version = KGPU_ABI_VERSION;
 	h->region_size = kg.region_size;
@@ -1041,33 +1215,82 @@ static int kgpu_region_alloc(void)
 	h->key_slots = key_slots;
 	h->key_slot_size = sizeof(struct kgpu_key_slot);
 	h->data_align = KGPU_DATA_ALIGN;
-	h->sq_off = sq_off;
-	h->cq_off = cq_off;
-	h->keys_off = keys_off;
-	h->data_off = data_off;
+	h->sq_off = l.sq_off;
+	h->cq_off = l.cq_off;
+	h->keys_off = l.keys_off;
+	h->data_off = l.data_off;
 	h->data_size = data_size;
-	h->rw_off = rw_off;
-	h->idx_off = idx_off;
+	h->rw_off = l.rw_off;
+	h->idx_off = l.idx_off;
+	h->link_off = link ? KGPU_LINK_OFF : 0;
+	/* Not the link: a helper on the host may already be waiting there. */
 	memcpy(kg.hdr, h, sizeof(*h));
-
-	kg.key_copy = kcalloc(key_slots, sizeof(*kg.key_copy), GFP_KERNEL);
-	kg.reqs = kcalloc(ring_entries, sizeof(*kg.reqs), GFP_KERNEL);
-	kg.data_map = bitmap_zalloc(kg.data_blocks, GFP_KERNEL);
-	kg.key_map = bitmap_zalloc(key_slots, GFP_KERNEL);
-	if (!kg.key_copy || !kg.reqs || !kg.data_map || !kg.key_map)
-		return -ENOMEM;
+	memset(kg.keys, 0, key_slots * sizeof(*kg.keys));
+	memset(kg.idx, 0, sizeof(*kg.idx));
 	return 0;
 }
 
+static int kgpu_region_alloc(void)
+{
+	size_t data_size = (size_t)data_mb << 20;
+	struct kgpu_layout l;
+	void *region;
+	int ret;
+
+	kgpu_layout(&l);
+	region = vmalloc_user(l.data_off + data_size);
+	if (!region)
+		return -ENOMEM;
+	ret = kgpu_region_setup(region, data_size, NULL);
+	if (ret)
+		vfree(region);
+	return ret;
+}
+
+/* Wipe the key slots in the region (not the kernel's copy): unload. */
+void kgpu_region_wipe_keys(void)
+{
+	mutex_lock(&kg.key_mutex);
+	if (kg.keys)
+		memzero_explicit(kg.keys, key_slots * sizeof(*kg.keys));
+	mutex_unlock(&kg.key_mutex);
+}
+
+/* The bookkeeping, and the region if it is ours (vmalloc). */
 static void kgpu_region_free(void)
 {
 	bitmap_free(kg.key_map);
 	bitmap_free(kg.data_map);
 	kfree(kg.reqs);
 	kfree_sensitive(kg.key_copy);
-	if (kg.keys)
+	if (!kg.link && kg.region) {
 		memzero_explicit(kg.keys, key_slots * sizeof(*kg.keys));
-	vfree(kg.region);
+		vfree(kg.region);
+	}
+	kg.region = NULL;
+	kg.keys = NULL;
+	kg.link = NULL;
+}
+
+/*
+ * region=: ivshmem when asked, or for auto when the device is there and
+ * usable (kgpu_ivshmem_init() says why not); else vmalloc.
+ */
+static int kgpu_region_init(void)
+{
+	int ret;
+
+	if (region_mode != KGPU_REGION_VMALLOC) {
+		ret = kgpu_ivshmem_init(region_mode == KGPU_REGION_IVSHMEM);
+		if (!ret) {
+			region_mode = KGPU_REGION_IVSHMEM;
+			return 0;
+		}
+		if (region_mode == KGPU_REGION_IVSHMEM)
+			return ret;
+	}
+	region_mode = KGPU_REGION_VMALLOC;
+	return kgpu_region_alloc();
 }
 
 static int __init kgpu_init(void)
@@ -1084,62 +1307,72 @@ static int __init kgpu_init(void)
 	init_waitqueue_head(&kg.space_wq);
 	INIT_DELAYED_WORK(&kg.timeout_work, kgpu_timeout_fn);
 
-	ret = kgpu_region_alloc();
+	kg.wq = alloc_workqueue("kgpu", WQ_MEM_RECLAIM, 0);
+	if (!kg.wq)
+		return -ENOMEM;
+	ret = kgpu_region_init();
 	if (ret)
 		goto bad_region;
-	kg.wq = alloc_workqueue("kgpu", WQ_MEM_RECLAIM, 0);
-	if (!kg.wq) {
-		ret = -ENOMEM;
-		goto bad_region;
-	}
 	ret = kgpu_netlink_init();
 	if (ret)
-		goto bad_wq;
+		goto bad_netlink;
 	ret = misc_register(&kgpu_misc);
 	if (ret)
-		goto bad_netlink;
+		goto bad_misc;
 	kg.debugfs = debugfs_create_dir("kgpu", NULL);
 	kgpu_selftest_init(kg.debugfs);
+	kgpu_stats_debugfs_init(kg.debugfs);
 
 	/* From here on a timeout_ms write may arm the timer. */
 	mutex_lock(&kgpu_param_lock);
 	kg.live = true;
 	mutex_unlock(&kgpu_param_lock);
 
-	pr_info("loaded, ABI %u: %u ring entries, %u MiB data, %u key slots, timeout %u ms\n",
-		KGPU_ABI_VERSION, ring_entries, data_mb, key_slots,
+	pr_info("loaded, ABI %u: region %s, %u ring entries, %u KiB data, %u key slots, timeout %u ms\n",
+		KGPU_ABI_VERSION, kgpu_region_names[region_mode], ring_entries,
+		kg.data_blocks * (KGPU_DATA_ALIGN / 1024), key_slots,
 		READ_ONCE(timeout_ms));
 	return 0;
 
-bad_netlink:
+bad_misc:
 	kgpu_netlink_exit();
-bad_wq:
+bad_netlink:
+	if (kg.link) {
+		kgpu_ivshmem_stop();
+		kgpu_ivshmem_exit();
+	}
+	kgpu_region_free();
+bad_region:
 	/* Never armed: kg.live was not set. */
 	destroy_workqueue(kg.wq);
 	kg.wq = NULL;
-bad_region:
-	kgpu_region_free();
 	return ret;
 }
 
 static void __exit kgpu_exit(void)
 {
 	/*
-	 * No helper (it holds a module reference) and no submitter is left,
-	 * but timeout_ms stays writable until after we return: stop its
-	 * writes from arming the timer before cancelling it for good.
+	 * No submitter is left, and no local helper (it holds a module
+	 * reference); a helper on the host (ivshmem) is told to stop and
+	 * whatever it had is completed on the CPU before the self-test's
+	 * batches go. timeout_ms stays writable until after we return: stop
+	 * its writes from arming the timer before cancelling it for good.
 	 */
 	mutex_lock(&kgpu_param_lock);
 	kg.live = false;
 	mutex_unlock(&kgpu_param_lock);
 
 	debugfs_remove_recursive(kg.debugfs);
+	if (kg.link)
+		kgpu_ivshmem_stop();
 	kgpu_selftest_exit();
 	misc_deregister(&kgpu_misc);
 	kgpu_netlink_exit();
 	cancel_delayed_work_sync(&kg.timeout_work);
 	destroy_workqueue(kg.wq);
 	kg.wq = NULL;
+	if (kg.link)
+		kgpu_ivshmem_exit();	/* the BARs: after the last use */
 	kgpu_region_free();
 	pr_info("unloaded\n");
 }

@@ -2,10 +2,19 @@
 /*
  * kgpu core: the generic netlink family "kgpu" (statistics and tunables),
  * the way nbd is configured over netlink. Commands and attributes are in
- * uapi/kgpu.h; `kgpu status` is the user-space side.
+ * uapi/kgpu.h; `kgpu status` is the user-space side. The same statistics
+ * as text in debugfs, for a guest with no Python:
+ *
+ *	cat /sys/kernel/debug/kgpu/stats
+ *
+ * one "key: value" line per global attribute (the netlink names, lower
+ * case), then one line per service: "service NAME: requests N bytes N
+ * gpu N helper_cpu N fallback N errors N crossover N".
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/debugfs.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <net/genetlink.h>
 
@@ -50,7 +59,8 @@ static int kgpu_fill_stats(struct sk_buff *skb, const struct kgpu_stats *st)
 {
 	unsigned int i;
 
-	if (nla_put_u32(skb, KGPU_ATTR_HELPER_PID, st->helper_pid) ||
+	if (nla_put_string(skb, KGPU_ATTR_PROVIDER, st->provider) ||
+	    nla_put_u32(skb, KGPU_ATTR_HELPER_PID, st->helper_pid) ||
 	    nla_put_u32(skb, KGPU_ATTR_HELPER_STALLED, st->helper_stalled) ||
 	    nla_put_u32(skb, KGPU_ATTR_RING_ENTRIES, st->ring_entries) ||
 	    nla_put_u32(skb, KGPU_ATTR_INFLIGHT, st->inflight) ||
@@ -135,6 +145,43 @@ static struct genl_family kgpu_genl_family __ro_after_init = {
 	.small_ops	= kgpu_genl_ops,
 	.n_small_ops	= ARRAY_SIZE(kgpu_genl_ops),
 };
+
+static int kgpu_stats_show(struct seq_file *m, void *v)
+{
+	struct kgpu_stats *st = kzalloc(sizeof(*st), GFP_KERNEL);
+	unsigned int i;
+
+	if (!st)
+		return -ENOMEM;
+	kgpu_get_stats(st);
+	seq_printf(m, "provider: %s\n", st->provider);
+	seq_printf(m, "helper_pid: %d\n", st->helper_pid);
+	seq_printf(m, "helper_stalled: %u\n", st->helper_stalled);
+	seq_printf(m, "ring_entries: %u\n", st->ring_entries);
+	seq_printf(m, "inflight: %u\n", st->inflight);
+	seq_printf(m, "data_size: %llu\n", st->data_size);
+	seq_printf(m, "data_used: %llu\n", st->data_used);
+	seq_printf(m, "timeout_ms: %u\n", st->timeout_ms);
+	seq_printf(m, "timeouts: %llu\n", st->timeouts);
+	seq_printf(m, "attaches: %llu\n", st->attaches);
+	seq_printf(m, "bad_completions: %llu\n", st->bad_completions);
+	seq_printf(m, "waits: %llu\n", st->waits);
+	for (i = 0; i < KGPU_SVC_COUNT; i++) {
+		const struct kgpu_svc_stats *s = &st->svc[i];
+
+		seq_printf(m, "service %s: requests %llu bytes %llu gpu %llu helper_cpu %llu fallback %llu errors %llu crossover %u\n",
+			   kgpu_svc_names[i], s->requests, s->bytes, s->gpu,
+			   s->helper_cpu, s->fallback, s->errors, s->crossover);
+	}
+	kfree(st);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(kgpu_stats);
+
+void kgpu_stats_debugfs_init(struct dentry *dir)
+{
+	debugfs_create_file("stats", 0400, dir, NULL, &kgpu_stats_fops);
+}
 
 int kgpu_netlink_init(void)
 {

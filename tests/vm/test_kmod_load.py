@@ -59,3 +59,52 @@ def test_load_unload(series):
     assert dmesg.count("kgpu: unloaded") == 4
     for bad in ("BUG:", "Oops", "WARNING:", "Call Trace", "kmemleak"):
         assert bad not in dmesg, dmesg
+
+
+REGION_GUEST = r"""
+ko={ko}
+modprobe raid6_pq
+if insmod $ko region=ivshmem; then echo "region=ivshmem loaded without a device"; exit 10; fi
+insmod $ko region=bogus && {{ echo "region=bogus accepted"; exit 11; }}
+insmod $ko || exit 12
+cat /sys/module/kgpu/parameters/region > $KGPU_OUT/region.txt
+cp /sys/kernel/debug/kgpu/stats $KGPU_OUT/stats.txt
+stat -c %a /sys/kernel/debug/kgpu/stats > $KGPU_OUT/mode.txt
+rmmod kgpu || exit 13
+dmesg > $KGPU_OUT/dmesg.txt
+echo region-ok
+"""
+
+
+def test_region_param_without_ivshmem():
+    """No ivshmem device: region=ivshmem refuses to load and says why,
+    the default (auto) is vmalloc, and debugfs stats says so in text."""
+    from kgpu_testbed import Testbed, TestbedError
+
+    try:
+        tb = Testbed(kernel="6.12", timeout=300)
+    except TestbedError as e:
+        pytest.skip(str(e))
+    ko = f"{build_modules(tb.kernel)}/kgpu.ko"
+    result = tb.run(REGION_GUEST.format(ko=ko))
+    assert result.rc == 0, result.output
+    assert "region-ok" in result.output
+    dmesg = result.files["dmesg.txt"].decode()
+    assert "region=ivshmem: no ivshmem device (PCI 1af4:1110)" in dmesg
+    assert "invalid for parameter `region'" in dmesg
+    assert "kgpu: loaded, ABI 4: region vmalloc" in dmesg
+    assert dmesg.count("kgpu: loaded") == 1
+    assert result.files["region.txt"].decode().strip() == "vmalloc"
+    assert result.files["mode.txt"].decode().strip() == "400"
+    stats = result.files["stats.txt"].decode().splitlines()
+    kv = dict(ln.split(": ", 1) for ln in stats if not ln.startswith("service "))
+    assert kv["provider"] == "vmalloc"
+    assert kv["helper_pid"] == "0"
+    assert kv["ring_entries"] == "256"
+    assert int(kv["data_size"]) == 64 << 20
+    svcs = [ln.split(":")[0] for ln in stats if ln.startswith("service ")]
+    assert svcs == ["service nop", "service xts-enc", "service xts-dec",
+                    "service raid6-gen", "service raid6-rec",
+                    "service raid6-pqd"]
+    for bad in ("BUG:", "Oops", "WARNING:", "Call Trace"):
+        assert bad not in dmesg, dmesg
