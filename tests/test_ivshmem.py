@@ -427,3 +427,45 @@ def test_region_size_must_be_power_of_two(bench):
         env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "power of two" in out.stderr
+
+
+def test_guest_module_reload_gets_a_new_token(bench):
+    s = bench.sock("a.sock")
+    bench.helper(s)
+    g = bench.guest(s)
+    g.set_key(0, KEY)
+    tok = g.wait_attached()
+    rng = np.random.default_rng(6)
+    check_served(g, rng)
+    g.detach()   # rmmod: state and token 0, doorbell
+    tok2 = g.wait_attached(other_than=tok)
+    assert tok2 != tok
+    check_served(g, rng)
+
+
+def test_stale_socket_files_and_a_stopped_server(bench):
+    import socket
+
+    s = bench.sock("a.sock")
+    # what a server killed with -9 leaves: socket files nobody listens on
+    for p in (s, s + ".ctl"):
+        x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        x.bind(p)
+        x.close()
+    bench.helper(s)
+    srv = server_pid(s)
+    g = bench.guest(s)
+    g.wait_attached()
+    assert g.run(sqe(abi.SVC_NOP)) == [0]
+    # SIGTERM stops the server at once (its guest loses the link); the
+    # helper starts a new one for the next QEMU
+    os.kill(srv, signal.SIGTERM)
+    end = time.monotonic() + 10
+    while server_pid(s) in (None, srv) or not os.path.exists(s):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    g.close()
+    bench.guests.remove(g)
+    g = bench.guest(s)
+    g.wait_attached()
+    assert g.run(sqe(abi.SVC_NOP)) == [0]
