@@ -61,6 +61,7 @@ _W = {name: abi.LINK.fields[name][1] // 4
                    "need_wakeup", "crossover", "guest_state", "guest_token",
                    "guest_id")}
 _NCROSS = abi.LINK.fields["crossover"][0].shape[0]
+_HDR_LEN = abi.REGION_HDR.itemsize
 
 
 class GuestGone(TransportError):
@@ -243,6 +244,7 @@ class IvshmemTransport(Transport):
         self.region = None
         self.mm = None
         self.token = 0
+        self._hdr = b""
         try:
             if os.fstat(memfd).st_size < size:
                 raise TransportError(f"the guest's memory is smaller than "
@@ -280,8 +282,15 @@ class IvshmemTransport(Transport):
                 os.close(fd)
             if kind == GONE:
                 raise GuestGone(f"guest {self.guest_id} is gone")
-        if self.region is not None and not self._guest_ok():
-            raise GuestDetached(f"guest {self.guest_id} detached")
+        if self.region is not None:
+            if not self._guest_ok():
+                raise GuestDetached(f"guest {self.guest_id} detached")
+            # A module reloaded fast enough acks the token it finds before
+            # we saw it go: its new header tells (same header: the rings
+            # restarted at 0, which serving follows as it is)
+            if self.mm[:_HDR_LEN] != self._hdr:
+                raise GuestDetached(f"guest {self.guest_id} rewrote its "
+                                    f"header")
 
     def attach(self, crossover, wake_fd=-1):
         """Offer a new token and sleep until the guest acks it; then map
@@ -311,7 +320,12 @@ class IvshmemTransport(Transport):
                 if fd == self.bell:
                     self._clear_bell()
             self.check()
+        self._hdr = self.mm[:_HDR_LEN]
         self.region = _guest_region(self.mm)
+        if self.mm[:_HDR_LEN] != self._hdr:
+            self.drop_region()
+            raise GuestDetached(f"guest {self.guest_id} rewrote its header "
+                                f"while attaching")
         return True
 
     def detach(self):
@@ -503,11 +517,11 @@ class GuestService:
                     errors = 0
                 except (GuestGone, ServerGone):
                     raise
-                except GuestDetached:
-                    log.info("%s: guest %d detached (its module unloaded?);"
-                             " offering to attach again", self.path,
-                             t.guest_id)
+                except GuestDetached as e:
+                    log.info("%s: %s (its module unloaded?); offering to "
+                             "attach again", self.path, e)
                     errors = 0
+                    pause = 0.05  # a real reload takes far longer
                 except Exception as e:  # noqa: BLE001 - the guest's fault
                     errors += 1
                     self.errors += 1

@@ -208,6 +208,24 @@ class FakeGuest:
         self.lw[_W["guest_token"]] = 0
         self.ring()
 
+    def reload(self, entries):
+        """rmmod then insmod with another ring size, so fast that the new
+        module acks the token the helper still shows (the helper sees
+        one ring, of the new module)."""
+        self.lw[_W["guest_state"]] = 0
+        self.region.release()
+        self.entries = entries
+        self.write_header()
+        self.region = Region(self.mm, owner=True)
+        for s, k in self.keys.items():
+            self.set_key(s, k)
+        idx = self.region.idx
+        idx[_SQ_TAIL] = idx[_SQ_HEAD] = idx[_CQ_TAIL] = idx[_CQ_HEAD] = 0
+        self.outstanding.clear()
+        self.lw[_W["guest_token"]] = self.lw[_W["helper_token"]]
+        self.lw[_W["guest_state"]] = abi.LINK_READY
+        self.ring()
+
     # -- requests
 
     def submit(self, sqes):

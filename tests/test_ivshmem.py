@@ -168,6 +168,19 @@ def check_served(g, rng, n=16384):
     assert g.view(roff + 4 * unit, 2 * unit).tobytes() == p + q
 
 
+def served_guest(bench, seed):
+    """A helper on a new socket, a guest attached to it and served once:
+    (socket, helper process, guest, its token, rng)."""
+    s = bench.sock("a.sock")
+    h = bench.helper(s)
+    g = bench.guest(s)
+    g.set_key(0, KEY)
+    tok = g.wait_attached()
+    rng = np.random.default_rng(seed)
+    check_served(g, rng)
+    return s, h, g, tok, rng
+
+
 # ------------------------------------------------------------------ tests
 
 def test_greeting_attach_and_requests(bench):
@@ -224,6 +237,9 @@ def test_kill9_new_helper_reattaches_server_survives(bench):
     s = bench.sock("a.sock")
     h = bench.helper(s)
     srv = server_pid(s)
+    # its own session: the helper's process group or terminal is not its
+    assert os.getsid(srv) != os.getsid(h.pid)
+    assert os.getpgid(srv) != os.getpgid(h.pid)
     g = bench.guest(s)
     g.set_key(0, KEY)
     tok = g.wait_attached()
@@ -233,6 +249,7 @@ def test_kill9_new_helper_reattaches_server_survives(bench):
     off = g.data_off
     g.submit(np.concatenate([xts_req(g, off + i * 65536, 65536)
                              for i in range(32)]))
+    assert g.idx()[0] == 32 + 3
     h.kill()
     h.wait()
     assert _alive(srv) and server_pid(s) == srv
@@ -372,12 +389,7 @@ def test_malicious_guest_hurts_only_itself(bench):
 
 
 def test_qemu_reconnect_gets_fresh_memory(bench):
-    s = bench.sock("a.sock")
-    bench.helper(s)
-    g = bench.guest(s)
-    g.set_key(0, KEY)
-    g.wait_attached()
-    check_served(g, np.random.default_rng(5))
+    s, _h, g, _tok, _rng = served_guest(bench, 5)
     ino = g.ino
     g.close()
     bench.guests.remove(g)
@@ -430,14 +442,20 @@ def test_region_size_must_be_power_of_two(bench):
 
 
 def test_guest_module_reload_gets_a_new_token(bench):
-    s = bench.sock("a.sock")
-    bench.helper(s)
-    g = bench.guest(s)
-    g.set_key(0, KEY)
-    tok = g.wait_attached()
-    rng = np.random.default_rng(6)
-    check_served(g, rng)
+    _s, _h, g, tok, rng = served_guest(bench, 6)
     g.detach()   # rmmod: state and token 0, doorbell
+    # unloaded, it answers no interrupt until the helper's new offer
+    _link_wait(g, lambda: g.helper_state()[1] != tok, "a new offer")
+    tok2 = g.wait_attached(other_than=tok)
+    assert tok2 != tok
+    check_served(g, rng)
+
+
+def test_fast_module_reload_with_another_layout(bench):
+    _s, _h, g, tok, rng = served_guest(bench, 7)
+    time.sleep(0.1)
+    g.reload(entries=16)   # acks the old token with a new header
+    assert g.token() == tok
     tok2 = g.wait_attached(other_than=tok)
     assert tok2 != tok
     check_served(g, rng)
