@@ -19,6 +19,17 @@ def _setup_logging(verbose):
         format="kgpu-helper[%(process)d] %(levelname)s: %(message)s")
 
 
+def _note_early_stop():
+    """Until the serving loop takes over, SIGTERM/SIGINT only note the
+    request (start-up, calibration included, can take seconds); the
+    helper then stops as soon as it is up, and exits 0. The list that
+    fills up when one came."""
+    early_stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: early_stop.append(True))
+    return early_stop
+
+
 def _parse_gpus(text):
     if not text:
         return None
@@ -70,6 +81,13 @@ def make_backends(backend, gpus, cpu_threads=None):
 @click.option("--ring", "ring_spec", default="kernel", show_default=True,
               help="kernel: /dev/kgpu of the module; shm:FILE: a region "
                    "served by a user-space ring driver (kgpu bench ring).")
+@click.option("--ivshmem", "ivshmem", multiple=True, metavar="SOCKET",
+              help="Serve a VM guest through QEMU's ivshmem-doorbell "
+                   "device at this Unix socket instead of --ring "
+                   "(repeatable: one socket per guest); see above.")
+@click.option("--region-size", default="64M", show_default=True,
+              help="--ivshmem: the guest's shared memory (its PCI BAR), a "
+                   "power of two, e.g. 16M, 256M, 1G.")
 @click.option("--crossover", default="auto", show_default=True,
               help="auto: measure per service at start-up and tell the "
                    "kernel (cupy backend; with cpu every request comes to "
@@ -82,8 +100,8 @@ def make_backends(backend, gpus, cpu_threads=None):
               help="Threads of the CPU backend (default: all cores).")
 @click.option("--max-requests", type=int, default=None, hidden=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
-               max_requests, verbose):
+def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
+               spin_us, cpu_threads, max_requests, verbose):
     """Run the helper daemon: attach to the kgpu ring and serve AES-XTS
     and RAID6 requests on the GPUs (or the CPU).
 
@@ -91,7 +109,25 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
     posted, then the helper detaches; the kernel redoes anything still
     queued on its CPU. Exits 1 with a clear message when the module is not
     loaded or another helper is attached.
+
+    \b
+    VM guests (--ivshmem SOCKET): on the host, one helper serves guests
+    whose kgpu.ko takes its region from an ivshmem-doorbell device. Start
+    the helper first (it starts the socket's ivshmem server, a separate
+    process that outlives helper restarts and logs to SOCKET.log), then
+    each guest's QEMU with:
+      -chardev socket,path=SOCKET,id=ivs0
+      -device ivshmem-doorbell,chardev=ivs0,vectors=1
+    One guest per socket; a helper killed and started again picks the
+    guests up where they are. The server exits once its guest is gone
+    after a clean helper stop; SIGTERM to it stops it at once.
     """
+    if ivshmem:
+        if ring_spec != "kernel":
+            raise click.BadParameter("--ring and --ivshmem exclude each "
+                                     "other")
+        return _helper_ivshmem(backend, gpus, ivshmem, region_size,
+                               crossover, spin_us, cpu_threads, verbose)
     from kgpu_helper.daemon import Helper
     from kgpu_helper.services import BackendUnavailable
     from kgpu_helper.services.cpu import CpuBackend
@@ -100,12 +136,7 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
     _setup_logging(verbose)
     gpu_list = _parse_gpus(gpus)
     cross = _crossover_bytes(crossover)
-    # Until the serving loop takes over, SIGTERM/SIGINT only note the
-    # request (start-up, calibration included, can take seconds); the
-    # helper then stops as soon as it is up, and exits 0.
-    early_stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: early_stop.append(True))
+    early_stop = _note_early_stop()
     try:
         t = open_transport(ring_spec)
     except TransportError as e:
@@ -142,11 +173,69 @@ def helper_cmd(backend, gpus, ring_spec, crossover, spin_us, cpu_threads,
     return 0
 
 
-def _send_crossover(t, be, cpu, cross):
+def _size_bytes(text):
+    """``64M``, ``1G``, ``65536`` -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if t[-1:] in units else t) * mult
+    except ValueError:
+        raise click.BadParameter(f"--region-size takes a size like 64M, got "
+                                 f"{text!r}") from None
+
+
+def _helper_ivshmem(backend, gpus, sockets, region_size, crossover, spin_us,
+                    cpu_threads, verbose):
+    """kgpu helper --ivshmem: one thread per socket (kgpu_helper.ivshmem)."""
+    from kgpu_helper import ivshmem
+    from kgpu_helper.daemon import Helper
+    from kgpu_helper.ivshmem_server import check_region_size
+    from kgpu_helper.services import BackendUnavailable
+    from kgpu_helper.services.cpu import CpuBackend
+    from kgpu_helper.transport import TransportError
+
+    _setup_logging(verbose)
+    try:
+        size = check_region_size(_size_bytes(region_size))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    gpu_list = _parse_gpus(gpus)
+    cross = _crossover_bytes(crossover)
+    early_stop = _note_early_stop()
+    try:
+        be, extra = make_backends(backend, gpu_list, cpu_threads)
+    except BackendUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    cpu = be if be.name == "cpu" else CpuBackend(threads=cpu_threads)
+    values = _crossover_values(be, cpu, cross) or {}
+    if early_stop:
+        return 0
+    log.info("backend %s on %s; serving %s", be.name, ", ".join(
+        [be.device_name()] + [b.device_name() for b in extra]),
+        ", ".join(sockets))
+
+    def make_helper(t):
+        return Helper(t, be, gpus=extra, spin=spin_us * 1e-6,
+                      cpu_backend=cpu)
+
+    try:
+        services = ivshmem.serve(list(sockets), size, make_helper, values)
+    except TransportError as e:
+        raise click.ClickException(str(e)) from None
+    for s in services:
+        log.info("stopping: %s: %d requests answered over %d attaches, "
+                 "%d guest errors", s.path, s.served, s.attaches, s.errors)
+    return 0
+
+
+def _crossover_values(be, cpu, cross):
+    """Per service: the bytes from which the helper should get requests
+    (--crossover); None for 'none'."""
     from kgpu_helper.daemon import calibrate
 
     if cross == "none":
-        return
+        return None
     if cross == "auto":
         if be.name == "cupy":
             res = calibrate(be, cpu)
@@ -161,6 +250,13 @@ def _send_crossover(t, be, cpu, cross):
             values = {s: 0 for s in abi.SERVICE_NAMES}
     else:
         values = {s: cross for s in abi.SERVICE_NAMES}
+    return values
+
+
+def _send_crossover(t, be, cpu, cross):
+    values = _crossover_values(be, cpu, cross)
+    if values is None:
+        return
     if t.name != "kernel":
         log.info("crossover not sent (no kernel on a %s ring)", t.name)
         return

@@ -413,12 +413,22 @@ class Helper:
                         return
             finally:
                 self._spun(start)
+        # A transport whose other side rings only on request (ivshmem's
+        # need_wakeup) arms that here; True: work arrived meanwhile.
+        arm = getattr(t, "arm_wakeup", None)
+        if arm is not None and arm():
+            return
         p = select.poll()
         p.register(t.fileno(), select.POLLIN)
         if self._wake_r >= 0:
             p.register(self._wake_r, select.POLLIN)
         ms = None if timeout is None else int(timeout * 1000)
-        for fd, ev in p.poll(ms):
+        try:
+            events = p.poll(ms)
+        finally:
+            if arm is not None:
+                t.disarm_wakeup()
+        for fd, ev in events:
             if fd == t.fileno():
                 if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     from kgpu_helper.transport import TransportError

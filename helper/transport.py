@@ -159,7 +159,10 @@ class Region:
         if not owner:
             hdr.flags.writeable = False
         self.hdr = hdr[0]
-        h = self.hdr
+        # Every value is read once, from a snapshot: the other side may
+        # rewrite the header meanwhile (an ivshmem guest is not trusted),
+        # and a view must never lie at an offset other than the one checked.
+        h = hdr.copy()[0]
         _check_identity(int(h["magic"]), int(h["abi_version"]),
                         "the region")
         for name, dt in (("sqe_size", abi.SQE), ("cqe_size", abi.CQE),
