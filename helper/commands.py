@@ -99,9 +99,27 @@ def make_backends(backend, gpus, cpu_threads=None):
 @click.option("--cpu-threads", type=int, default=None,
               help="Threads of the CPU backend (default: all cores).")
 @click.option("--max-requests", type=int, default=None, hidden=True)
+@click.option("--resident", is_flag=True,
+              help="Serve small XTS requests with a persistent GPU kernel "
+                   "that polls the ring itself (prototype: shm ring, cupy "
+                   "backend; see kgpu_helper/resident.py).")
+@click.option("--resident-blocks", type=click.IntRange(1, 64), default=16,
+              show_default=True, help="Persistent blocks (SMs) it takes.")
+@click.option("--resident-max", default="16K", show_default=True,
+              help="Largest XTS request it serves; larger ones take the "
+                   "batched launches.")
+@click.option("--resident-sleep-us", type=click.IntRange(1, 10000),
+              default=20, show_default=True,
+              help="Host thread: microseconds between looks at cq_tail "
+                   "while requests are outstanding.")
+@click.option("--resident-spin-us", type=click.IntRange(0, 10000),
+              default=50, show_default=True,
+              help="Host thread: spin this long after progress while at "
+                   "most one request is outstanding (latency at depth 1).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
-               spin_us, cpu_threads, max_requests, verbose):
+               spin_us, cpu_threads, max_requests, resident, resident_blocks,
+               resident_max, resident_sleep_us, resident_spin_us, verbose):
     """Run the helper daemon: attach to the kgpu ring and serve AES-XTS
     and RAID6 requests on the GPUs (or the CPU).
 
@@ -126,6 +144,9 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
         if ring_spec != "kernel":
             raise click.BadParameter("--ring and --ivshmem exclude each "
                                      "other")
+        if resident:
+            raise click.BadParameter("--resident serves a shm ring only "
+                                     "(a prototype), not --ivshmem")
         return _helper_ivshmem(backend, gpus, ivshmem, region_size,
                                crossover, spin_us, cpu_threads, verbose)
     from kgpu_helper.daemon import Helper
@@ -134,6 +155,10 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
     from kgpu_helper.transport import TransportError, open_transport
 
     _setup_logging(verbose)
+    if resident:
+        # before CUDA starts: no lazy kernel loading next to a kernel that
+        # never ends (kgpu_helper/resident.py, ResidentXts._preload)
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     gpu_list = _parse_gpus(gpus)
     cross = _crossover_bytes(crossover)
     early_stop = _note_early_stop()
@@ -153,6 +178,12 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
                  t.region.data_size >> 20, be.name, ", ".join(names))
         _send_crossover(t, be, cpu, cross)
         h = Helper(t, be, gpus=extra, spin=spin_us * 1e-6, cpu_backend=cpu)
+        res = None
+        if resident:
+            res = _start_resident(t, be, resident_blocks, resident_max,
+                                  resident_sleep_us, resident_spin_us)
+            if res is not None:
+                h.t = res.spill  # the loop serves what the GPU spills
         h.install_signals()
         if early_stop:
             h.request_stop()
@@ -163,6 +194,8 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
             log.warning("%s", e)
             n = h.stats["answered"]
         finally:
+            if res is not None:
+                res.stop()
             h.close()
         log.info("stopping: %d requests answered in %d batches", n,
                  h.stats["batches"])
@@ -171,6 +204,27 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
     finally:
         t.close()
     return 0
+
+
+def _start_resident(t, be, blocks, max_size, sleep_us, spin_us):
+    """The GPU-resident XTS path, started; None (and a warning: the
+    helper serves as without it) where it cannot run."""
+    from kgpu_helper.bench import parse_size
+    from kgpu_helper.resident import ResidentError, ResidentXts
+
+    if be.name != "cupy":
+        log.warning("--resident needs the cupy backend: not used")
+        return None
+    try:
+        res = ResidentXts(t, be, blocks=blocks,
+                          max_bytes=parse_size(max_size), sleep_us=sleep_us,
+                          spin_us=spin_us)
+        res.start()
+    except Exception as e:  # noqa: BLE001 - serve without it
+        log.warning("resident XTS path not used: %s%s", "" if isinstance(
+            e, ResidentError) else f"{type(e).__name__}: ", e)
+        return None
+    return res
 
 
 def _size_bytes(text):

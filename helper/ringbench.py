@@ -467,7 +467,7 @@ METHODS = {
 
 def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
         spin_us, progress, compare_compute=True, xts_io=None, driver="c",
-        runs=3, submitters=None, anchor=True):
+        runs=3, submitters=None, anchor=True, resident_opts=()):
     from kgpu_helper.services import KeyTable, get_backend
     from kgpu_helper.services.cpu import CpuBackend, cpu_name
 
@@ -509,8 +509,11 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
         drv.set_key(1, key32)
         counters = os.path.join(tmp, "counters")
         COUNTERS[0] = counters
-        proc = start_helper(sock, backend, spin_us, xts_io=xts_io,
-                            counters=counters)
+        proc = start_helper(sock, "cupy" if backend == "resident"
+                            else backend, spin_us, xts_io=xts_io,
+                            counters=counters,
+                            extra=(["--resident", *resident_opts]
+                                   if backend == "resident" else ()))
         try:
             if not drv.wait_attach(120):
                 raise RuntimeError(f"the {backend} helper did not attach")
@@ -567,7 +570,7 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
             if os.path.exists(counters):
                 os.unlink(counters)
             os.rmdir(tmp)
-    if "cupy" in backends:
+    if "cupy" in backends or "resident" in backends:
         be = get_backend("cupy")
         report["device"] = be.device_name()
         report["bare_cupy"] = bare_launch_us()
@@ -644,24 +647,8 @@ def targets(rep):
         out.append({"target": "nop >= 2,000,000 req/s",
                     "value": nop["requests_per_s"], "depth": nop["depth"],
                     "met": nop["requests_per_s"] >= 2e6})
-    r1 = find("cupy", "aes-xts-256-enc", 4 * KiB, 1)
-    if r1:
-        out.append({"target": "xts 4K depth 1 p50 <= 15 us (GPU-resident "
-                    "path)", "value_us": r1["p50_us"],
-                    "met": r1["p50_us"] <= 15})
-    r32 = find("cupy", "aes-xts-256-enc", 4 * KiB, 32)
-    if r32:
-        out.append({"target": "xts 4K depth 32 >= 500,000 req/s",
-                    "value": r32["requests_per_s"],
-                    "met": r32["requests_per_s"] >= 5e5})
-        ossl = {a["size"]: a for a in
-                (rep.get("openssl") or {}).get("results", [])}
-        o4 = ossl.get(4 * KiB, {}).get("one_core_s_per_gb")
-        if o4 and r32.get("helper_cpu_s_per_gb") is not None:
-            out.append({"target": "xts 4K depth 32 helper CPU/GB <= 1/3 of "
-                        "openssl 1 core", "helper_s_per_gb":
-                        r32["helper_cpu_s_per_gb"], "openssl_s_per_gb": o4,
-                        "met": r32["helper_cpu_s_per_gb"] <= o4 / 3})
+    for b in ("cupy", "resident"):
+        out.extend(_part4_targets(rep, b, find))
     for r in res:
         if r["backend"] != "cupy" or r["size"] != MiB or r["depth"] != 32:
             continue
@@ -673,6 +660,34 @@ def targets(rep):
                         "cupy_s_per_gb": r["helper_cpu_s_per_gb"],
                         "cpu_s_per_gb": c["helper_cpu_s_per_gb"],
                         "ratio": round(ratio, 3), "met": ratio <= 0.2})
+    return out
+
+
+def _part4_targets(rep, backend, find):
+    """Issue 11 part 4's targets (the GPU-resident path) for ``backend``."""
+    out = []
+    r1 = find(backend, "aes-xts-256-enc", 4 * KiB, 1)
+    if r1:
+        out.append({"target": f"[{backend}] xts 4K depth 1 p50 <= 15 us",
+                    "value_us": r1["p50_us"], "met": r1["p50_us"] <= 15})
+    r32 = find(backend, "aes-xts-256-enc", 4 * KiB, 32)
+    if r32:
+        out.append({"target": f"[{backend}] xts 4K depth 32 >= 500,000 "
+                    "req/s", "value": r32["requests_per_s"],
+                    "met": r32["requests_per_s"] >= 5e5})
+        ossl = {a["size"]: a for a in
+                (rep.get("openssl") or {}).get("results", [])}
+        o4 = ossl.get(4 * KiB, {}).get("one_core_s_per_gb")
+        if o4 and r32.get("helper_cpu_s_per_gb") is not None:
+            out.append({"target": f"[{backend}] xts 4K depth 32 helper "
+                        "CPU/GB <= 1/3 of openssl 1 core", "helper_s_per_gb":
+                        r32["helper_cpu_s_per_gb"], "openssl_s_per_gb": o4,
+                        "met": r32["helper_cpu_s_per_gb"] <= o4 / 3})
+    idle = ((rep.get("helpers") or {}).get(backend) or {}).get(
+        "idle_cpu_pct")
+    if r1 is not None and idle is not None:
+        out.append({"target": f"[{backend}] idle helper CPU < 2% of a core",
+                    "value_pct": idle, "met": idle < 2})
     return out
 
 
@@ -746,7 +761,8 @@ def print_report(rep, out=sys.stdout):
 @click.command("ring")
 @click.option("--backend", "backends", default="auto", show_default=True,
               help="Helper backend(s) to measure, comma-separated: auto, "
-                   "cupy, cpu (e.g. cupy,cpu to compare CPU time per GB).")
+                   "cupy, cpu, resident (cupy with --resident; e.g. "
+                   "cupy,resident for before/after).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write all results to this JSON file.")
 @click.option("--sizes", help="Request sizes (user data), comma-separated "
@@ -782,9 +798,12 @@ def print_report(rep, out=sys.stdout):
                    "min(depth, 4)).")
 @click.option("--anchor/--no-anchor", default=True, show_default=True,
               help="Measure openssl speed -evp aes-256-xts too.")
+@click.option("--resident-opts", default="", help="Options of `kgpu "
+              "helper` for the resident backend, e.g. '--resident-blocks "
+              "16 --resident-sleep-us 10'.")
 def ring(backends, json_path, sizes, depths, service_list, unit_size,
          min_time, data_size, spin_us, xts_io, driver, runs, submitters,
-         anchor):
+         anchor, resident_opts):
     """The helper through the ring, without the kernel module.
 
     This process plays the kernel's side of the ring ABI over shared
@@ -795,7 +814,7 @@ def ring(backends, json_path, sizes, depths, service_list, unit_size,
     """
     blist = [b.strip() for b in backends.split(",") if b.strip()]
     for b in blist:
-        if b not in ("auto", "cupy", "cpu"):
+        if b not in ("auto", "cupy", "cpu", "resident"):
             raise click.BadParameter(f"unknown backend {b!r}",
                                      param_hint="--backend")
     if "auto" in blist:
@@ -822,7 +841,8 @@ def ring(backends, json_path, sizes, depths, service_list, unit_size,
     rep = run(blist, services, size_list, depth_list, min_time,
               int(unit_size), parse_size(data_size), spin_us, progress,
               xts_io=xts_io, driver=driver, runs=runs,
-              submitters=submitters, anchor=anchor)
+              submitters=submitters, anchor=anchor,
+              resident_opts=resident_opts.split())
     print_report(rep)
     if json_path:
         with open(json_path, "w") as f:

@@ -40,6 +40,17 @@ def xts_oracle(key, data, sector, step, unit, plain=False, decrypt=False):
     return bytes(out)
 
 
+def attach(d):
+    """A ShmTransport attached to the driver ``d`` (it connects on a
+    thread while the driver accepts)."""
+    box = []
+    th = threading.Thread(target=lambda: box.append(ShmTransport(d.sock_path)))
+    th.start()
+    assert d.wait_attach(5)
+    th.join(5)
+    return box[0]
+
+
 class Served:
     """A driver and an in-process Helper (cpu backend) on a thread."""
 
@@ -49,13 +60,7 @@ class Served:
                             data_size=data_size, key_slots=4)
         self.d.set_key(0, KEY64)
         self.d.set_key(1, KEY32)
-        box = []
-        th = threading.Thread(target=lambda: box.append(
-            ShmTransport(self.d.sock_path)))
-        th.start()
-        assert self.d.wait_attach(5)
-        th.join(5)
-        self.t = box[0]
+        self.t = attach(self.d)
         be = (get_backend("cpu", threads=2) if backend == "cpu"
               else get_backend(backend))
         self.h = Helper(self.t, be, spin=0, xts_io=xts_io, **helper_kw)

@@ -40,6 +40,12 @@ typedef unsigned char u8;
 #define RK_DEC1 30          // K1's decryption round keys
 #define NR_WORD 180         // word holding the number of rounds
 
+// Round-key loads: read-only cache by default; resident.cu, whose key
+// cache changes while its kernel runs, reads them as plain loads.
+#ifndef XTS_RK_LOAD
+#define XTS_RK_LOAD(p) __ldg(p)
+#endif
+
 #define TAB_WORDS (256 * 32)          // one replicated 32-bit table
 #define ISB_BYTES (256 * 32)          // replicated inverse S-box
 
@@ -92,12 +98,12 @@ template <int NR, int B>
 __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__ rk,
                                         const u32* te_, u32 l4) {
     const u32 te = smem_addr(te_) + l4;
-    uint4 k = __ldg(rk);
+    uint4 k = XTS_RK_LOAD(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
 #pragma unroll
     for (int r = 1; r < NR; ++r) {
-        k = __ldg(rk + r);
+        k = XTS_RK_LOAD(rk + r);
 #pragma unroll
         for (int i = 0; i < B; ++i) {
             const uint4 a = s[i];
@@ -113,7 +119,7 @@ __device__ __forceinline__ void aes_enc(uint4 (&s)[B], const uint4* __restrict__
             s[i] = t;
         }
     }
-    k = __ldg(rk + NR);
+    k = XTS_RK_LOAD(rk + NR);
 #pragma unroll
     for (int i = 0; i < B; ++i) {
         const uint4 a = s[i];
@@ -137,12 +143,12 @@ template <int NR, int B>
 __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__ rk,
                                         const u32* td_, const u8* ib, u32 l4) {
     const u32 td = smem_addr(td_) + l4, ibl = smem_addr(ib) + l4;
-    uint4 k = __ldg(rk);
+    uint4 k = XTS_RK_LOAD(rk);
 #pragma unroll
     for (int i = 0; i < B; ++i) s[i] = xor4(s[i], k);
 #pragma unroll
     for (int r = 1; r < NR; ++r) {
-        k = __ldg(rk + r);
+        k = XTS_RK_LOAD(rk + r);
 #pragma unroll
         for (int i = 0; i < B; ++i) {
             const uint4 a = s[i];
@@ -158,7 +164,7 @@ __device__ __forceinline__ void aes_dec(uint4 (&s)[B], const uint4* __restrict__
             s[i] = t;
         }
     }
-    k = __ldg(rk + NR);
+    k = XTS_RK_LOAD(rk + NR);
 #pragma unroll
     for (int i = 0; i < B; ++i) {
         const uint4 a = s[i];

@@ -259,6 +259,9 @@ class CupyBackend(Backend):
             self._isbox = cp.asarray(aes_tables.INV_SBOX)
             self._stream = cp.cuda.Stream(non_blocking=True)
         self._schedules = weakref.WeakKeyDictionary()
+        #: while a resident kernel runs on this device: a list that keeps
+        #: replaced key schedules alive (see schedule())
+        self.resident = None
         self._kernels = {}
         self._batch = None
 
@@ -315,7 +318,12 @@ class CupyBackend(Backend):
         """The device copy of a KeyTable's schedule (refreshed on change)."""
         hit = self._schedules.get(keys)
         if hit is None or hit[0] != keys.version:
-            if hit is not None:
+            if hit is not None and self.resident is not None:
+                # a device-wide wait would wait for the resident kernel
+                # (kgpu_helper/resident.py), which never ends: keep the
+                # old copy instead (a few KiB; key changes are rare)
+                self.resident.append(hit[1])
+            elif hit is not None:
                 # Kernels queued on any stream may still read the old
                 # copy (launches hold its raw pointer): let them finish
                 # before it goes back to the pool. Key changes are rare.

@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * resident_host: the host thread of the GPU-resident XTS service
+ * (kgpu_helper/resident.py, helper/cuda/resident.cu). A shared library,
+ * loaded with ctypes; the thread runs without the GIL.
+ *
+ * The persistent kernel takes requests from the SQ and publishes CQEs and
+ * cq_tail itself. What the GPU cannot do is wake a sleeping CPU, so this
+ * thread notices two counters the GPU writes in host memory and turns
+ * them into wake-ups:
+ *  - cq_tail moved: ring the completion doorbell, once for everything
+ *    that completed since the last look (the module's KGPU_IOC_COMPLETE;
+ *    on the shm ring one byte on the socket);
+ *  - the spill SQ's tail moved: signal an eventfd that the helper's
+ *    Python loop sleeps on (requests the GPU leaves to it).
+ *
+ * How it waits, so that it costs little CPU:
+ *  - nothing outstanding (sq_tail == cq_tail): it drains the submitters'
+ *    doorbell bytes, looks once more, then sleeps in poll() on the doorbell
+ *    socket (a new submission wakes it, as it would wake the helper);
+ *  - at most spin_below requests outstanding (spin_below > 0: none
+ *    outstanding too): it spins (pause) for up to spin_us after the last
+ *    progress, for latency at low depth;
+ *  - otherwise it sleeps sleep_us between looks (nanosleep, timer slack
+ *    set to 1 us), so one doorbell covers every completion of that window.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+struct rh_cfg {
+	volatile uint32_t *sq_tail;	/* region: written by the submitter */
+	volatile uint32_t *cq_tail;	/* region: written by the GPU */
+	volatile uint32_t *spill_tail;	/* ctl: written by the GPU */
+	volatile uint64_t *stats;	/* RH_STAT_* words, read by Python */
+	int32_t sock;			/* doorbell socket (shm ring) */
+	int32_t spill_fd;		/* eventfd of the Python loop */
+	int32_t wake_fd;		/* eventfd: rh_stop() */
+	uint32_t spin_below;
+	uint32_t spin_us;
+	uint32_t sleep_us;
+};
+
+enum {
+	RH_STAT_LOOPS,		/* looks at the counters */
+	RH_STAT_BELLS,		/* completion doorbells rung */
+	RH_STAT_SPILLS,		/* spill signals */
+	RH_STAT_POLLS,		/* sleeps in poll() (idle) */
+	RH_STAT_SLEEPS,		/* short sleeps (busy) */
+	RH_STAT_HANGUP,		/* 1: the ring's other side went away */
+	RH_STAT_SPIN_NS,	/* time spent spinning */
+	RH_STAT_COUNT
+};
+
+struct rh {
+	struct rh_cfg c;
+	pthread_t th;
+	volatile int stop;
+	uint32_t seen_cq, seen_sp;	/* as rh_start() found them */
+};
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static uint32_t load(volatile uint32_t *p)
+{
+	return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static void stat_add(struct rh *h, int i, uint64_t v)
+{
+	__atomic_add_fetch(&h->c.stats[i], v, __ATOMIC_RELAXED);
+}
+
+/* the submitters' doorbell bytes; 0 on hang-up */
+static int drain_bells(struct rh *h)
+{
+	char buf[4096];
+
+	for (;;) {
+		ssize_t n = recv(h->c.sock, buf, sizeof(buf), MSG_DONTWAIT);
+
+		if (n == 0)
+			return 0;
+		if (n < 0)
+			return errno == EAGAIN || errno == EWOULDBLOCK ||
+			       errno == EINTR;
+		if (n < (ssize_t)sizeof(buf))
+			return 1;
+	}
+}
+
+static void hangup(struct rh *h)
+{
+	__atomic_store_n(&h->c.stats[RH_STAT_HANGUP], 1, __ATOMIC_RELEASE);
+	eventfd_write(h->c.spill_fd, 1);
+}
+
+static void *rh_main(void *arg)
+{
+	struct rh *h = arg;
+	struct rh_cfg *c = &h->c;
+	uint32_t seen_cq = h->seen_cq, seen_sp = h->seen_sp;
+	int64_t last = now_ns(), spin_ns = (int64_t)c->spin_us * 1000;
+	struct timespec nap = { 0, (long)c->sleep_us * 1000 };
+
+	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+	while (!h->stop) {
+		uint32_t cq = load(c->cq_tail), sp = load(c->spill_tail), out;
+
+		stat_add(h, RH_STAT_LOOPS, 1);
+		if (cq != seen_cq) {
+			seen_cq = cq;
+			last = now_ns();
+			/* a full socket: the submitter has bells to read */
+			send(c->sock, "d", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+			stat_add(h, RH_STAT_BELLS, 1);
+		}
+		if (sp != seen_sp) {
+			seen_sp = sp;
+			last = now_ns();
+			eventfd_write(c->spill_fd, 1);
+			stat_add(h, RH_STAT_SPILLS, 1);
+		}
+		out = load(c->sq_tail) - cq;
+		if (out == 0 && c->spin_below && now_ns() - last < spin_ns) {
+			/* low depth: the next request usually follows at once */
+			int64_t t = now_ns();
+			int k;
+
+			for (k = 0; k < 64; k++)
+				__builtin_ia32_pause();
+			stat_add(h, RH_STAT_SPIN_NS, now_ns() - t);
+			continue;
+		}
+		if (out == 0) {
+			struct pollfd p[2] = {
+				{ .fd = c->sock, .events = POLLIN },
+				{ .fd = c->wake_fd, .events = POLLIN },
+			};
+
+			if (!drain_bells(h)) {
+				hangup(h);
+				break;
+			}
+			/* a submission after the drain rings again: no lost wake-up */
+			if (load(c->sq_tail) != load(c->cq_tail) ||
+			    load(c->spill_tail) != seen_sp)
+				continue;
+			stat_add(h, RH_STAT_POLLS, 1);
+			if (poll(p, 2, 100) > 0 &&
+			    (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))) {
+				hangup(h);
+				break;
+			}
+			last = now_ns();
+			continue;
+		}
+		if (out <= c->spin_below) {
+			int64_t t = now_ns();
+
+			if (t - last < spin_ns) {
+				int k;
+
+				for (k = 0; k < 64; k++)
+					__builtin_ia32_pause();
+				stat_add(h, RH_STAT_SPIN_NS, now_ns() - t);
+				continue;
+			}
+		}
+		stat_add(h, RH_STAT_SLEEPS, 1);
+		nanosleep(&nap, NULL);
+	}
+	return NULL;
+}
+
+void *rh_start(const struct rh_cfg *cfg)
+{
+	struct rh *h = calloc(1, sizeof(*h));
+
+	if (!h)
+		return NULL;
+	h->c = *cfg;
+	h->seen_cq = load(cfg->cq_tail);
+	h->seen_sp = load(cfg->spill_tail);
+	if (pthread_create(&h->th, NULL, rh_main, h)) {
+		free(h);
+		return NULL;
+	}
+	return h;
+}
+
+int rh_stop(void *handle)
+{
+	struct rh *h = handle;
+
+	if (!h)
+		return -1;
+	h->stop = 1;
+	eventfd_write(h->c.wake_fd, 1);
+	pthread_join(h->th, NULL);
+	free(h);
+	return 0;
+}
+
+int rh_stat_count(void)
+{
+	return RH_STAT_COUNT;
+}

@@ -1,0 +1,507 @@
+"""The GPU-resident XTS service: small XTS requests with no Python on
+their path (issue 11 part 4; a prototype on the shm ring).
+
+Three parts:
+
+- ``helper/cuda/resident.cu``: a persistent kernel of a few blocks on its
+  own stream. It polls the SQ in the registered region itself, computes
+  the small in-place XTS requests it may take, writes their CQEs and
+  publishes ``cq_tail`` (system-scope stores and fences); it copies every
+  other request to a *spill ring* in a small mapped control block
+  (``ctl``), and moves the answers to those back into the CQ. It is the
+  CQ's only producer. Keys: it reads each request's key slot generation
+  and re-expands the slot on the GPU when it changed.
+- ``helper/native/resident_host.c``: a host thread (C, no GIL) that rings
+  the completion doorbell once per batch when ``cq_tail`` moves and wakes
+  the Python loop when the spill ring moves. It sleeps in poll() when
+  nothing is outstanding, spins only at very low depth, and otherwise
+  looks every ``sleep_us``.
+- here: :class:`ResidentXts` (set-up, start, stop, statistics) and
+  :class:`SpillTransport`, the spill ring as a :class:`Transport`, so the
+  unchanged serving loop (:class:`kgpu_helper.daemon.Helper`) serves the
+  spilled requests (large ones, RAID6, nop, anything invalid) with
+  today's batched launches.
+
+The control block (``ctl``, uint32 words, one 64-byte line each; see
+resident.cu's ``CTL_*``) holds the stop flag, the spill ring's indexes,
+and from byte ``SPILL_SQ_BYTE`` on the spill SQ (``entries`` SQEs) and the
+spill CQ (``entries`` CQEs). At most ``entries`` requests are in flight,
+so neither spill ring can overflow.
+
+Limits of the prototype: the shm ring only (the doorbells are its
+socket); the key slots (the region's read-only part) must register with
+``cudaHostRegisterReadOnly``; a fault of the persistent kernel is not yet
+failed over. helper/cuda/NOTES.md says what the kernel module would need.
+"""
+
+import ctypes
+import logging
+import os
+import time
+
+import numpy as np
+
+from kgpu_helper import abi
+from kgpu_helper.transport import Transport, TransportError
+
+log = logging.getLogger("kgpu.resident")
+
+_MASK32 = 0xFFFFFFFF
+
+# ctl words: resident.cu's CTL_*
+CTL_STOP = 0
+CTL_SPILL_TAIL = 16
+CTL_SPILL_HEAD = 32
+CTL_SPILL_CQ_TAIL = 48
+CTL_STOP_AT = 64
+CTL_STOPPED = 80
+CTL_RUNNING = 96
+SPILL_SQ_BYTE = 8192
+
+# device state words: resident.cu's D_*
+D_CLAIM, D_CQ_ALLOC, D_CQ_PUB, D_SPILL_ALLOC, D_SPILL_PUB, D_SQ_READ = range(6)
+D_STATS, D_STATS_PER = 16, 4
+#: resident.cu's per-block statistics, in order
+BLOCK_STATS = ("served", "spilled", "key_expansions", "encrypted")
+
+# resident_host.c's RH_STAT_*
+HOST_STATS = ("loops", "bells", "spill_signals", "idle_polls", "sleeps",
+              "hangup", "spin_ns")
+
+RES_THREADS = 256
+#: T0 and Td0 replicated per bank, and the inverse S-box (xts.cu)
+SMEM_BYTES = 2 * 256 * 32 * 4 + 256 * 32
+SLOT_WORDS = 192
+
+# res_check's reasons (resident.cu)
+RES_OK, RES_NOT_XTS, RES_FLAGS, RES_NOT_IN_PLACE, RES_TOO_BIG, RES_UNIT, \
+    RES_RANGE, RES_SLOT, RES_IV_MODE = range(9)
+
+_HOST_REGISTER_PORTABLE, _HOST_REGISTER_MAPPED = 1, 2
+_HOST_REGISTER_READ_ONLY = 8
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+class ResidentError(RuntimeError):
+    """The resident path cannot run here; ``str`` says why."""
+
+
+def ctl_bytes(entries):
+    """Size of the control block for a ring of ``entries``."""
+    return SPILL_SQ_BYTE + entries * (abi.SQE.itemsize + abi.CQE.itemsize)
+
+
+def check(sqe, data_off, data_size, max_bytes, nslots):
+    """Python mirror of resident.cu's ``res_check``: RES_OK if the GPU
+    takes the request (a numpy SQE record or a row of ``SQE.names``),
+    else why it goes to the spill ring."""
+    f = dict(zip(abi.SQE.names, sqe.tolist() if hasattr(sqe, "tolist")
+                 else sqe))
+    u, n, off = f["unit_size"], f["in_len"], f["in_off"]
+    if f["service"] not in (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC):
+        return RES_NOT_XTS
+    if f["flags"]:
+        return RES_FLAGS
+    if off != f["out_off"] or n != f["out_len"]:
+        return RES_NOT_IN_PLACE
+    if n == 0 or n > max_bytes:
+        return RES_TOO_BIG
+    if u not in (512, 1024, 2048, 4096) or n % u:
+        return RES_UNIT
+    if off % 16 or off < data_off or off - data_off > data_size or \
+            n > data_off + data_size - off:
+        return RES_RANGE
+    if f["key_slot"] >= nslots:
+        return RES_SLOT
+    if f["iv_mode"] > 1:
+        return RES_IV_MODE
+    return RES_OK
+
+
+class SpillTransport(Transport):
+    """The spill ring of ``ctl`` (a uint8 array: the control block) as a
+    Transport for the serving loop: ``drain`` takes what the GPU spilled,
+    ``post`` answers it on the spill CQ (the GPU moves the answers into the
+    ring's CQ: no doorbell here). ``fileno`` is the eventfd the host
+    thread signals; ``hangup()`` says whether the ring's other side went
+    away (the host thread saw it)."""
+
+    name = "resident-spill"
+
+    def __init__(self, region, ctl, entries, efd, hangup=lambda: False):
+        self.region = region
+        self.ctl = ctl
+        self.w = ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        self.entries = entries
+        self.mask = entries - 1
+        self.sq = ctl[SPILL_SQ_BYTE:SPILL_SQ_BYTE + entries * 64].view(abi.SQE)
+        cq0 = SPILL_SQ_BYTE + entries * 64
+        self.cq = ctl[cq0:cq0 + entries * 16].view(abi.CQE)
+        self.efd = efd
+        self.hangup = hangup
+        self.head = int(self.w[CTL_SPILL_HEAD])
+        self.cq_tail = int(self.w[CTL_SPILL_CQ_TAIL])
+
+    def fileno(self):
+        return self.efd
+
+    def pending(self):
+        return (int(self.w[CTL_SPILL_TAIL]) - self.head) & _MASK32
+
+    def _wait_fd(self, timeout):
+        super()._wait_fd(timeout)
+        self._clear()
+
+    def _clear(self):
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        if self.hangup():
+            raise TransportError("the ring's other side went away")
+
+    def drain(self):
+        tail = int(self.w[CTL_SPILL_TAIL])  # then the entries (TSO)
+        n = (tail - self.head) & _MASK32
+        if n == 0:
+            return np.zeros(0, abi.SQE)
+        if n > self.entries:
+            raise TransportError(f"spill ring corrupt: {n} entries on a ring "
+                                 f"of {self.entries}")
+        i = np.arange(self.head, self.head + n, dtype=np.int64) & self.mask
+        out = self.sq[i].copy()
+        self.head = tail
+        self.w[CTL_SPILL_HEAD] = tail
+        return out
+
+    def post(self, cqes):
+        n = len(cqes)
+        if n == 0:
+            return
+        i = np.arange(self.cq_tail, self.cq_tail + n, dtype=np.int64) \
+            & self.mask
+        self.cq[i] = cqes
+        self.cq_tail = (self.cq_tail + n) & _MASK32
+        self.w[CTL_SPILL_CQ_TAIL] = self.cq_tail  # after the entries (TSO)
+
+    def close(self):
+        pass
+
+
+class _ResArgs(ctypes.Structure):
+    """struct ResArgs of resident.cu."""
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "region", "keys", "ctl", "dst", "kcache", "kgen", "te0", "td0",
+        "isbox", "sq_off", "cq_off", "idx_off", "data_off", "data_size")] + \
+        [(n, ctypes.c_uint32) for n in ("mask", "nslots", "max_bytes",
+                                         "poll_ns")]
+
+
+class _HostCfg(ctypes.Structure):
+    """struct rh_cfg of resident_host.c."""
+    _fields_ = [("sq_tail", ctypes.c_void_p), ("cq_tail", ctypes.c_void_p),
+                ("spill_tail", ctypes.c_void_p), ("stats", ctypes.c_void_p),
+                ("sock", ctypes.c_int32), ("spill_fd", ctypes.c_int32),
+                ("wake_fd", ctypes.c_int32), ("spin_below", ctypes.c_uint32),
+                ("spin_us", ctypes.c_uint32), ("sleep_us", ctypes.c_uint32)]
+
+
+def host_library():
+    """resident_host.c, built and loaded (ctypes)."""
+    from kgpu_helper.native import build
+    lib = ctypes.CDLL(build("resident_host", shared=True))
+    lib.rh_start.restype = ctypes.c_void_p
+    lib.rh_start.argtypes = [ctypes.POINTER(_HostCfg)]
+    lib.rh_stop.restype = ctypes.c_int
+    lib.rh_stop.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+class HostThread:
+    """resident_host.c's thread over raw addresses (so that it can be
+    tested without a GPU): ``sq_tail``/``cq_tail``/``spill_tail`` are the
+    addresses of the three uint32 counters."""
+
+    def __init__(self, sq_tail, cq_tail, spill_tail, sock, spill_fd,
+                 spin_below=1, spin_us=50, sleep_us=20):
+        self.lib = host_library()
+        self.stats = np.zeros(len(HOST_STATS), np.uint64)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.cfg = _HostCfg(sq_tail, cq_tail, spill_tail,
+                            self.stats.ctypes.data, sock, spill_fd,
+                            self.wake_fd, spin_below, spin_us, sleep_us)
+        self.h = self.lib.rh_start(ctypes.byref(self.cfg))
+        if not self.h:
+            os.close(self.wake_fd)
+            raise ResidentError("cannot start the resident host thread")
+
+    def hangup(self):
+        return bool(self.stats[HOST_STATS.index("hangup")])
+
+    def snapshot(self):
+        return {k: int(v) for k, v in zip(HOST_STATS, self.stats)}
+
+    def stop(self):
+        if self.h:
+            self.lib.rh_stop(self.h)
+            self.h = None
+            os.close(self.wake_fd)
+
+
+def _loading_mode():
+    """CUDA's module loading mode ("eager", "lazy"), or None if unknown."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        m = ctypes.c_int(0)
+        if cuda.cuModuleGetLoadingMode(ctypes.byref(m)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return {1: "eager", 2: "lazy"}.get(m.value)
+
+
+class ResidentXts:
+    """The resident XTS path of one helper on one GPU.
+
+    Start it once the region's writable part is registered with CUDA (the
+    serving loop's :class:`Helper` does that), then serve ``self.spill``
+    with that loop instead of the ring's transport. ``stop()`` after the
+    loop has returned, before the region is unregistered.
+
+    ``blocks``: persistent blocks (one per SM, 72 KiB of tables each);
+    ``max_bytes``: larger XTS requests go to the batched path;
+    ``poll_ns``: the kernel's longest sleep between two looks at sq_tail;
+    ``spin_below``, ``spin_us``, ``sleep_us``: the host thread's waiting
+    (see resident_host.c).
+    """
+
+    def __init__(self, transport, backend, blocks=16, max_bytes=16 << 10,
+                 poll_ns=2000, spin_below=1, spin_us=50, sleep_us=20):
+        if getattr(transport, "sock", None) is None:
+            raise ResidentError("the resident path runs on the shm ring only "
+                                "for now (--ring shm:...)")
+        if not 16 <= max_bytes <= 1 << 20:
+            raise ResidentError(f"resident max request size must be 16 B "
+                                f"to 1 MiB, got {max_bytes}")
+        self.t = transport
+        self.be = backend
+        self.r = transport.region
+        self.blocks = blocks
+        self.max_bytes = max_bytes
+        self.poll_ns = poll_ns
+        self.host_kw = dict(spin_below=spin_below, spin_us=spin_us,
+                            sleep_us=sleep_us)
+        self.spill = None
+        self.host = None
+        self.stream = None
+        self._keys_registered = False
+        self.stop_at = None
+        self.t_start = None
+
+    # -- start
+
+    def _register_keys(self, cp):
+        """The header and key slots (mapped read-only) for the GPU: with
+        cudaHostRegisterReadOnly, so the kernel reads the generations and
+        keys where the kernel module writes them."""
+        base = self.r.buf.ctypes.data
+        try:
+            ok = cp.cuda.runtime.deviceGetAttribute(
+                113, self.be.device.id)  # HostRegisterReadOnlySupported
+        except Exception:  # noqa: BLE001
+            ok = None
+        try:
+            cp.cuda.runtime.hostRegister(
+                base, self.r.rw_off, _HOST_REGISTER_PORTABLE
+                | _HOST_REGISTER_MAPPED | _HOST_REGISTER_READ_ONLY)
+        except Exception as e:  # noqa: BLE001
+            raise ResidentError(
+                f"cannot register the key slots read-only with CUDA ({e}; "
+                f"HostRegisterReadOnlySupported={ok})") from None
+        self._keys_registered = True
+
+    def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self):
+        """Undo a start that failed half-way (the kernel not running)."""
+        if self.host is not None:
+            self.host.stop()
+            self.host = None
+        if self.stream is not None and not self.stream.done and \
+                getattr(self, "ctl", None) is not None:
+            # launched but not seen running: ask it to stop anyway
+            self.ctl[:SPILL_SQ_BYTE].view(np.uint32)[CTL_STOP] = 1
+            return
+        self._release()
+
+    def _preload(self):
+        """Load, before the persistent kernel runs, the kernels the serving
+        loop launches next to it. CUDA's lazy loading (the default since
+        CUDA 12.2) loads a kernel at its first launch and may synchronize
+        the context to do so: with a kernel that never ends, that waits
+        forever. So: the batched XTS kernels here (funcSetAttribute and the
+        occupancy query load them), and CUDA_MODULE_LOADING=EAGER set by
+        `kgpu helper --resident` before CUDA starts for the rest."""
+        mode = _loading_mode()
+        if mode == "lazy":
+            log.warning("CUDA loads modules lazily (CUDA_MODULE_LOADING="
+                        "EAGER was not set before CUDA started): a kernel "
+                        "first launched while the resident kernel runs may "
+                        "wait for it forever")
+        xb = self.be.xts_batch()
+        for dec in (False, True):
+            for unit in (512, 1024, 2048, 4096):
+                xb._func(dec, unit)
+        return mode
+
+    def _start(self):
+        import cupy as cp
+
+        from kgpu_helper.cuda import OPTIONS, source
+
+        r = self.r
+        self.loading_mode = self._preload()
+        if cp.cuda.runtime.deviceGetAttribute(91, self.be.device.id) != 1:
+            raise ResidentError("the GPU cannot use host pointers of "
+                                "registered memory")
+        entries = r.entries
+        with self.be.device:
+            self._register_keys(cp)
+            n = ctl_bytes(entries)
+            self._ctl_mem = cp.cuda.alloc_pinned_memory(n)
+            self.ctl = np.frombuffer(self._ctl_mem, np.uint8, n)
+            self.ctl[:] = 0
+            dst = np.zeros(D_STATS + D_STATS_PER * self.blocks, np.uint32)
+            sq_head = int(r.idx[abi.SQ_HEAD_OFF // 4])
+            cq_tail = int(r.idx[abi.CQ_TAIL_OFF // 4])
+            dst[D_CLAIM] = dst[D_SQ_READ] = sq_head
+            dst[D_CQ_ALLOC] = dst[D_CQ_PUB] = cq_tail
+            self.dst = cp.asarray(dst)
+            self.kcache = cp.zeros(self.blocks * r.nkeys * SLOT_WORDS,
+                                   cp.uint32)
+            self.kgen = cp.ones(self.blocks * r.nkeys, cp.uint32)  # odd: none
+            code = ("#define XTS_RK_LOAD(p) (*(p))\n" + source("xts")
+                    + "\n" + source("resident"))
+            mod = cp.RawModule(code=code, options=OPTIONS)
+            self._kern = mod.get_function("resident_xts")
+            fptr = self._kern.kernel.ptr
+            cp.cuda.driver.funcSetAttribute(
+                fptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                SMEM_BYTES)
+            be = self.be
+            a = self._args = _ResArgs()
+            a.region = r.buf.ctypes.data
+            a.keys = r.buf.ctypes.data + int(r.hdr["keys_off"])
+            a.ctl = self.ctl.ctypes.data
+            a.dst = self.dst.data.ptr
+            a.kcache = self.kcache.data.ptr
+            a.kgen = self.kgen.data.ptr
+            a.te0, a.td0 = be._te0.data.ptr, be._td0.data.ptr
+            a.isbox = be._isbox.data.ptr
+            a.sq_off, a.cq_off = r.sq_off, r.cq_off
+            a.idx_off = int(r.hdr["idx_off"])
+            a.data_off, a.data_size = r.data_off, r.data_size
+            a.mask, a.nslots = r.mask, r.nkeys
+            a.max_bytes, a.poll_ns = self.max_bytes, self.poll_ns
+            self._params = (ctypes.c_void_p * 1)(ctypes.addressof(a))
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            idx = r.buf.ctypes.data + int(r.hdr["idx_off"])
+            self.host = HostThread(idx + abi.SQ_TAIL_OFF, idx + abi.CQ_TAIL_OFF,
+                                   self.ctl.ctypes.data + 4 * CTL_SPILL_TAIL,
+                                   self.t.sock.fileno(), self.efd,
+                                   **self.host_kw)
+            self.spill = SpillTransport(r, self.ctl, entries, self.efd,
+                                        self.host.hangup)
+            cp.cuda.driver.launchKernel(
+                fptr, self.blocks, 1, 1, RES_THREADS, 1, 1, SMEM_BYTES,
+                self.stream.ptr, ctypes.addressof(self._params), 0)
+        w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        end = time.monotonic() + 10
+        while not w[CTL_RUNNING]:
+            if self.stream.done:
+                self.stream.synchronize()  # raises the kernel's error
+                raise ResidentError("the resident kernel ended at once")
+            if time.monotonic() > end:
+                raise ResidentError("the resident kernel did not start in "
+                                    "10 s")
+            time.sleep(1e-3)
+        self.t_start = time.monotonic()
+        # no device-wide synchronize from now on (cupy_backend.schedule)
+        self.be.resident = []
+        log.info("resident XTS: %d blocks of %d threads, requests up to %d "
+                 "bytes on the GPU itself, the rest through the batched path "
+                 "(module loading: %s)", self.blocks, RES_THREADS,
+                 self.max_bytes, self.loading_mode)
+
+    # -- stop
+
+    def stop(self, timeout=10.0):
+        """Stop the kernel: requests published before the stop are
+        answered (spilled ones that the serving loop left are answered
+        -EIO: the kernel then redoes them on its CPU), later ones stay in
+        the SQ. Returns the statistics."""
+        if self.stream is None:
+            return {}
+        w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        w[CTL_STOP] = 1
+        end = time.monotonic() + timeout
+        left = 0
+        while not w[CTL_STOPPED] and time.monotonic() < end:
+            if self.stream.done:
+                break  # ended without stopping: a fault
+            if self.spill.pending():
+                sq = self.spill.drain()
+                from kgpu_helper.batch import EIO, cqes
+                self.spill.post(cqes(sq, EIO))
+                left += len(sq)
+            time.sleep(1e-4)
+        stopped = bool(w[CTL_STOPPED])
+        if stopped or self.stream.done:
+            try:
+                self.stream.synchronize()
+            except Exception as e:  # noqa: BLE001 - report it
+                log.error("the resident kernel failed: %s", e)
+                stopped = False
+        else:
+            log.error("the resident kernel did not stop in %g s", timeout)
+        self.stop_at = int(w[CTL_STOP_AT])
+        if self.host is not None:
+            self.host.stop()
+        st = self.stats()
+        st["spilled_answered_at_stop"] = left
+        st["stopped"] = stopped
+        if stopped:
+            self._release()
+            self.be.resident = None
+        log.info("resident XTS stopped: %s", st)
+        return st
+
+    def stats(self):
+        out = {}
+        if self.stream is not None:
+            d = self.dst.get()
+            blk = d[D_STATS:].reshape(self.blocks, D_STATS_PER)
+            out = {k: int(blk[:, i].sum()) for i, k in enumerate(BLOCK_STATS)}
+            out["per_block_served"] = [int(x) for x in blk[:, 0]]
+        if self.host is not None:
+            out["host"] = self.host.snapshot()
+        return out
+
+    def _release(self):
+        import cupy as cp
+        if self._keys_registered:
+            try:
+                cp.cuda.runtime.hostUnregister(self.r.buf.ctypes.data)
+            except Exception as e:  # noqa: BLE001
+                log.warning("hostUnregister of the key slots: %s", e)
+            self._keys_registered = False
+        if getattr(self, "efd", None) is not None:
+            os.close(self.efd)
+            self.efd = None
+        self.stream = None

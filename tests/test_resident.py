@@ -1,0 +1,238 @@
+"""The GPU-resident XTS path's CPU-side parts, with no GPU: the kernel's
+key expansion and request check (resident.cu built by the C compiler with
+RES_HOST_TEST, against aes_tables.py and resident.check), the host thread
+(resident_host.c: doorbells, spill wake-ups, hang-up, idle cost) and the
+spill ring as a transport."""
+
+import os
+import select
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from kgpu_helper import abi, resident
+from kgpu_helper.cuda import SOURCE_DIR
+from kgpu_helper.ringdriver import sqe
+from kgpu_helper.services import aes_tables
+
+HARNESS = r"""
+#define RES_HOST_TEST
+#include "resident.cu"
+#include <stdio.h>
+#include <stdlib.h>
+
+int main(int argc, char **argv)
+{
+	FILE *f = fopen(argv[2], "rb");
+	static unsigned char buf[1 << 16];
+	size_t n = fread(buf, 1, sizeof(buf), f);
+
+	fclose(f);
+	if (argv[1][0] == 'e') {	/* te0[256] td0[256] key_len key[64] */
+		u32 *w = (u32 *)buf, out[192];
+
+		res_expand_key(out, w + 513, w[512], w, w + 256);
+		for (int i = 0; i < 192; i++)
+			printf("%u\n", out[i]);
+	} else {			/* SQEs; data_off data_size max nslots */
+		u64 off = strtoull(argv[3], 0, 0), size = strtoull(argv[4], 0, 0);
+		u32 max = strtoul(argv[5], 0, 0), ns = strtoul(argv[6], 0, 0);
+
+		for (size_t i = 0; i + 64 <= n; i += 64)
+			printf("%d\n", res_check((const struct ResSqe *)(buf + i),
+						 off, size, max, ns));
+	}
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("res")
+    (d / "h.c").write_text(HARNESS)
+    exe = d / "h"
+    r = subprocess.run([cc, "-O1", "-Wall", "-std=c11", "-I", SOURCE_DIR,
+                        "-o", str(exe), str(d / "h.c")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+
+    def run(*args, data):
+        p = d / "in.bin"
+        p.write_bytes(data)
+        out = subprocess.run([str(exe), args[0], str(p), *map(str, args[1:])],
+                             capture_output=True, text=True, check=True)
+        return [int(x) for x in out.stdout.split()]
+    return run
+
+
+@pytest.mark.parametrize("klen", [32, 64])
+def test_gpu_key_expansion_matches_reference(harness, klen):
+    rng = np.random.default_rng(klen)
+    for _ in range(3):
+        key = rng.bytes(klen)
+        blob = (aes_tables.TE0.tobytes() + aes_tables.TD0.tobytes()
+                + np.uint32(klen).tobytes() + key.ljust(64, b"\0"))
+        got = harness("e", data=blob)
+        half = klen // 2
+        nr, e1 = aes_tables.expand_key(key[:half])
+        _, e2 = aes_tables.expand_key(key[half:])
+        d1 = aes_tables.decryption_key(nr, e1)
+        want = [0] * 192
+        want[0:len(e1)] = e1
+        want[60:60 + len(e2)] = e2
+        want[120:120 + len(d1)] = d1
+        want[180] = nr
+        assert got == want
+
+
+def _cases(data_off, data_size):
+    x = dict(in_len=4096, out_len=4096, unit_size=512, sector_step=1)
+    o = data_off + 8192
+    return [
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, **x),                # ok
+        sqe(abi.SVC_XTS_DEC, in_off=o, out_off=o, key_slot=3, iv_mode=1,
+            **x),                                                        # ok
+        sqe(abi.SVC_NOP),
+        sqe(abi.SVC_RAID6_GEN, in_off=o, out_off=o, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, flags=1, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o + 4096, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, in_len=32768,
+            out_len=32768, unit_size=512),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, in_len=0, out_len=0,
+            unit_size=512),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, in_len=4096, out_len=4096,
+            unit_size=256),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, in_len=1536, out_len=1536,
+            unit_size=1024),
+        sqe(abi.SVC_XTS_ENC, in_off=o + 8, out_off=o + 8, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=data_off - 4096, out_off=data_off - 4096,
+            **x),
+        sqe(abi.SVC_XTS_ENC, in_off=data_off + data_size - 2048,
+            out_off=data_off + data_size - 2048, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=2**64 - 4096, out_off=2**64 - 4096, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, key_slot=4, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=o, out_off=o, iv_mode=2, **x),
+        sqe(abi.SVC_XTS_ENC, in_off=data_off + data_size - 4096,
+            out_off=data_off + data_size - 4096, **x),                 # ok
+    ]
+
+
+def test_request_check_c_matches_python(harness):
+    off, size, mx, ns = 1 << 20, 1 << 22, 16384, 4
+    reqs = np.concatenate(_cases(off, size))
+    got = harness("c", off, size, mx, ns, data=reqs.tobytes())
+    want = [resident.check(r, off, size, mx, ns) for r in reqs]
+    assert got == want
+    assert want == [0, 0, 1, 1, 2, 3, 4, 4, 5, 5, 6, 6, 6, 6, 7, 8, 0]
+
+
+class Counters:
+    """sq_tail, cq_tail and the spill tail in separate lines, for the host
+    thread, with a socket pair standing in for the ring's doorbells."""
+
+    def __init__(self, **kw):
+        self.w = np.zeros(64, np.uint32)
+        base = self.w.ctypes.data
+        self.mine, theirs = socket.socketpair()
+        self.theirs = theirs
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.t = resident.HostThread(base, base + 64, base + 128,
+                                     theirs.fileno(), self.efd, **kw)
+
+    def set(self, i, v):
+        self.w[16 * i] = v
+
+    def bell(self, timeout=2.0):
+        r, _, _ = select.select([self.mine], [], [], timeout)
+        return self.mine.recv(4096) if r else b""
+
+    def spilled(self, timeout=2.0):
+        r, _, _ = select.select([self.efd], [], [], timeout)
+        return os.eventfd_read(self.efd) if r else 0
+
+    def close(self):
+        self.t.stop()
+        self.mine.close()
+        self.theirs.close()
+        os.close(self.efd)
+
+
+def test_host_thread_rings_once_per_look_and_wakes_the_spill_loop():
+    c = Counters(spin_below=0, sleep_us=2000)
+    try:
+        c.set(0, 5)            # five submitted
+        c.mine.send(b"ddddd")  # their doorbells: drained by the thread
+        c.set(1, 3)            # three completed at once
+        assert c.bell() == b"d"
+        c.set(1, 5)
+        assert c.bell() == b"d"
+        assert c.spilled(0.05) == 0
+        c.set(2, 1)
+        assert c.spilled() == 1
+        time.sleep(0.05)
+        st = c.t.snapshot()
+        assert st["bells"] == 2 and st["spill_signals"] == 1
+        assert not c.t.hangup()
+    finally:
+        c.close()
+
+
+def test_host_thread_sleeps_when_idle_and_sees_hangup():
+    c = Counters()
+    try:
+        time.sleep(0.1)
+        c0 = time.process_time()
+        time.sleep(0.5)
+        busy = time.process_time() - c0
+        assert busy < 0.02 * 0.5 + 0.005, f"idle host thread used {busy} s"
+        c.mine.close()         # the ring's other side goes away
+        assert c.spilled() >= 1
+        assert c.t.hangup()
+    finally:
+        c.t.stop()
+        c.theirs.close()
+        os.close(c.efd)
+
+
+def test_spill_transport_drain_and_post():
+    entries = 8
+    ctl = np.zeros(resident.ctl_bytes(entries), np.uint8)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        t = resident.SpillTransport(None, ctl, entries, efd)
+        assert t.pending() == 0 and len(t.drain()) == 0
+        w = ctl[:resident.SPILL_SQ_BYTE].view(np.uint32)
+        sq = t.sq
+        for k in range(11):    # wraps the ring of 8
+            sq[k % entries] = sqe(abi.SVC_NOP)[0]
+            sq["seq"][k % entries] = 100 + k
+            sq["tag"][k % entries] = k
+            w[resident.CTL_SPILL_TAIL] = k + 1
+            if k in (5, 10):
+                got = t.drain()
+                lo = 0 if k == 5 else 6
+                assert list(got["seq"]) == list(range(100 + lo, 101 + k))
+                assert w[resident.CTL_SPILL_HEAD] == k + 1
+                cq = np.zeros(len(got), abi.CQE)
+                cq["seq"], cq["tag"] = got["seq"], got["tag"]
+                t.post(cq)
+                assert w[resident.CTL_SPILL_CQ_TAIL] == k + 1
+                n = w[resident.CTL_SPILL_CQ_TAIL]
+                pos = np.arange(n - len(got), n) % entries
+                assert list(t.cq["seq"][pos]) == list(got["seq"])
+        assert t.pending() == 0
+        os.eventfd_write(efd, 1)
+        t._clear()
+        t.hangup = lambda: True
+        with pytest.raises(resident.TransportError):
+            t._clear()
+    finally:
+        os.close(efd)
