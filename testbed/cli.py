@@ -59,8 +59,12 @@ def testbed():
               help="Kill the guest if the command has not finished by then.")
 @ivshmem_option
 @bundle_option
+@click.option("--out", "out_dir", default=None,
+              type=click.Path(file_okay=False),
+              help="Keep the files the command wrote to $KGPU_OUT here.")
 @click.argument("command", nargs=-1, required=True)
-def run_cmd(kernel, memory_mb, cpus, timeout, ivshmem, bundle, command):
+def run_cmd(kernel, memory_mb, cpus, timeout, ivshmem, bundle, out_dir,
+            command):
     """Run COMMAND (a bash command line) as root in a fresh guest.
 
     The guest's console is streamed here; the exit status is the command's.
@@ -76,6 +80,15 @@ def run_cmd(kernel, memory_mb, cpus, timeout, ivshmem, bundle, command):
         result = tb.run(" ".join(command))
     except TestbedError as e:
         raise click.ClickException(str(e))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        for name, data in result.files.items():
+            path = os.path.join(out_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        click.echo(f"testbed: {len(result.files)} files of $KGPU_OUT in "
+                   f"{out_dir}", err=True)
     click.echo(f"testbed: exit status {result.rc} after {result.seconds:.1f} s "
                f"on {tb.kernel.release}", err=True)
     sys.exit(result.rc)
