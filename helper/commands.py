@@ -70,7 +70,19 @@ def make_backends(backend, gpus, cpu_threads=None):
         import cupy as cp
         gpus = list(range(cp.cuda.runtime.getDeviceCount()))
     bes = [get_backend("cupy", device=g) for g in gpus]
+    for be in bes:
+        _warm_up(be)
     return bes[0], bes[1:]
+
+
+def _warm_up(be):
+    """Compile (or load from CuPy's cache) the batched XTS kernels before
+    any request arrives: on a cold cache NVRTC takes seconds, long enough
+    for a guest's first requests to time out into its CPU."""
+    xb = be.xts_batch()
+    for decrypt in (False, True):
+        for unit in (512, 1024, 2048, 4096):
+            xb._func(decrypt, unit)
 
 
 @click.command("helper")
