@@ -64,6 +64,7 @@ int kgpu_region_setup(void *base, size_t data_size, struct kgpu_link *link);
 void kgpu_region_wipe_keys(void);
 void kgpu_link_attach(pid_t pid, const u32 *crossover, unsigned int n);
 void kgpu_link_detach(void);
+void kgpu_wait_idle(void);
 void kgpu_link_reap(void);
 
 /* 0: the ivshmem device is the region; -ENODEV: none (or not usable). */

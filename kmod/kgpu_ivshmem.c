@@ -25,13 +25,15 @@
  * more interrupts, no more work, the link down (guest_state and
  * guest_token 0, the key slots wiped, the doorbell rung), the helper's
  * requests completed on the CPU. The BARs stay mapped until the core is
- * done with the region (kgpu_ivshmem_exit()), also after a hot removal,
- * which the core cannot survive otherwise: its requests point into BAR2.
+ * done with the region (kgpu_ivshmem_exit()); a hot removal also waits,
+ * after the stop, until every request is back from its submitter: their
+ * buffers are in BAR2, which leaves with the device.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/interrupt.h>
 #include <linux/io.h>
+#include <linux/mutex.h>
 #include <linux/pci.h>
 #include <linux/sizes.h>
 #include <linux/workqueue.h>
@@ -92,6 +94,8 @@ static void kgpu_ivs_work_fn(struct work_struct *work)
 	/* The helper writes token, pid, crossovers, then the state. */
 	smp_rmb();
 	token = READ_ONCE(l->helper_token);
+	/* A new token can come without a state change: pid, crossovers after. */
+	smp_rmb();
 	if (state == KGPU_LINK_ATTACH && token && token != ivs.token) {
 		pid = READ_ONCE(l->helper_pid);
 		for (i = 0; i < ARRAY_SIZE(xo); i++)
@@ -205,6 +209,14 @@ static int kgpu_ivs_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	}
 	ivs.irq = true;
 
+	/*
+	 * The memory is the host's and outlives a reload or reboot of this
+	 * guest: say it is not valid before rewriting it, so that a helper
+	 * still serving the previous instance stops at its next look.
+	 */
+	WRITE_ONCE(ivs.link->guest_state, KGPU_LINK_NONE);
+	WRITE_ONCE(ivs.link->guest_token, 0);
+	smp_wmb();
 	/* The last step that can fail; the work item waits for ivs.up. */
 	ret = kgpu_region_setup(ivs.shm, data_size, ivs.link);
 	if (ret) {
@@ -239,8 +251,13 @@ bad:
  */
 void kgpu_ivshmem_stop(void)
 {
-	if (!ivs.up)
+	static DEFINE_MUTEX(stop_lock);	/* unload against hot removal */
+
+	mutex_lock(&stop_lock);
+	if (!ivs.up) {
+		mutex_unlock(&stop_lock);
 		return;
+	}
 	WRITE_ONCE(ivs.stopping, true);
 	if (ivs.irq) {
 		free_irq(pci_irq_vector(ivs.pdev, 0), &ivs);
@@ -257,6 +274,7 @@ void kgpu_ivshmem_stop(void)
 	/* What the helper still had: done() on the CPU. */
 	kgpu_link_detach();
 	ivs.up = false;
+	mutex_unlock(&stop_lock);
 }
 
 static void kgpu_ivs_remove(struct pci_dev *pdev)
@@ -266,6 +284,8 @@ static void kgpu_ivs_remove(struct pci_dev *pdev)
 	if (ivs.up)
 		pci_err(pdev, "removed while kgpu uses it: requests go to the CPU until kgpu is unloaded\n");
 	kgpu_ivshmem_stop();
+	/* BAR2 goes with the device: not before every request is back. */
+	kgpu_wait_idle();
 	kgpu_ivs_release(pdev);
 }
 

@@ -73,6 +73,7 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/poll.h>
+#include <linux/random.h>
 #include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/string.h>
@@ -486,6 +487,12 @@ bool kgpu_offload(unsigned int service, size_t len)
 	return len >= READ_ONCE(kg.svc[service].crossover);
 }
 EXPORT_SYMBOL_GPL(kgpu_offload);
+
+/* Until every request is back (all put): a region about to go away. */
+void kgpu_wait_idle(void)
+{
+	wait_event(kg.space_wq, !READ_ONCE(kg.data_used_blocks));
+}
 
 static void kgpu_run_done(struct list_head *list, int status)
 {
@@ -1223,6 +1230,13 @@ int kgpu_region_setup(void *base, size_t data_size, struct kgpu_link *link)
 	h->rw_off = l.rw_off;
 	h->idx_off = l.idx_off;
 	h->link_off = link ? KGPU_LINK_OFF : 0;
+	/*
+	 * New at every load: a helper that kept serving an ivshmem region
+	 * across a reload or reboot of its guest sees the header change, and
+	 * its old completions match no new (tag, seq).
+	 */
+	h->reserved[0] = get_random_u64();
+	kg.next_seq = get_random_u64();
 	/* Not the link: a helper on the host may already be waiting there. */
 	memcpy(kg.hdr, h, sizeof(*h));
 	memset(kg.keys, 0, key_slots * sizeof(*kg.keys));

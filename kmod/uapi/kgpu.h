@@ -97,7 +97,9 @@ struct kgpu_region_hdr {
 	__u64 rw_off;		/* the helper may write from here on */
 	__u64 idx_off;		/* struct kgpu_ring_idx */
 	__u64 link_off;		/* struct kgpu_link (ivshmem), KGPU_LINK_OFF */
-	__u64 reserved[3];
+	__u64 reserved[3];	/* [0]: random, new at every load of the
+				 * module: a guest that reloaded or rebooted
+				 * under an ivshmem helper shows a new one */
 };
 
 /*
