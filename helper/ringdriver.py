@@ -65,6 +65,26 @@ def layout(entries, key_slots, data_size, data_align=PAGE):
                 data_size=data_size, region_size=size)
 
 
+def write_header(buf, entries, key_slots, lay, data_align=PAGE,
+                 link_off=0):
+    """Write a region header into ``buf`` as the module does: identity,
+    sizes and the offsets of ``lay`` (from :func:`layout`); ``link_off``:
+    abi.LINK_OFF for an ivshmem region, else 0."""
+    hdr = np.frombuffer(buf, dtype=abi.REGION_HDR, count=1)
+    hdr[0] = 0
+    hdr["magic"] = abi.MAGIC
+    hdr["abi_version"] = abi.ABI_VERSION
+    hdr["ring_entries"] = entries
+    hdr["sqe_size"] = abi.SQE.itemsize
+    hdr["cqe_size"] = abi.CQE.itemsize
+    hdr["key_slots"] = key_slots
+    hdr["key_slot_size"] = abi.KEY_SLOT.itemsize
+    hdr["data_align"] = data_align
+    hdr["link_off"] = link_off
+    for k, v in lay.items():
+        hdr[k] = v
+
+
 class RingDriver:
     """Create a region (in a memfd) and listen at the Unix socket ``path``
     for a helper (``ShmTransport(path)``) to attach."""
@@ -78,18 +98,7 @@ class RingDriver:
         os.ftruncate(self.memfd, lay["region_size"])
         self.mm = mmap.mmap(self.memfd, lay["region_size"], mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
-        hdr = np.frombuffer(self.mm, dtype=abi.REGION_HDR, count=1)
-        hdr["magic"] = abi.MAGIC
-        hdr["abi_version"] = abi.ABI_VERSION
-        hdr["ring_entries"] = entries
-        hdr["sqe_size"] = abi.SQE.itemsize
-        hdr["cqe_size"] = abi.CQE.itemsize
-        hdr["key_slots"] = key_slots
-        hdr["key_slot_size"] = abi.KEY_SLOT.itemsize
-        hdr["data_align"] = data_align
-        for k, v in lay.items():
-            hdr[k] = v
-        del hdr
+        write_header(self.mm, entries, key_slots, lay, data_align)
         self.region = Region(self.mm, owner=True)
         self.entries = entries
         self.data_off = lay["data_off"]

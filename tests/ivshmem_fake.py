@@ -21,7 +21,7 @@ import numpy as np
 
 from kgpu_helper import abi
 from kgpu_helper.ivshmem import full_barrier
-from kgpu_helper.ringdriver import PAGE, layout
+from kgpu_helper.ringdriver import layout, write_header
 from kgpu_helper.transport import (_CQ_HEAD, _CQ_TAIL, _MASK32, _SQ_HEAD,
                                    _SQ_TAIL, Region)
 
@@ -104,20 +104,8 @@ class FakeGuest:
         lay = layout(self.entries, self.key_slots, 0)
         data_off = lay["data_off"]
         lay.update(data_size=self.size - data_off, region_size=self.size)
-        hdr = np.frombuffer(self.mm, abi.REGION_HDR, 1)
-        hdr[0] = 0
-        hdr["magic"] = abi.MAGIC
-        hdr["abi_version"] = abi.ABI_VERSION
-        hdr["ring_entries"] = self.entries
-        hdr["sqe_size"] = abi.SQE.itemsize
-        hdr["cqe_size"] = abi.CQE.itemsize
-        hdr["key_slots"] = self.key_slots
-        hdr["key_slot_size"] = abi.KEY_SLOT.itemsize
-        hdr["data_align"] = PAGE
-        hdr["link_off"] = abi.LINK_OFF
-        for k, v in lay.items():
-            hdr[k] = v
-        del hdr
+        write_header(self.mm, self.entries, self.key_slots, lay,
+                     link_off=abi.LINK_OFF)
         self.data_off = lay["data_off"]
         self.data_size = lay["data_size"]
 

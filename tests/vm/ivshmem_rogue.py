@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from kgpu_helper import abi
-from kgpu_helper.ringdriver import layout
+from kgpu_helper.ringdriver import layout, write_header
 
 PAGE = 4096
 
@@ -60,17 +60,7 @@ def main():
     hdr = mem[:abi.REGION_HDR.itemsize].view(abi.REGION_HDR)[0]
 
     def good_header():
-        hdr["magic"] = abi.MAGIC
-        hdr["abi_version"] = abi.ABI_VERSION
-        hdr["ring_entries"] = entries
-        hdr["sqe_size"] = abi.SQE.itemsize
-        hdr["cqe_size"] = abi.CQE.itemsize
-        hdr["key_slots"] = 8
-        hdr["key_slot_size"] = abi.KEY_SLOT.itemsize
-        hdr["data_align"] = PAGE
-        hdr["link_off"] = abi.LINK_OFF
-        for k, v in lay.items():
-            hdr[k] = v
+        write_header(bar2, entries, 8, lay, link_off=abi.LINK_OFF)
 
     def lying_header():
         good_header()
