@@ -70,19 +70,11 @@ def make_backends(backend, gpus, cpu_threads=None):
         import cupy as cp
         gpus = list(range(cp.cuda.runtime.getDeviceCount()))
     bes = [get_backend("cupy", device=g) for g in gpus]
+    # before any request arrives: a cold NVRTC cache takes seconds, long
+    # enough for a guest's first requests to time out into its CPU
     for be in bes:
-        _warm_up(be)
+        be.xts_batch().load_all()
     return bes[0], bes[1:]
-
-
-def _warm_up(be):
-    """Compile (or load from CuPy's cache) the batched XTS kernels before
-    any request arrives: on a cold cache NVRTC takes seconds, long enough
-    for a guest's first requests to time out into its CPU."""
-    xb = be.xts_batch()
-    for decrypt in (False, True):
-        for unit in (512, 1024, 2048, 4096):
-            xb._func(decrypt, unit)
 
 
 @click.command("helper")
@@ -239,22 +231,11 @@ def _start_resident(t, be, blocks, max_size, sleep_us, spin_us):
     return res
 
 
-def _size_bytes(text):
-    """``64M``, ``1G``, ``65536`` -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = units.get(t[-1:], 1)
-    try:
-        return int(t[:-1] if t[-1:] in units else t) * mult
-    except ValueError:
-        raise click.BadParameter(f"--region-size takes a size like 64M, got "
-                                 f"{text!r}") from None
-
-
 def _helper_ivshmem(backend, gpus, sockets, region_size, crossover, spin_us,
                     cpu_threads, verbose):
     """kgpu helper --ivshmem: one thread per socket (kgpu_helper.ivshmem)."""
     from kgpu_helper import ivshmem
+    from kgpu_helper.bench import parse_size
     from kgpu_helper.daemon import Helper
     from kgpu_helper.ivshmem_server import check_region_size
     from kgpu_helper.services import BackendUnavailable
@@ -263,7 +244,7 @@ def _helper_ivshmem(backend, gpus, sockets, region_size, crossover, spin_us,
 
     _setup_logging(verbose)
     try:
-        size = check_region_size(_size_bytes(region_size))
+        size = check_region_size(parse_size(region_size))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     gpu_list = _parse_gpus(gpus)

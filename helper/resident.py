@@ -353,10 +353,7 @@ class ResidentXts:
                         "EAGER was not set before CUDA started): a kernel "
                         "first launched while the resident kernel runs may "
                         "wait for it forever")
-        xb = self.be.xts_batch()
-        for dec in (False, True):
-            for unit in (512, 1024, 2048, 4096):
-                xb._func(dec, unit)
+        self.be.xts_batch().load_all()
         return mode
 
     def _start(self):

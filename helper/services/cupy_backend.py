@@ -159,6 +159,14 @@ class XtsBatch:
         self._fn = {}
         self._smem_set = {}  # function -> the limit last set on it
 
+    def load_all(self):
+        """Compile (or load from CuPy's cache) and load every variant now,
+        rather than at its first launch: NVRTC on a cold cache takes
+        seconds, and CUDA's lazy loading may wait for the whole GPU."""
+        for decrypt in (False, True):
+            for unit in (512, 1024, 2048, 4096):
+                self._func(decrypt, unit)
+
     def _func(self, decrypt, unit_size):
         key = (decrypt, unit_size)
         hit = self._fn.get(key)
