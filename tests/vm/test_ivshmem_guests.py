@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from conftest import REPO, build_modules
+from conftest import build_modules
 
 pytestmark = pytest.mark.vm
 
@@ -202,9 +202,9 @@ def _stats(text):
 
 
 def _fio_errors(text):
-    import json
-    job = json.loads(text[text.index("{"):])["jobs"][0]
-    return job["error"], job["write"]["io_bytes"], job["read"]["io_bytes"]
+    from kgpu_testbed import fio
+    job = fio.parse(text)[0]
+    return job.errors, job.write.io_bytes, job.read.io_bytes
 
 
 def _testbed(kernel, ivshmem):
