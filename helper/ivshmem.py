@@ -360,11 +360,11 @@ class IvshmemTransport(Transport):
         self.check()
 
     def _wait_fd(self, timeout):
-        self.arm_wakeup()
-        try:
-            super()._wait_fd(timeout)
-        finally:
-            self.disarm_wakeup()
+        if not self.arm_wakeup():   # True: work came, no bell will
+            try:
+                super()._wait_fd(timeout)
+            finally:
+                self.disarm_wakeup()
         self._clear()
 
     def arm_wakeup(self):
