@@ -109,6 +109,15 @@ def make_backends(backend, gpus, cpu_threads=None):
                    "backend; see kgpu_helper/resident.py).")
 @click.option("--resident-blocks", type=click.IntRange(1, 64), default=16,
               show_default=True, help="Persistent blocks (SMs) it takes.")
+@click.option("--resident-servers", type=click.Choice(["1", "2", "4", "8"]),
+              default="2", show_default=True,
+              help="Requests each block serves at once (its threads split "
+                   "into that many servers).")
+@click.option("--resident-poll-ns", type=click.IntRange(32, 100000),
+              default=2000, show_default=True,
+              help="GPU: longest nap between two reads of sq_tail (one "
+                   "server reads it; the others watch a copy in GPU "
+                   "memory).")
 @click.option("--resident-max", default="16K", show_default=True,
               help="Largest XTS request it serves; larger ones take the "
                    "batched launches.")
@@ -123,7 +132,8 @@ def make_backends(backend, gpus, cpu_threads=None):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
                spin_us, cpu_threads, max_requests, resident, resident_blocks,
-               resident_max, resident_sleep_us, resident_spin_us, verbose):
+               resident_servers, resident_poll_ns, resident_max,
+               resident_sleep_us, resident_spin_us, verbose):
     """Run the helper daemon: attach to the kgpu ring and serve AES-XTS
     and RAID6 requests on the GPUs (or the CPU).
 
@@ -185,7 +195,8 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
         res = None
         if resident:
             res = _start_resident(t, be, resident_blocks, resident_max,
-                                  resident_sleep_us, resident_spin_us)
+                                  resident_sleep_us, resident_spin_us,
+                                  int(resident_servers), resident_poll_ns)
             if res is not None:
                 h.t = res.spill  # the loop serves what the GPU spills
         h.install_signals()
@@ -210,7 +221,8 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
     return 0
 
 
-def _start_resident(t, be, blocks, max_size, sleep_us, spin_us):
+def _start_resident(t, be, blocks, max_size, sleep_us, spin_us, servers=2,
+                    poll_ns=2000):
     """The GPU-resident XTS path, started; None (and a warning: the
     helper serves as without it) where it cannot run."""
     from kgpu_helper.bench import parse_size
@@ -222,7 +234,7 @@ def _start_resident(t, be, blocks, max_size, sleep_us, spin_us):
     try:
         res = ResidentXts(t, be, blocks=blocks,
                           max_bytes=parse_size(max_size), sleep_us=sleep_us,
-                          spin_us=spin_us)
+                          spin_us=spin_us, servers=servers, poll_ns=poll_ns)
         res.start()
     except Exception as e:  # noqa: BLE001 - serve without it
         log.warning("resident XTS path not used: %s%s", "" if isinstance(

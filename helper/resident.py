@@ -37,6 +37,7 @@ failed over. helper/cuda/NOTES.md says what the kernel module would need.
 import ctypes
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -56,13 +57,23 @@ CTL_SPILL_CQ_TAIL = 48
 CTL_STOP_AT = 64
 CTL_STOPPED = 80
 CTL_RUNNING = 96
+CTL_FWD = 112
+CTL_BLK_BYTE = 4096
 SPILL_SQ_BYTE = 8192
+#: servers whose words fit between CTL_BLK_BYTE and SPILL_SQ_BYTE
+MAX_SERVERS = (SPILL_SQ_BYTE - CTL_BLK_BYTE) // 16
+# a server's state word (resident.cu's RES_ST_*)
+ST_IDLE, ST_WAIT, ST_SERVE, ST_SPILL, ST_DONE = range(5)
 
 # device state words: resident.cu's D_*
 D_CLAIM, D_CQ_ALLOC, D_CQ_PUB, D_SPILL_ALLOC, D_SPILL_PUB, D_SQ_READ = range(6)
+D_SQ_SEEN = 10
 D_STATS, D_STATS_PER = 16, 4
-#: resident.cu's per-block statistics, in order
-BLOCK_STATS = ("served", "spilled", "key_expansions", "encrypted")
+#: resident.cu's per-server statistics, in order
+SERVER_STATS = ("served", "spilled", "key_expansions", "encrypted")
+#: the flags of the CQEs the kernel writes (abi.CQE_RESIDENT where the
+#: module counts the path)
+CQE_FLAGS = getattr(abi, "CQE_RESIDENT", 0)
 
 # resident_host.c's RH_STAT_*
 HOST_STATS = ("loops", "bells", "spill_signals", "idle_polls", "sleeps",
@@ -118,6 +129,80 @@ def check(sqe, data_off, data_size, max_bytes, nslots):
     return RES_OK
 
 
+def _i32(x):
+    """A free-running u32 index difference as a signed number."""
+    x &= _MASK32
+    return x - (1 << 32) if x & 0x80000000 else x
+
+
+def failover_plan(region, ctl, servers, sq_start, cq_start):
+    """What the serving loop must do to take the ring over from a resident
+    kernel that died (a GPU fault), from host memory only (a faulted
+    context's device memory cannot be read).
+
+    ``ctl``: the control block (uint8); ``sq_start``/``cq_start``: sq_head
+    and cq_tail when the kernel started. Returns ``(new_head, held,
+    forward)``: the SQ index from which the loop reads the ring itself;
+    the SQEs the kernel's blocks held and did not answer (their data may
+    be half written: answer them -EIO); the spill answers the kernel did
+    not move to the CQ yet (post them as they are).
+
+    A block's words (claim, state) and CTL_FWD are posted stores written
+    as the kernel goes; a request whose CQE was published just before the
+    fault, with its block's last store lost, is recognised by its (seq,
+    tag) among the CQ's recent entries, so nothing is answered twice.
+    """
+    r = region
+    idx = r.idx
+    sq_tail = int(idx[abi.SQ_TAIL_OFF // 4])
+    cq_tail = int(idx[abi.CQ_TAIL_OFF // 4])
+    w = ctl[:SPILL_SQ_BYTE].view(np.uint32)
+    n_cq = min(_i32(cq_tail - cq_start), r.entries)
+    cq = r.read(r.cq_off, abi.CQE, (cq_tail - n_cq) & r.mask, n_cq) \
+        if n_cq > 0 else np.zeros(0, abi.CQE)
+    answered = set(zip(cq["seq"].tolist(), cq["tag"].tolist()))
+    entries = r.entries
+    sp_tail = int(w[CTL_SPILL_TAIL])
+    n_sp = min(sp_tail, entries)  # the spill ring starts at 0
+    sq_sp = ctl[SPILL_SQ_BYTE:SPILL_SQ_BYTE + entries * 64].view(abi.SQE)
+    i = np.arange(sp_tail - n_sp, sp_tail, dtype=np.int64) & (entries - 1)
+    spilled = set(zip(sq_sp["seq"][i].tolist(), sq_sp["tag"][i].tolist()))
+
+    bw = w[CTL_BLK_BYTE // 4:CTL_BLK_BYTE // 4 + 4 * servers].reshape(
+        servers, 4)
+    held = []
+    last = None  # the furthest claim, relative to sq_start
+    for claim, state in zip(bw[:, 0].tolist(), bw[:, 1].tolist()):
+        if state == ST_IDLE:
+            continue
+        rel = _i32(claim - sq_start)
+        if last is None or rel > last:
+            last = rel
+        if state == ST_DONE or _i32(sq_tail - claim) <= 0:
+            continue  # answered, or not published yet: the loop reads it
+        q = r.read(r.sq_off, abi.SQE, claim & r.mask, 1)
+        key = (int(q["seq"][0]), int(q["tag"][0]))
+        if key in answered or (state == ST_SPILL and key in spilled):
+            continue
+        held.append(q)
+    new_head = sq_start if last is None else (sq_start + last + 1) & _MASK32
+    if _i32(new_head - sq_tail) > 0:
+        new_head = sq_tail  # claims past the tail: nothing published there
+    fwd, sp_cq_tail = int(w[CTL_FWD]), int(w[CTL_SPILL_CQ_TAIL])
+    n_fw = _i32(sp_cq_tail - fwd)
+    forward = np.zeros(0, abi.CQE)
+    if 0 < n_fw <= entries:
+        c0 = SPILL_SQ_BYTE + entries * 64
+        scq = ctl[c0:c0 + entries * 16].view(abi.CQE)
+        j = np.arange(fwd, fwd + n_fw, dtype=np.int64) & (entries - 1)
+        forward = scq[j].copy()
+        keep = [(int(c["seq"]), int(c["tag"])) not in answered
+                for c in forward]
+        forward = forward[np.array(keep, bool)]
+    held = np.concatenate(held) if held else np.zeros(0, abi.SQE)
+    return new_head, held, forward
+
+
 class SpillTransport(Transport):
     """The spill ring of ``ctl`` (a uint8 array: the control block) as a
     Transport for the serving loop: ``drain`` takes what the GPU spilled,
@@ -141,18 +226,44 @@ class SpillTransport(Transport):
         self.hangup = hangup
         self.head = int(self.w[CTL_SPILL_HEAD])
         self.cq_tail = int(self.w[CTL_SPILL_CQ_TAIL])
+        #: set by the watchdog: called (in the serving loop's thread) to
+        #: take the ring over after a fault of the resident kernel
+        self.on_fault = None
+        #: after a failover: the ring's own transport, served directly
+        self.real = None
 
     def fileno(self):
-        return self.efd
+        return self.efd if self.real is None else self.real.fileno()
+
+    def _check_fault(self):
+        if self.real is None and self.on_fault is not None:
+            self.on_fault()
+
+    def take_over(self, real):
+        """From now on: what is left in the spill SQ, then the ring itself
+        (``real``, its sq_head already set); answers go to the ring's CQ."""
+        self.real = real
+        self.on_fault = None
+
+    def _spill_left(self):
+        return (int(self.w[CTL_SPILL_TAIL]) - self.head) & _MASK32
 
     def pending(self):
-        return (int(self.w[CTL_SPILL_TAIL]) - self.head) & _MASK32
+        self._check_fault()
+        if self.real is not None:
+            return self._spill_left() + self.real.pending()
+        return self._spill_left()
 
     def _wait_fd(self, timeout):
         super()._wait_fd(timeout)
         self._clear()
 
     def _clear(self):
+        if self.real is not None:
+            clear = getattr(self.real, "_clear", None)
+            if clear is not None:
+                clear()
+            return
         try:
             os.eventfd_read(self.efd)
         except BlockingIOError:
@@ -161,6 +272,14 @@ class SpillTransport(Transport):
             raise TransportError("the ring's other side went away")
 
     def drain(self):
+        self._check_fault()
+        if self.real is not None:
+            left = self._drain_spill()
+            more = self.real.drain()
+            return np.concatenate([left, more]) if len(left) else more
+        return self._drain_spill()
+
+    def _drain_spill(self):
         tail = int(self.w[CTL_SPILL_TAIL])  # then the entries (TSO)
         n = (tail - self.head) & _MASK32
         if n == 0:
@@ -178,6 +297,9 @@ class SpillTransport(Transport):
         n = len(cqes)
         if n == 0:
             return
+        if self.real is not None:
+            self.real.post(cqes)
+            return
         i = np.arange(self.cq_tail, self.cq_tail + n, dtype=np.int64) \
             & self.mask
         self.cq[i] = cqes
@@ -194,7 +316,7 @@ class _ResArgs(ctypes.Structure):
         "region", "keys", "ctl", "dst", "kcache", "kgen", "te0", "td0",
         "isbox", "sq_off", "cq_off", "idx_off", "data_off", "data_size")] + \
         [(n, ctypes.c_uint32) for n in ("mask", "nslots", "max_bytes",
-                                         "poll_ns")]
+                                         "poll_ns", "fault_at")]
 
 
 class _HostCfg(ctypes.Structure):
@@ -276,15 +398,30 @@ class ResidentXts:
     """
 
     def __init__(self, transport, backend, blocks=16, max_bytes=16 << 10,
-                 poll_ns=2000, spin_below=1, spin_us=50, sleep_us=20):
+                 poll_ns=2000, spin_below=1, spin_us=50, sleep_us=20,
+                 fault_at=0, servers=2):
         if getattr(transport, "sock", None) is None:
             raise ResidentError("the resident path runs on the shm ring only "
                                 "for now (--ring shm:...)")
         if not 16 <= max_bytes <= 1 << 20:
             raise ResidentError(f"resident max request size must be 16 B "
                                 f"to 1 MiB, got {max_bytes}")
+        if servers not in (1, 2, 4, 8):
+            raise ResidentError(f"servers per block must be 1, 2, 4 or 8, "
+                                f"got {servers}")
+        if not 1 <= blocks * servers <= MAX_SERVERS:
+            raise ResidentError(f"at most {MAX_SERVERS} servers (blocks x "
+                                f"servers per block), got {blocks} x "
+                                f"{servers}")
+        self.servers = servers
+        self.nsrv = blocks * servers
         self.t = transport
         self.be = backend
+        self.fault_at = fault_at
+        self.fault = None         # why the kernel ended, after a fault
+        self.failover = None      # what the failover did
+        self._watch = None
+        self._watching = False
         self.r = transport.region
         self.blocks = blocks
         self.max_bytes = max_bytes
@@ -373,17 +510,20 @@ class ResidentXts:
             self._ctl_mem = cp.cuda.alloc_pinned_memory(n)
             self.ctl = np.frombuffer(self._ctl_mem, np.uint8, n)
             self.ctl[:] = 0
-            dst = np.zeros(D_STATS + D_STATS_PER * self.blocks, np.uint32)
+            dst = np.zeros(D_STATS + D_STATS_PER * self.nsrv, np.uint32)
             sq_head = int(r.idx[abi.SQ_HEAD_OFF // 4])
             cq_tail = int(r.idx[abi.CQ_TAIL_OFF // 4])
-            dst[D_CLAIM] = dst[D_SQ_READ] = sq_head
+            dst[D_CLAIM] = dst[D_SQ_READ] = dst[D_SQ_SEEN] = sq_head
+            self.sq_start, self.cq_start = sq_head, cq_tail
             dst[D_CQ_ALLOC] = dst[D_CQ_PUB] = cq_tail
             self.dst = cp.asarray(dst)
-            self.kcache = cp.zeros(self.blocks * r.nkeys * SLOT_WORDS,
+            self.kcache = cp.zeros(self.nsrv * r.nkeys * SLOT_WORDS,
                                    cp.uint32)
-            self.kgen = cp.ones(self.blocks * r.nkeys, cp.uint32)  # odd: none
-            code = ("#define XTS_RK_LOAD(p) (*(p))\n" + source("xts")
-                    + "\n" + source("resident"))
+            self.kgen = cp.ones(self.nsrv * r.nkeys, cp.uint32)  # odd: none
+            code = ("#define XTS_RK_LOAD(p) (*(p))\n"
+                    f"#define RES_SERVERS {self.servers}\n"
+                    f"#define RES_CQE_FLAGS {CQE_FLAGS}\n"
+                    + source("xts") + "\n" + source("resident"))
             mod = cp.RawModule(code=code, options=OPTIONS)
             self._kern = mod.get_function("resident_xts")
             fptr = self._kern.kernel.ptr
@@ -405,6 +545,7 @@ class ResidentXts:
             a.data_off, a.data_size = r.data_off, r.data_size
             a.mask, a.nslots = r.mask, r.nkeys
             a.max_bytes, a.poll_ns = self.max_bytes, self.poll_ns
+            a.fault_at = self.fault_at
             self._params = (ctypes.c_void_p * 1)(ctypes.addressof(a))
             self.stream = cp.cuda.Stream(non_blocking=True)
             self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -431,10 +572,70 @@ class ResidentXts:
         self.t_start = time.monotonic()
         # no device-wide synchronize from now on (cupy_backend.schedule)
         self.be.resident = []
-        log.info("resident XTS: %d blocks of %d threads, requests up to %d "
-                 "bytes on the GPU itself, the rest through the batched path "
-                 "(module loading: %s)", self.blocks, RES_THREADS,
-                 self.max_bytes, self.loading_mode)
+        self._watching = True
+        self._watch = threading.Thread(target=self._watchdog,
+                                       name="kgpu-resident-watch",
+                                       daemon=True)
+        self._watch.start()
+        log.info("resident XTS: %d blocks of %d threads, %d servers each, "
+                 "requests up to %d bytes on the GPU itself, the rest "
+                 "through the batched path (module loading: %s)",
+                 self.blocks, RES_THREADS, self.servers, self.max_bytes,
+                 self.loading_mode)
+
+    # -- faults
+
+    def _watchdog(self, every=0.05):
+        """Notice the kernel ending without being asked (a GPU fault): the
+        serving loop is woken and takes the ring over (``_failover``)."""
+        w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        while self._watching:
+            time.sleep(every)
+            try:
+                with self.be.device:
+                    done = self.stream.done
+                err = None
+            except Exception as e:  # noqa: BLE001 - a fault says so
+                done, err = True, f"{type(e).__name__}: {e}"
+            if not done or not self._watching:
+                continue
+            if w[CTL_STOPPED]:
+                return
+            if err is None:
+                try:
+                    self.stream.synchronize()
+                    err = "the kernel ended without being asked to stop"
+                except Exception as e:  # noqa: BLE001
+                    err = f"{type(e).__name__}: {e}"
+            self.fault = err
+            log.error("the resident XTS kernel failed (%s): the serving loop "
+                      "takes the ring over", err)
+            self.spill.on_fault = self._failover
+            os.eventfd_write(self.efd, 1)
+            return
+
+    def _failover(self):
+        """In the serving loop's thread: take the ring over from the dead
+        kernel (see failover_plan) and serve it as without the resident
+        path; the GPU itself fails over as any GPU error does (the batched
+        path's launches fail, the engine leaves service, the CPU serves)."""
+        from kgpu_helper.batch import EIO, cqes
+        if self.host is not None:
+            self.host.stop()
+            self.host = None
+        new_head, held, forward = failover_plan(
+            self.r, self.ctl, self.nsrv, self.sq_start, self.cq_start)
+        self.r.idx[abi.SQ_HEAD_OFF // 4] = new_head
+        out = [c for c in (forward, cqes(held, EIO)) if len(c)]
+        if out:
+            self.t.post(np.concatenate(out))
+        self.spill.take_over(self.t)
+        self.failover = {"sq_head": new_head, "held_eio": len(held),
+                         "forwarded": len(forward)}
+        log.error("resident XTS failover: %d held requests answered -EIO "
+                  "(the kernel redoes them on its CPU), %d spill answers "
+                  "forwarded, reading the ring from index %d",
+                  len(held), len(forward), new_head)
 
     # -- stop
 
@@ -445,11 +646,16 @@ class ResidentXts:
         the SQ. Returns the statistics."""
         if self.stream is None:
             return {}
+        self._watching = False
+        if self._watch is not None:
+            self._watch.join()
+            self._watch = None
         w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
         w[CTL_STOP] = 1
         end = time.monotonic() + timeout
         left = 0
-        while not w[CTL_STOPPED] and time.monotonic() < end:
+        while not w[CTL_STOPPED] and time.monotonic() < end and \
+                self.fault is None:
             if self.stream.done:
                 break  # ended without stopping: a fault
             if self.spill.pending():
@@ -459,7 +665,9 @@ class ResidentXts:
                 left += len(sq)
             time.sleep(1e-4)
         stopped = bool(w[CTL_STOPPED])
-        if stopped or self.stream.done:
+        if self.fault is not None:
+            stopped = False
+        elif stopped or self.stream.done:
             try:
                 self.stream.synchronize()
             except Exception as e:  # noqa: BLE001 - report it
@@ -473,6 +681,9 @@ class ResidentXts:
         st = self.stats()
         st["spilled_answered_at_stop"] = left
         st["stopped"] = stopped
+        if self.fault is not None:
+            st["fault"] = self.fault
+            st["failover"] = self.failover
         if stopped:
             self._release()
             self.be.resident = None
@@ -481,11 +692,46 @@ class ResidentXts:
 
     def stats(self):
         out = {}
-        if self.stream is not None:
-            d = self.dst.get()
-            blk = d[D_STATS:].reshape(self.blocks, D_STATS_PER)
-            out = {k: int(blk[:, i].sum()) for i, k in enumerate(BLOCK_STATS)}
-            out["per_block_served"] = [int(x) for x in blk[:, 0]]
+        if self.stream is not None and self.fault is None:
+            try:
+                d = self.dst.get()
+            except Exception as e:  # noqa: BLE001 - a fault: no counters
+                d = None
+                out["error"] = f"{type(e).__name__}: {e}"
+            if d is not None:
+                blk = d[D_STATS:].reshape(self.nsrv, D_STATS_PER)
+                out = {k: int(blk[:, i].sum())
+                       for i, k in enumerate(SERVER_STATS)}
+                out["per_server_served"] = [int(x) for x in blk[:, 0]]
+        if self.host is not None:
+            out["host"] = self.host.snapshot()
+        return out
+
+    def debug(self):
+        """The kernel's and the host thread's words now, for a report of
+        something stuck (reads device memory on a stream of its own)."""
+        import cupy as cp
+        w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        out = {"ctl": {k: int(w[v]) for k, v in (
+            ("stop", CTL_STOP), ("spill_tail", CTL_SPILL_TAIL),
+            ("spill_head", CTL_SPILL_HEAD), ("spill_cq_tail",
+                                             CTL_SPILL_CQ_TAIL),
+            ("stopped", CTL_STOPPED), ("running", CTL_RUNNING),
+            ("fwd", CTL_FWD))},
+            "servers": w[CTL_BLK_BYTE // 4:CTL_BLK_BYTE // 4
+                         + 4 * self.nsrv].reshape(-1, 4)[:, :2].tolist(),
+            "ring": {k: int(self.r.idx[o // 4]) for k, o in (
+                ("sq_tail", abi.SQ_TAIL_OFF), ("sq_head", abi.SQ_HEAD_OFF),
+                ("cq_tail", abi.CQ_TAIL_OFF), ("cq_head", abi.CQ_HEAD_OFF))},
+            "fault": self.fault}
+        try:
+            with self.be.device:
+                s = cp.cuda.Stream(non_blocking=True)
+                out["dst"] = self.dst[:16].get(stream=s).tolist()
+                s.synchronize()
+                out["stream_done"] = self.stream.done
+        except Exception as e:  # noqa: BLE001
+            out["dst"] = f"{type(e).__name__}: {e}"
         if self.host is not None:
             out["host"] = self.host.snapshot()
         return out

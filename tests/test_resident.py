@@ -236,3 +236,106 @@ def test_spill_transport_drain_and_post():
             t._clear()
     finally:
         os.close(efd)
+
+
+def test_failover_plan_from_host_memory(tmp_path):
+    """What the loop takes over after a fault, from the block words, the CQ
+    and the spill rings alone: held requests answered -EIO unless their CQE
+    is out, spill answers forwarded unless already in the CQ, and the SQ
+    read on from the first index no block took."""
+    from kgpu_helper.ringdriver import RingDriver
+    entries = 16
+    drv = RingDriver(str(tmp_path / "r.sock"), entries=entries,
+                     data_size=1 << 20)
+    try:
+        r = drv.region
+        sq_tail_w, cq_tail_w = abi.SQ_TAIL_OFF // 4, abi.CQ_TAIL_OFF // 4
+        start = 2**32 - 4  # indexes wrap during the run
+        for k in range(14):
+            i = (start + k) & 0xFFFFFFFF
+            e = sqe(abi.SVC_XTS_ENC)[0]
+            e["seq"], e["tag"] = 100 + k, k
+            r.sq[i & (entries - 1)] = e
+        r.idx[sq_tail_w] = (start + 11) & 0xFFFFFFFF  # 11 published
+        done = [0, 1, 2, 3, 4, 5, 7, 10]               # CQEs out
+        for n, k in enumerate(done):
+            r.cq[n] = (100 + k, k, 0, 0)
+        r.idx[cq_tail_w] = len(done)
+        ctl = np.zeros(resident.ctl_bytes(entries), np.uint8)
+        w = ctl[:resident.SPILL_SQ_BYTE].view(np.uint32)
+        sp = ctl[resident.SPILL_SQ_BYTE:resident.SPILL_SQ_BYTE
+                 + entries * 64].view(abi.SQE)
+        c0 = resident.SPILL_SQ_BYTE + entries * 64
+        scq = ctl[c0:c0 + entries * 16].view(abi.CQE)
+        for n, k in enumerate((3, 8)):                 # spilled: 3 and 8
+            sp[n] = r.sq[(start + k) & (entries - 1)]
+            scq[n] = (100 + k, k, 0, 0)                # both answered
+        w[resident.CTL_SPILL_TAIL] = w[resident.CTL_SPILL_CQ_TAIL] = 2
+        w[resident.CTL_FWD] = 0      # 3's forward store was lost
+        blocks = [(10, resident.ST_DONE),
+                  (6, resident.ST_SERVE),    # held: -EIO
+                  (7, resident.ST_SERVE),    # its CQE is out: answered
+                  (8, resident.ST_SPILL),    # in the spill SQ: the loop's
+                  (9, resident.ST_WAIT),     # published, maybe read: -EIO
+                  (11, resident.ST_WAIT),    # not published: the loop's
+                  (0, resident.ST_IDLE)]
+        base = resident.CTL_BLK_BYTE // 4
+        for b, (k, st) in enumerate(blocks):
+            w[base + 4 * b] = (start + k) & 0xFFFFFFFF
+            w[base + 4 * b + 1] = st
+        new_head, held, forward = resident.failover_plan(
+            r, ctl, len(blocks), start, 0)
+        assert new_head == (start + 11) & 0xFFFFFFFF
+        assert sorted(held["seq"].tolist()) == [106, 109]
+        assert forward["seq"].tolist() == [108]
+        # nothing claimed yet: the loop reads from where the kernel began
+        w[base:base + 4 * len(blocks)] = 0
+        new_head, held, forward = resident.failover_plan(
+            r, ctl, len(blocks), start, 0)
+        assert new_head == start and len(held) == 0
+    finally:
+        drv.close()
+
+
+def test_spill_transport_takes_the_ring_over():
+    entries = 8
+    ctl = np.zeros(resident.ctl_bytes(entries), np.uint8)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    class Real:
+        posted = []
+
+        def fileno(self):
+            return 99
+
+        def pending(self):
+            return 2
+
+        def drain(self):
+            q = np.zeros(2, abi.SQE)
+            q["seq"] = [50, 51]
+            return q
+
+        def post(self, c):
+            self.posted.extend(c["seq"].tolist())
+
+    try:
+        t = resident.SpillTransport(None, ctl, entries, efd)
+        w = ctl[:resident.SPILL_SQ_BYTE].view(np.uint32)
+        t.sq["seq"][0] = 7
+        w[resident.CTL_SPILL_TAIL] = 1      # one spilled, not yet drained
+        real = Real()
+        calls = []
+        t.on_fault = lambda: (calls.append(1), t.take_over(real))
+        assert t.pending() == 3 and calls == [1]
+        assert t.fileno() == 99
+        assert t.drain()["seq"].tolist() == [7, 50, 51]
+        cq = np.zeros(3, abi.CQE)
+        cq["seq"] = [7, 50, 51]
+        t.post(cq)
+        assert real.posted == [7, 50, 51]
+        assert w[resident.CTL_SPILL_CQ_TAIL] == 0   # not the spill CQ
+        t.pending()
+        assert calls == [1]                          # taken over once
+    finally:
+        os.close(efd)

@@ -32,7 +32,8 @@ class ResServed:
     """A driver, an in-process Helper (cupy) with the resident path, the
     serving loop on a thread."""
 
-    def __init__(self, tmp_path, blocks=4, max_bytes=16 << 10):
+    def __init__(self, tmp_path, blocks=4, max_bytes=16 << 10, fault_at=0,
+                 servers=2):
         from kgpu_helper.daemon import Helper
         from kgpu_helper.resident import ResidentXts
         from kgpu_helper.services import get_backend
@@ -44,7 +45,8 @@ class ResServed:
         self.t = td.attach(self.d)
         self.h = Helper(self.t, get_backend("cupy"), spin=0)
         self.res = ResidentXts(self.t, self.h.gpus[0].be, blocks=blocks,
-                               max_bytes=max_bytes, spin_us=0)
+                               max_bytes=max_bytes, spin_us=0,
+                               fault_at=fault_at, servers=servers)
         self.res.start()
         self.h.t = self.res.spill
         self.th = threading.Thread(target=self.h.serve)
@@ -57,7 +59,7 @@ class ResServed:
         got = []
         while len(got) < len(reqs):
             c = self.d.wait(timeout=timeout)
-            assert len(c), "nothing answered"
+            assert len(c), f"nothing answered: {self.res.debug()}"
             got.extend(c.tolist())
         by_tag = {g[0]: g for g in got}
         assert len(by_tag) == len(got) == len(reqs)  # each exactly once
@@ -125,8 +127,65 @@ def test_resident_4k_matches_openssl_and_cpu_backend(rsrv):
             assert got == bytes(np.asarray(ref))
     st = rsrv.res.stats()
     assert st["served"] == len(reqs) and st["spilled"] == 0, st
-    # each block expands a slot once, on its first request that uses it
-    assert 1 <= st["key_expansions"] <= 4 * 4
+    # each server expands a slot once, on its first request that uses it
+    assert 1 <= st["key_expansions"] <= 4 * rsrv.res.nsrv
+
+
+@pytest.mark.parametrize("blocks,servers", [(1, 1), (2, 2), (8, 1), (8, 2),
+                                            (16, 2), (4, 8)])
+def test_resident_first_request_spilled(tmp_path, blocks, servers):
+    """As `kgpu bench ring` starts: a 64 KiB request first (spilled to the
+    serving loop), then small ones, at several block counts (8 blocks once
+    left that first request unanswered)."""
+    require_cuda()
+    s = ResServed(tmp_path, blocks=blocks, servers=servers)
+    try:
+        d = s.d
+        big, boff, bdata = _xts(d, 65536, 512, 9, 0)
+        (r,) = s.run(big, timeout=10)
+        assert r[2] == 0
+        assert d.view(boff, 65536).tobytes() == _want(KEYS[0], bdata, 9, 1,
+                                                       512, False, False)
+        reqs, cases = [], []
+        for i in range(min(3 * blocks * servers + 5, 60)):  # 64 entries
+            req, off, data = _xts(d, 4096, 4096, 300 + i, i % 4, i % 2 == 1)
+            reqs.append(req)
+            cases.append((off, data, 300 + i, i % 4, i % 2 == 1))
+        res = s.run(np.concatenate(reqs), timeout=10)
+        assert [x[2] for x in res] == [0] * len(reqs)
+        for off, data, sector, slot, dec in cases:
+            assert d.view(off, 4096).tobytes() == _want(
+                KEYS[slot], data, sector, 1, 4096, False, dec)
+        st = s.res.stats()
+        assert st["served"] == len(reqs) and st["spilled"] == 1, st
+    finally:
+        s.close()
+    assert s.final["stopped"], s.final
+
+
+def test_resident_gpu_fault_fails_over(tmp_path):
+    """A fault injected into the resident kernel half-way through a
+    request (it traps after writing half the data): the helper notices,
+    takes the ring over and every request is answered exactly once, the
+    held one -EIO, the rest correct (by the CPU once the GPU is gone). In
+    a child process: the fault ends the CUDA context."""
+    require_cuda()
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, os.path.join(here,
+                                                     "resident_fault.py"),
+                        str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["answered_once"] == got["submitted"], got
+    assert got["bad_completions"] == 0 and got["unknown_answers"] == 0, got
+    assert got["wrong_data"] == 0, got
+    assert got["eio"] >= 1, got
+    assert got["fault"] and got["failover"]["held_eio"] >= 1, got
+    assert got["after_ok"] == got["after"], got
 
 
 def test_resident_one_at_a_time(rsrv):

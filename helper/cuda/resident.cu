@@ -14,30 +14,51 @@
 // words, the spill rings); `dst` is device memory (D_* words).
 //
 // Work. Each block (RES_THREADS threads, its own copy of the AES tables
-// in shared memory and of the expanded keys in global memory) loops:
-// thread 0 claims the next SQ index with atomicAdd on D_CLAIM, waits until
-// sq_tail passes it (polling with nanosleep backoff), copies the SQE and
-// decides. A request it may take (res_check == 0: XTS, in place, at most
-// max_bytes, 16-byte aligned inside the data area, a valid slot) is
-// computed by the whole block, one AES block per thread per pass; its
-// CQE goes to the CQ. Anything else is copied to the spill SQ, which the
-// helper's Python loop serves as it serves the ring today; its answers
-// come back on the spill CQ and block 0 moves them to the CQ. The kernel
-// is the CQ's only producer. CQ (and spill SQ) positions are taken with
-// atomicAdd and published in that order (D_CQ_PUB): one release store of
-// cq_tail per completion.
+// in shared memory) holds RES_SERVERS servers of RES_SRV_THREADS threads;
+// each server (its own expanded keys in global memory, its own named
+// barrier) serves one request at a time and loops: its thread 0 claims
+// the next SQ index with atomicAdd on D_CLAIM and waits until sq_tail
+// passes it. Only one server reads sq_tail over PCIe: the one whose claim
+// is the next index to arrive (claim == D_SQ_SEEN, the last sq_tail read,
+// kept in device memory); it moves D_SQ_SEEN when the tail moves, and
+// every other waiter watches D_SQ_SEEN in L2. (Sixteen blocks polling the
+// region each cost the working block's PCIe reads: 4K depth 1 p50 122 us
+// with 16 pollers, 27.5 with 2, H200.) The stop flag is read by that
+// server too. Thread 0 then copies the SQE and decides. A request it may
+// take (res_check == 0: XTS, in place, at most max_bytes, 16-byte aligned
+// inside the data area, a valid slot) is computed by the whole server, two
+// AES blocks per thread per pass, the first pass's data loaded while
+// thread 0 reads the key slot's generation (the round trips over PCIe, not
+// the AES, are most of a small request's time); its CQE goes to the CQ.
+// Anything else is copied to the spill SQ, which the helper's Python loop
+// serves as it serves the ring today; its answers come back on the spill
+// CQ and server 0 moves them to the CQ. The kernel is the CQ's only
+// producer. CQ (and spill SQ) positions are taken with atomicAdd and
+// published in that order (D_CQ_PUB): one store of cq_tail per completion.
 //
-// Keys. Before each request the block reads the slot's generation (system
+// Keys. Before each request the server reads the slot's generation (system
 // scope): an odd one, or one that changes while the key is read, sends the
 // request to the spill path; a new even one makes thread 0 read the key
-// (seqlock, as uapi/kgpu.h says) and expand it into the block's cache. So
+// (seqlock, as uapi/kgpu.h says) and expand it into the server's cache. So
 // a key change is seen by the first request submitted after it.
 //
-// Stop. The helper sets CTL_STOP. The first block that sees it records the
-// SQ tail (D_STOP_AT, also CTL_STOP_AT): requests before it are served
-// (their claimers keep going), none after. Blocks exit once their claimed
-// index reaches it; block 0 last, after every spilled request was
-// answered and forwarded.
+// Stop. The helper sets CTL_STOP. The polling server records the SQ tail
+// (D_STOP_AT, also CTL_STOP_AT): requests before it are served (their
+// claimers keep going), none after. Servers exit once their claimed index
+// reaches it; server 0 last, after every spilled request was answered and
+// forwarded.
+//
+// Faults. A fault ends the kernel and, on most GPUs, the CUDA context, so
+// device memory cannot be read afterwards. What the helper needs to take
+// over is kept in host memory as it happens, with plain posted stores (no
+// fence: they cost nothing on the request's path): per server, the SQ
+// index it holds and what it is doing with it (CTL_BLK_*), and how many
+// spill answers server 0 has forwarded (CTL_FWD). resident.py's failover
+// reads them; a request a server held is answered -EIO unless its CQE is
+// in the CQ (its data may be half written: the kernel module then computes
+// it on its CPU from its own copy). `fault_at` (tests only) makes the
+// server that takes the fault_at-th request (counted from 1) trap in the
+// middle of it.
 
 #ifdef RES_HOST_TEST
 // gcc builds the part above the kernel alone (tests/test_resident.py)
@@ -50,6 +71,15 @@ typedef uint8_t u8;
 #endif
 
 #define RES_THREADS 256
+// servers per block: each serves its own request with RES_SRV_THREADS
+// threads, sharing the block's tables (resident.py defines it)
+#ifndef RES_SERVERS
+#define RES_SERVERS 2
+#endif
+#define RES_SRV_THREADS (RES_THREADS / RES_SERVERS)
+#ifndef RES_CQE_FLAGS
+#define RES_CQE_FLAGS 0      // KGPU_CQE_* the kernel's answers carry
+#endif
 
 // ring index words (struct kgpu_ring_idx)
 #define IDX_SQ_TAIL 0
@@ -62,9 +92,22 @@ typedef uint8_t u8;
 #define CTL_SPILL_HEAD 32    // host: spill SQ entries taken
 #define CTL_SPILL_CQ_TAIL 48 // host: spill CQ entries published
 #define CTL_STOP_AT 64       // GPU: the SQ index the kernel stopped at
-#define CTL_STOPPED 80       // GPU: 1 once block 0 leaves
-#define CTL_RUNNING 96       // GPU: 1 once block 0 started
+#define CTL_STOPPED 80       // GPU: 1 once server 0 leaves
+#define CTL_RUNNING 96       // GPU: 1 once server 0 started
+#define CTL_FWD 112          // GPU: spill answers forwarded to the CQ
+#define CTL_BLK_BYTE 4096    // per server, 16 bytes: RES_BLK_* words
 #define CTL_SPILL_SQ_BYTE 8192
+#define RES_MAX_SERVERS 256  // (CTL_SPILL_SQ_BYTE - CTL_BLK_BYTE) / 16
+
+// a server's words at CTL_BLK_BYTE + 16 * server: the SQ index it claimed,
+// then its state (RES_ST_*); the SQE's tag and low seq are in the SQ slot
+#define RES_BLK_CLAIM 0
+#define RES_BLK_STATE 1
+#define RES_ST_IDLE 0        // nothing held (before the first claim)
+#define RES_ST_WAIT 1        // claimed, waiting for sq_tail to pass it
+#define RES_ST_SERVE 2       // took the request: computing it in place
+#define RES_ST_SPILL 3       // handing it to the spill SQ
+#define RES_ST_DONE 4        // its CQE (or spill entry) is published
 
 // device state words
 #define D_CLAIM 0
@@ -75,9 +118,10 @@ typedef uint8_t u8;
 #define D_SQ_READ 5
 #define D_STOP_AT 6
 #define D_STOP_SET 7
-#define D_STOP_LOCK 8
 #define D_EXITED 9
-#define D_STATS 16           // per block: served, spilled, expansions, enc
+#define D_SQ_SEEN 10         // sq_tail as last read from the region
+#define D_TAKEN 11           // requests taken (fault_at counts these)
+#define D_STATS 16           // per server: served, spilled, expansions, enc
 #define D_STATS_PER 4
 
 // the 64-byte SQE and 16-byte CQE of uapi/kgpu.h
@@ -192,6 +236,7 @@ struct ResArgs {           // resident.py's _ResArgs
     const u8* isbox;
     u64 sq_off, cq_off, idx_off, data_off, data_size;
     u32 mask, nslots, max_bytes, poll_ns;
+    u32 fault_at;          // tests: trap in the fault_at-th request (0: never)
 };
 
 // 32-bit loads with the given PTX qualifiers (generic addresses: the
@@ -259,44 +304,102 @@ __device__ __forceinline__ void res_spill(const ResArgs& a, const uint4 (&raw)[4
     res_publish(&a.dst[D_SPILL_PUB], pos, a.ctl + CTL_SPILL_TAIL);
 }
 
-// Block 0: move the helper's answers to spilled requests into the CQ.
+// Server 0: move the helper's answers to spilled requests into the CQ.
 __device__ __forceinline__ void res_forward(const ResArgs& a, u32& fwd) {
+    if (ld_acq_gpu(&a.dst[D_SPILL_PUB]) == fwd) return;  // nothing to wait for
     const u32 t = ld_acq_sys(a.ctl + CTL_SPILL_CQ_TAIL);
     const unsigned char* scq = (const unsigned char*)a.ctl + CTL_SPILL_SQ_BYTE +
                                64 * (u64)(a.mask + 1);
+    if (fwd == t) return;
     while (fwd != t) {
         res_post_cqe(a, ld_vol4(scq + 16 * (u64)(fwd & a.mask)));
         ++fwd;
     }
+    st_vol(a.ctl + CTL_FWD, fwd);
 }
 
 // Thread 0: wait for SQ index i. Returns 1 when the request is there, 0
-// when the kernel stops before it.
-__device__ __forceinline__ int res_wait(const ResArgs& a, u32 i, u32& fwd) {
+// when the kernel stops before it. The waiter whose claim is the next
+// index to arrive polls the region; the others watch D_SQ_SEEN.
+__device__ __forceinline__ int res_wait(const ResArgs& a, u32 i, u32& fwd, bool first) {
     const unsigned int* idx = (const unsigned int*)(a.region + a.idx_off);
-    u32 backoff = 64;
+    u32 backoff = 32;
     for (;;) {
-        const u32 tail = ld_acq_sys(idx + IDX_SQ_TAIL);
+        const u32 seen = ld_acq_gpu(&a.dst[D_SQ_SEEN]);
+        if ((int)(seen - i) > 0) return 1;
         const u32 stopping = ld_acq_gpu(&a.dst[D_STOP_SET]);
-        if (stopping) {
-            const u32 at = ld_vol(&a.dst[D_STOP_AT]);
-            if ((int)(i - at) >= 0) return 0;
+        if (stopping && (int)(i - ld_vol(&a.dst[D_STOP_AT])) >= 0) return 0;
+        if (first) res_forward(a, fwd);
+        if (seen != i || stopping) {
+            res_sleep(64);  // an L2 read per look
+            continue;
         }
-        if ((int)(tail - i) > 0) return 1;
-        if (blockIdx.x == 0) res_forward(a, fwd);
-        if (!stopping && ld_vol(a.ctl + CTL_STOP)) {
-            if (atomicCAS(&a.dst[D_STOP_LOCK], 0u, 1u) == 0u) {
-                const u32 at = ld_acq_sys(idx + IDX_SQ_TAIL);
-                a.dst[D_STOP_AT] = at;
-                a.ctl[CTL_STOP_AT] = at;
-                __threadfence_system();
-                st_rel_gpu(&a.dst[D_STOP_SET], 1u);
-            }
+        const u32 tail = ld_acq_sys(idx + IDX_SQ_TAIL);
+        if ((int)(tail - seen) > 0) {
+            st_rel_gpu(&a.dst[D_SQ_SEEN], tail);
+            return 1;
+        }
+        if (ld_vol(a.ctl + CTL_STOP)) {
+            // the tail read after the flag: every request published before
+            // the helper asked to stop is served
+            const u32 at = ld_acq_sys(idx + IDX_SQ_TAIL);
+            a.dst[D_STOP_AT] = at;
+            a.ctl[CTL_STOP_AT] = at;
+            if ((int)(at - seen) > 0) st_rel_gpu(&a.dst[D_SQ_SEEN], at);
+            __threadfence_system();
+            st_rel_gpu(&a.dst[D_STOP_SET], 1u);
             continue;
         }
         res_sleep(backoff);
         backoff = min(backoff * 2, a.poll_ns);
     }
+}
+
+// A server's barrier: its RES_SRV_THREADS threads only (named barrier
+// 1 + sid; 0 is __syncthreads).
+__device__ __forceinline__ void res_bar(u32 sid) {
+    asm volatile("bar.sync %0, %1;" :: "r"(1 + sid), "r"(RES_SRV_THREADS) : "memory");
+}
+
+// One AES block of a request: the tweak of its unit (K2), then the data.
+__device__ __forceinline__ uint4 res_xts_block(const ResSqe* q, const uint4* rk, int nr, u32 b,
+                                               u32 sh, u32 bpu, uint4 x, bool dec,
+                                               const u32* te, const u32* td, const u8* ib,
+                                               u32 l4) {
+    const u32 u = b >> sh, j = b & (bpu - 1);
+    u64 iv = q->sector + (u64)u * q->sector_step;
+    if (q->iv_mode) iv &= 0xffffffffull;
+    uint4 t[1] = {make_uint4((u32)iv, (u32)(iv >> 32), 0u, 0u)};
+    aes_enc_any(t, rk + RK_ENC2, nr, te, l4);
+    const uint4 tw = mul_alpha_pow(t[0], j);
+    uint4 s[1] = {xor4(x, tw)};
+    if (dec) {
+        if (nr == 14) aes_dec<14, 1>(s, rk + RK_DEC1, td, ib, l4);
+        else aes_dec<10, 1>(s, rk + RK_DEC1, td, ib, l4);
+    } else {
+        aes_enc_any(s, rk + RK_ENC1, nr, te, l4);
+    }
+    return xor4(s[0], tw);
+}
+
+// Thread 0 of a server: the key slot of the request in raw. 1: the cache
+// holds this generation (expanded now if it moved); 2: spill it (being
+// changed, torn, empty or malformed: the helper re-reads and answers).
+__device__ __forceinline__ int res_key(const ResArgs& a, const ResSqe* q, uint4* kc,
+                                       unsigned int* kg, u32* rawkey, unsigned int* stats,
+                                       u32 g) {
+    const unsigned char* ks = a.keys + 128 * (u64)q->key_slot;
+    if (g & 1) return 2;
+    if (g == kg[q->key_slot]) return 1;
+    const u32 klen = ld_vol(ks);
+    for (int k = 0; k < 16; ++k) rawkey[k] = ld_vol(ks + 16 + 4 * k);
+    __threadfence_system();
+    if (ld_acq_sys(ks + 4) != g || (klen != 32 && klen != 64)) return 2;
+    res_expand_key((u32*)(kc + (size_t)q->key_slot * SLOT_U4), rawkey, klen, a.te0, a.td0);
+    kg[q->key_slot] = g;
+    __threadfence_block();
+    stats[2] += 1;
+    return 1;
 }
 
 extern "C" __global__ void __launch_bounds__(RES_THREADS, 1)
@@ -305,115 +408,119 @@ resident_xts(const __grid_constant__ ResArgs a) {
     u32* te = (u32*)res_smem;
     u32* td = te + TAB_WORDS;
     u8* ib = (u8*)(td + TAB_WORDS);
-    __shared__ uint4 raw[4];      // the SQE
-    __shared__ u32 rawkey[16];
-    __shared__ int cmd;           // 0 exit, 1 compute, 2 spilled, 3 expand + compute
+    __shared__ uint4 raw_s[RES_SERVERS][4];   // each server's SQE
+    __shared__ u32 rawkey_s[RES_SERVERS][16];
+    __shared__ int cmd_s[RES_SERVERS];        // 0 exit, 1 compute, 2 spill, 3 done
+    __shared__ int fault_s[RES_SERVERS];      // fault_at reached: trap half-way
 
     replicate<256>(te, a.te0);
     replicate<256>(td, a.td0);
     replicate<ISB_BYTES / 4 / 32>((u32*)ib, (const u32*)a.isbox);
     const u32 l4 = (threadIdx.x & 31) << 2;
+    const u32 sid = threadIdx.x / RES_SRV_THREADS, lt = threadIdx.x % RES_SRV_THREADS;
+    const u32 srv = blockIdx.x * RES_SERVERS + sid, nsrv = gridDim.x * RES_SERVERS;
+    uint4 (&raw)[4] = raw_s[sid];
+    int& cmd = cmd_s[sid];
+    int& fault = fault_s[sid];
     unsigned int* idx = (unsigned int*)(a.region + a.idx_off);
-    uint4* kc = a.kcache + (size_t)blockIdx.x * a.nslots * SLOT_U4;
-    unsigned int* kg = a.kgen + (size_t)blockIdx.x * a.nslots;
-    unsigned int* stats = a.dst + D_STATS + D_STATS_PER * blockIdx.x;
-    u32 fwd = 0;  // block 0, thread 0: spill CQEs forwarded
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
+    uint4* kc = a.kcache + (size_t)srv * a.nslots * SLOT_U4;
+    unsigned int* kg = a.kgen + (size_t)srv * a.nslots;
+    unsigned int* stats = a.dst + D_STATS + D_STATS_PER * srv;
+    unsigned int* blk = a.ctl + CTL_BLK_BYTE / 4 + 4 * srv;
+    const bool first = srv == 0;  // forwards spill answers, leaves last
+    u32 fwd = 0;  // server 0, thread 0: spill CQEs forwarded
+    if (first && lt == 0) {
         a.ctl[CTL_RUNNING] = 1;
         __threadfence_system();
     }
+    if (lt == 0) fault = 0;
     __syncthreads();
 
     for (;;) {
-        if (threadIdx.x == 0) {
-            if (blockIdx.x == 0) res_forward(a, fwd);
+        if (lt == 0) {
+            if (first) res_forward(a, fwd);
             const u32 i = atomicAdd(&a.dst[D_CLAIM], 1u);
-            int c = res_wait(a, i, fwd);
+            st_vol(blk + RES_BLK_CLAIM, i);
+            st_vol(blk + RES_BLK_STATE, RES_ST_WAIT);
+            int c = res_wait(a, i, fwd, first);
             if (c) {
+                st_vol(blk + RES_BLK_STATE, RES_ST_SERVE);
                 const unsigned char* e = a.region + a.sq_off + 64 * (u64)(i & a.mask);
 #pragma unroll
                 for (int k = 0; k < 4; ++k) raw[k] = ld_vol4(e + 16 * k);
                 const u32 seen = atomicMax(&a.dst[D_SQ_READ], i + 1);
                 if ((int)(i + 1 - seen) > 0) st_vol(idx + IDX_SQ_HEAD, i + 1);  // informative
-                const ResSqe* q = (const ResSqe*)raw;
-                if (res_check(q, a.data_off, a.data_size, a.max_bytes, a.nslots)) {
+                if (res_check((const ResSqe*)raw, a.data_off, a.data_size, a.max_bytes,
+                              a.nslots))
                     c = 2;
-                } else {
-                    const unsigned char* ks = a.keys + 128 * (u64)q->key_slot;
-                    const u32 g = ld_acq_sys(ks + 4);
-                    if (g & 1) {
-                        c = 2;  // being changed: the helper re-reads it
-                    } else if (g != kg[q->key_slot]) {
-                        const u32 klen = ld_vol(ks);
-                        for (int k = 0; k < 16; ++k) rawkey[k] = ld_vol(ks + 16 + 4 * k);
-                        __threadfence_system();
-                        if (ld_acq_sys(ks + 4) != g || (klen != 32 && klen != 64)) {
-                            c = 2;  // torn, empty or malformed: the helper answers
-                        } else {
-                            res_expand_key((u32*)(kc + (size_t)q->key_slot * SLOT_U4), rawkey,
-                                           klen, a.te0, a.td0);
-                            kg[q->key_slot] = g;
-                            __threadfence_block();
-                            stats[2] += 1;
-                        }
-                    }
-                }
-                if (c == 2) {
-                    res_spill(a, raw);
-                    stats[1] += 1;
-                }
             }
             cmd = c;
         }
-        __syncthreads();
-        const int c = cmd;
+        res_bar(sid);
+        int c = cmd;
         if (c == 0) break;
+        const ResSqe* q = (const ResSqe*)raw;
         if (c == 1) {
-            const ResSqe* q = (const ResSqe*)raw;
-            const bool dec = q->service == SVC_XTS_DEC;
-            const uint4* rk = kc + (size_t)q->key_slot * SLOT_U4;
-            const int nr = ((const u32*)rk)[NR_WORD];
-            const u32 bpu = q->unit_size / 16;
-            const u32 sh = __ffs(bpu) - 1;
-            const u32 nblk = q->in_len / 16;
+            // the first pass's data loads and the slot's generation at once
             uint4* data = (uint4*)(a.region + q->in_off);
-            for (u32 b = threadIdx.x; b < nblk; b += RES_THREADS) {
-                const uint4 x = ld_vol4(data + b);  // in flight during the tweak
-                const u32 u = b >> sh, j = b & (bpu - 1);
-                u64 iv = q->sector + (u64)u * q->sector_step;
-                if (q->iv_mode) iv &= 0xffffffffull;
-                uint4 t[1] = {make_uint4((u32)iv, (u32)(iv >> 32), 0u, 0u)};
-                aes_enc_any(t, rk + RK_ENC2, nr, te, l4);
-                const uint4 tw = mul_alpha_pow(t[0], j);
-                uint4 s[1] = {xor4(x, tw)};
-                if (dec) {
-                    if (nr == 14) aes_dec<14, 1>(s, rk + RK_DEC1, td, ib, l4);
-                    else aes_dec<10, 1>(s, rk + RK_DEC1, td, ib, l4);
-                } else {
-                    aes_enc_any(s, rk + RK_ENC1, nr, te, l4);
-                }
-                st_vol4(data + b, xor4(s[0], tw));
+            const u32 nblk = q->in_len / 16;
+            uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;
+            if (lt < nblk) x0 = ld_vol4(data + lt);
+            if (lt + RES_SRV_THREADS < nblk) x1 = ld_vol4(data + lt + RES_SRV_THREADS);
+            if (lt == 0) {
+                const u32 g = ld_acq_sys(a.keys + 128 * (u64)q->key_slot + 4);
+                cmd = res_key(a, q, kc, kg, rawkey_s[sid], stats, g);
+                if (cmd == 1 && a.fault_at)
+                    fault = atomicAdd(&a.dst[D_TAKEN], 1u) + 1 == a.fault_at;
             }
-            __threadfence_system();
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                uint4 cq;  // seq, tag, status 0, flags 0
-                cq.x = raw[0].x;
-                cq.y = raw[0].y;
-                cq.z = raw[0].z;
-                cq.w = 0;
-                res_post_cqe(a, cq);
-                stats[0] += 1;
-                if (!dec) stats[3] += 1;
+            res_bar(sid);
+            c = cmd;
+            if (c == 1) {
+                const bool dec = q->service == SVC_XTS_DEC;
+                const uint4* rk = kc + (size_t)q->key_slot * SLOT_U4;
+                const int nr = ((const u32*)rk)[NR_WORD];
+                const u32 bpu = q->unit_size / 16;
+                const u32 sh = __ffs(bpu) - 1;
+                for (u32 b = lt; b < nblk; b += 2 * RES_SRV_THREADS) {
+                    const u32 b1 = b + RES_SRV_THREADS;
+                    if (b != lt) {
+                        x0 = ld_vol4(data + b);
+                        if (b1 < nblk) x1 = ld_vol4(data + b1);
+                    }
+                    st_vol4(data + b, res_xts_block(q, rk, nr, b, sh, bpu, x0, dec, te, td, ib, l4));
+                    if (b1 < nblk)
+                        st_vol4(data + b1,
+                                res_xts_block(q, rk, nr, b1, sh, bpu, x1, dec, te, td, ib, l4));
+                    if (fault && 2 * b >= nblk) __trap();  // tests: fault_at
+                }
+                __threadfence_system();
+                res_bar(sid);
+                if (lt == 0) {
+                    uint4 cq;  // seq, tag, status 0, flags
+                    cq.x = raw[0].x;
+                    cq.y = raw[0].y;
+                    cq.z = raw[0].z;
+                    cq.w = (u32)RES_CQE_FLAGS << 16;
+                    res_post_cqe(a, cq);
+                    st_vol(blk + RES_BLK_STATE, RES_ST_DONE);
+                    stats[0] += 1;
+                    if (!dec) stats[3] += 1;
+                }
             }
         }
-        __syncthreads();  // raw and cmd are reused
+        if (c == 2 && lt == 0) {
+            st_vol(blk + RES_BLK_STATE, RES_ST_SPILL);
+            res_spill(a, raw);
+            st_vol(blk + RES_BLK_STATE, RES_ST_DONE);
+            stats[1] += 1;
+        }
+        res_bar(sid);  // raw and cmd are reused
     }
-    if (threadIdx.x == 0) {
-        if (blockIdx.x == 0) {
-            // last out: every other block gone, every spilled request
+    if (lt == 0) {
+        if (first) {
+            // last out: every other server gone, every spilled request
             // answered (the helper keeps serving until CTL_STOPPED)
-            while (ld_acq_gpu(&a.dst[D_EXITED]) != gridDim.x - 1 ||
+            while (ld_acq_gpu(&a.dst[D_EXITED]) != nsrv - 1 ||
                    fwd != ld_acq_gpu(&a.dst[D_SPILL_PUB])) {
                 res_forward(a, fwd);
                 res_sleep(1000);
