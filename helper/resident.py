@@ -370,6 +370,14 @@ class HostThread:
             os.close(self.wake_fd)
 
 
+def _name_thread(name):
+    """The calling thread's name as ps and /proc show it (PR_SET_NAME)."""
+    try:
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _loading_mode():
     """CUDA's module loading mode ("eager", "lazy"), or None if unknown."""
     try:
@@ -588,6 +596,7 @@ class ResidentXts:
     def _watchdog(self, every=0.05):
         """Notice the kernel ending without being asked (a GPU fault): the
         serving loop is woken and takes the ring over (``_failover``)."""
+        _name_thread(b"kgpu-rwatch")
         w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
         while self._watching:
             time.sleep(every)

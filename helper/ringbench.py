@@ -59,6 +59,26 @@ def helper_cpu_seconds(pid):
     return total / 1e9
 
 
+def helper_thread_cpu(pid):
+    """CPU seconds so far of each live thread of ``pid``, summed by the
+    thread's name (its comm)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
+
+
 class Config:
     """One service at one size: request template and reference check."""
 
@@ -173,18 +193,26 @@ def run_config_c(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap,
         cmd = [exe, str(drv.memfd), str(sock), f.name, str(min_time),
                str(min(0.05, min_time / 4)), str(threads), str(drv.seq),
                str(pid), counters or "-"]
+        th0 = helper_thread_cpu(pid)
         r = subprocess.run(cmd, pass_fds=(drv.memfd, sock),
                            capture_output=True, text=True, timeout=120)
+        th1 = helper_thread_cpu(pid)
     if r.returncode:
         raise RuntimeError(f"ringsub failed ({r.returncode}): "
                            f"{r.stderr.strip()}")
     m = json.loads(r.stdout)
     drv.seq = int(m["next_seq"])
-    return _result(cfg, depth, len(offs), m["requests"], m["seconds"],
-                   m["p50_us"], m["p99_us"], m["helper_cpu_s"],
-                   m["helper_spin_s"], m["helper_sync_s"],
-                   m["submitter_cpu_s"], m["errors"], m["cpu_flagged"],
-                   checked, threads=m["threads"])
+    res = _result(cfg, depth, len(offs), m["requests"], m["seconds"],
+                  m["p50_us"], m["p99_us"], m["helper_cpu_s"],
+                  m["helper_spin_s"], m["helper_sync_s"],
+                  m["submitter_cpu_s"], m["errors"], m["cpu_flagged"],
+                  checked, threads=m["threads"])
+    # where the helper's CPU went, by thread name, over the whole call
+    # (the submitter's start and warm-up included, unlike helper_cpu_s)
+    res["helper_threads_cpu_s"] = {
+        k: round(v - th0.get(k, 0.0), 6) for k, v in th1.items()
+        if v - th0.get(k, 0.0) > 0}
+    return res
 
 
 def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,

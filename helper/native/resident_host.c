@@ -119,6 +119,7 @@ static void *rh_main(void *arg)
 	struct timespec nap = { 0, (long)c->sleep_us * 1000 };
 
 	prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+	prctl(PR_SET_NAME, "kgpu-rhost", 0, 0, 0);	/* for per-thread CPU */
 	while (!h->stop) {
 		uint32_t cq = load(c->cq_tail), sp = load(c->spill_tail), out;
 
