@@ -192,6 +192,7 @@ struct ResArgs {           // resident.py's _ResArgs
     const u8* isbox;
     u64 sq_off, cq_off, idx_off, data_off, data_size;
     u32 mask, nslots, max_bytes, poll_ns;
+    u32 write_sq_head;     // 0 on kgpu.ko's ring: the host thread writes it
 };
 
 // 32-bit loads with the given PTX qualifiers (generic addresses: the
@@ -334,7 +335,8 @@ resident_xts(const __grid_constant__ ResArgs a) {
 #pragma unroll
                 for (int k = 0; k < 4; ++k) raw[k] = ld_vol4(e + 16 * k);
                 const u32 seen = atomicMax(&a.dst[D_SQ_READ], i + 1);
-                if ((int)(i + 1 - seen) > 0) st_vol(idx + IDX_SQ_HEAD, i + 1);  // informative
+                if (a.write_sq_head && (int)(i + 1 - seen) > 0)
+                    st_vol(idx + IDX_SQ_HEAD, i + 1);  // informative
                 const ResSqe* q = (const ResSqe*)raw;
                 if (res_check(q, a.data_off, a.data_size, a.max_bytes, a.nslots)) {
                     c = 2;
