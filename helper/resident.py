@@ -1,5 +1,5 @@
 """The GPU-resident XTS service: small XTS requests with no Python on
-their path (issue 11 part 4; a prototype on the shm ring).
+their path (issue 11 part 4; a prototype).
 
 Three parts:
 
@@ -15,7 +15,9 @@ Three parts:
   the completion doorbell once per batch when ``cq_tail`` moves and wakes
   the Python loop when the spill ring moves. It sleeps in poll() when
   nothing is outstanding, spins only at very low depth, and otherwise
-  looks every ``sleep_us``.
+  looks every ``sleep_us``. Doorbells: kgpu.ko's (KGPU_IOC_COMPLETE and
+  poll() on /dev/kgpu; this thread then writes sq_head, not the GPU) or
+  the shm ring's socket (:func:`host_thread` picks them).
 - here: :class:`ResidentXts` (set-up, start, stop, statistics) and
   :class:`SpillTransport`, the spill ring as a :class:`Transport`, so the
   unchanged serving loop (:class:`kgpu_helper.daemon.Helper`) serves the
@@ -28,10 +30,13 @@ and from byte ``SPILL_SQ_BYTE`` on the spill SQ (``entries`` SQEs) and the
 spill CQ (``entries`` CQEs). At most ``entries`` requests are in flight,
 so neither spill ring can overflow.
 
-Limits of the prototype: the shm ring only (the doorbells are its
-socket); the key slots (the region's read-only part) must register with
-``cudaHostRegisterReadOnly``; a fault of the persistent kernel is not yet
-failed over. helper/cuda/NOTES.md says what the kernel module would need.
+Limits of the prototype: it has run on a GPU on the shm ring only. On
+kgpu.ko's ring its host side has run against the module in the testbed
+with a stand-in for the GPU kernel (tests/vm/test_resident_kernel_ring.py),
+but no machine has both: registering the /dev/kgpu mapping with CUDA,
+the key slots (the read-only part) with ``cudaHostRegisterReadOnly``, is
+untested. Not ivshmem's ring. A fault of the persistent kernel is not yet
+failed over. helper/cuda/NOTES.md has the details.
 """
 
 import ctypes
