@@ -105,8 +105,9 @@ def make_backends(backend, gpus, cpu_threads=None):
 @click.option("--max-requests", type=int, default=None, hidden=True)
 @click.option("--resident", is_flag=True,
               help="Serve small XTS requests with a persistent GPU kernel "
-                   "that polls the ring itself (prototype: shm ring, cupy "
-                   "backend; see kgpu_helper/resident.py).")
+                   "that polls the ring itself (prototype: --ring kernel or "
+                   "shm:FILE, not --ivshmem; cupy backend; see "
+                   "kgpu_helper/resident.py).")
 @click.option("--resident-blocks", type=click.IntRange(1, 64), default=16,
               show_default=True, help="Persistent blocks (SMs) it takes.")
 @click.option("--resident-servers", type=click.Choice(["1", "2", "4", "8"]),
@@ -159,8 +160,8 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
             raise click.BadParameter("--ring and --ivshmem exclude each "
                                      "other")
         if resident:
-            raise click.BadParameter("--resident serves a shm ring only "
-                                     "(a prototype), not --ivshmem")
+            raise click.BadParameter("--resident serves /dev/kgpu or a "
+                                     "shm ring (a prototype), not --ivshmem")
         return _helper_ivshmem(backend, gpus, ivshmem, region_size,
                                crossover, spin_us, cpu_threads, verbose)
     from kgpu_helper.daemon import Helper

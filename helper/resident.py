@@ -1,5 +1,5 @@
 """The GPU-resident XTS service: small XTS requests with no Python on
-their path (issue 11 part 4; a prototype on the shm ring).
+their path (issue 11 part 4; a prototype).
 
 Three parts:
 
@@ -15,7 +15,9 @@ Three parts:
   the completion doorbell once per batch when ``cq_tail`` moves and wakes
   the Python loop when the spill ring moves. It sleeps in poll() when
   nothing is outstanding, spins only at very low depth, and otherwise
-  looks every ``sleep_us``.
+  looks every ``sleep_us``. Doorbells: kgpu.ko's (KGPU_IOC_COMPLETE and
+  poll() on /dev/kgpu; this thread then writes sq_head, not the GPU) or
+  the shm ring's socket (:func:`host_thread` picks them).
 - here: :class:`ResidentXts` (set-up, start, stop, statistics) and
   :class:`SpillTransport`, the spill ring as a :class:`Transport`, so the
   unchanged serving loop (:class:`kgpu_helper.daemon.Helper`) serves the
@@ -28,10 +30,15 @@ and from byte ``SPILL_SQ_BYTE`` on the spill SQ (``entries`` SQEs) and the
 spill CQ (``entries`` CQEs). At most ``entries`` requests are in flight,
 so neither spill ring can overflow.
 
-Limits of the prototype: the shm ring only (the doorbells are its
-socket); the key slots (the region's read-only part) must register with
-``cudaHostRegisterReadOnly``; a fault of the persistent kernel is not yet
-failed over. helper/cuda/NOTES.md says what the kernel module would need.
+Limits of the prototype: it has run on a GPU on the shm ring only. On
+kgpu.ko's ring its host side has run against the module in the testbed
+with a stand-in for the GPU kernel (tests/vm/test_resident_kernel_ring.py),
+but no machine has both: registering the /dev/kgpu mapping with CUDA,
+the key slots (the read-only part) with ``cudaHostRegisterReadOnly``, is
+untested. Not ivshmem's ring. A fault of the persistent kernel is failed
+over (:meth:`ResidentXts._watchdog`, :func:`failover_plan`): the serving
+loop takes the ring over and the GPU leaves service as on any GPU error.
+helper/cuda/NOTES.md has the details.
 """
 
 import ctypes
@@ -316,16 +323,24 @@ class _ResArgs(ctypes.Structure):
         "region", "keys", "ctl", "dst", "kcache", "kgen", "te0", "td0",
         "isbox", "sq_off", "cq_off", "idx_off", "data_off", "data_size")] + \
         [(n, ctypes.c_uint32) for n in ("mask", "nslots", "max_bytes",
-                                         "poll_ns", "fault_at")]
+                                         "poll_ns", "write_sq_head",
+                                         "fault_at")]
+
+
+# resident_host.c's RH_SOCKET, RH_KGPU: the doorbells of the shm ring and
+# of kgpu.ko's ring
+HOST_SOCKET, HOST_KGPU = 0, 1
 
 
 class _HostCfg(ctypes.Structure):
     """struct rh_cfg of resident_host.c."""
     _fields_ = [("sq_tail", ctypes.c_void_p), ("cq_tail", ctypes.c_void_p),
                 ("spill_tail", ctypes.c_void_p), ("stats", ctypes.c_void_p),
-                ("sock", ctypes.c_int32), ("spill_fd", ctypes.c_int32),
+                ("bell_fd", ctypes.c_int32), ("spill_fd", ctypes.c_int32),
                 ("wake_fd", ctypes.c_int32), ("spin_below", ctypes.c_uint32),
-                ("spin_us", ctypes.c_uint32), ("sleep_us", ctypes.c_uint32)]
+                ("spin_us", ctypes.c_uint32), ("sleep_us", ctypes.c_uint32),
+                ("mode", ctypes.c_uint32), ("bell_ioctl", ctypes.c_uint32),
+                ("sq_head", ctypes.c_void_p)]
 
 
 def host_library():
@@ -336,22 +351,33 @@ def host_library():
     lib.rh_start.argtypes = [ctypes.POINTER(_HostCfg)]
     lib.rh_stop.restype = ctypes.c_int
     lib.rh_stop.argtypes = [ctypes.c_void_p]
+    lib.rh_cpu_ns.restype = ctypes.c_int64
+    lib.rh_cpu_ns.argtypes = [ctypes.c_void_p]
     return lib
 
 
 class HostThread:
     """resident_host.c's thread over raw addresses (so that it can be
     tested without a GPU): ``sq_tail``/``cq_tail``/``spill_tail`` are the
-    addresses of the three uint32 counters."""
+    addresses of the three uint32 counters, ``bell_fd`` the doorbell.
 
-    def __init__(self, sq_tail, cq_tail, spill_tail, sock, spill_fd,
-                 spin_below=1, spin_us=50, sleep_us=20):
+    The shm ring (the default): ``bell_fd`` is the ring driver's socket.
+    kgpu.ko's ring: ``sq_head`` (the address of the region's sq_head) and
+    ``bell_ioctl`` (abi.IOC_COMPLETE) given, ``bell_fd`` is /dev/kgpu; the
+    thread then writes sq_head itself (resident_host.c says when).
+    :func:`host_thread` picks these for a transport."""
+
+    def __init__(self, sq_tail, cq_tail, spill_tail, bell_fd, spill_fd,
+                 spin_below=1, spin_us=50, sleep_us=20, sq_head=None,
+                 bell_ioctl=0):
         self.lib = host_library()
         self.stats = np.zeros(len(HOST_STATS), np.uint64)
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        mode = HOST_SOCKET if sq_head is None else HOST_KGPU
         self.cfg = _HostCfg(sq_tail, cq_tail, spill_tail,
-                            self.stats.ctypes.data, sock, spill_fd,
-                            self.wake_fd, spin_below, spin_us, sleep_us)
+                            self.stats.ctypes.data, bell_fd, spill_fd,
+                            self.wake_fd, spin_below, spin_us, sleep_us,
+                            mode, bell_ioctl, sq_head)
         self.h = self.lib.rh_start(ctypes.byref(self.cfg))
         if not self.h:
             os.close(self.wake_fd)
@@ -362,6 +388,11 @@ class HostThread:
 
     def snapshot(self):
         return {k: int(v) for k, v in zip(HOST_STATS, self.stats)}
+
+    def cpu_seconds(self):
+        """CPU time the thread used so far (its own clock), or None."""
+        ns = self.lib.rh_cpu_ns(self.h) if self.h else -1
+        return None if ns < 0 else ns * 1e-9
 
     def stop(self):
         if self.h:
@@ -376,6 +407,32 @@ def _name_thread(name):
         ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def host_mode(transport):
+    """HOST_KGPU for kgpu.ko's ring, HOST_SOCKET for the shm ring; any
+    other transport (ivshmem's) raises ResidentError."""
+    from kgpu_helper.transport import KernelTransport, ShmTransport
+
+    if isinstance(transport, KernelTransport):
+        return HOST_KGPU
+    if isinstance(transport, ShmTransport):
+        return HOST_SOCKET
+    name = getattr(transport, "name", type(transport).__name__)
+    raise ResidentError(f"the resident path serves kgpu.ko's ring and the "
+                        f"shm ring, not a {name} transport")
+
+
+def host_thread(transport, spill_tail, spill_fd, **kw):
+    """The host thread on ``transport``'s ring (:func:`host_mode`), for a
+    spill ring whose tail is at address ``spill_tail`` and whose loop
+    sleeps on the eventfd ``spill_fd``; ``kw``: HostThread's waiting."""
+    r = transport.region
+    idx = r.buf.ctypes.data + int(r.hdr["idx_off"])
+    if host_mode(transport) == HOST_KGPU:
+        kw.update(sq_head=idx + abi.SQ_HEAD_OFF, bell_ioctl=abi.IOC_COMPLETE)
+    return HostThread(idx + abi.SQ_TAIL_OFF, idx + abi.CQ_TAIL_OFF,
+                      spill_tail, transport.fileno(), spill_fd, **kw)
 
 
 def _loading_mode():
@@ -408,9 +465,7 @@ class ResidentXts:
     def __init__(self, transport, backend, blocks=16, max_bytes=16 << 10,
                  poll_ns=2000, spin_below=1, spin_us=50, sleep_us=20,
                  fault_at=0, servers=2):
-        if getattr(transport, "sock", None) is None:
-            raise ResidentError("the resident path runs on the shm ring only "
-                                "for now (--ring shm:...)")
+        self.host_mode = host_mode(transport)
         if not 16 <= max_bytes <= 1 << 20:
             raise ResidentError(f"resident max request size must be 16 B "
                                 f"to 1 MiB, got {max_bytes}")
@@ -553,15 +608,14 @@ class ResidentXts:
             a.data_off, a.data_size = r.data_off, r.data_size
             a.mask, a.nslots = r.mask, r.nkeys
             a.max_bytes, a.poll_ns = self.max_bytes, self.poll_ns
+            a.write_sq_head = int(self.host_mode == HOST_SOCKET)
             a.fault_at = self.fault_at
             self._params = (ctypes.c_void_p * 1)(ctypes.addressof(a))
             self.stream = cp.cuda.Stream(non_blocking=True)
             self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            idx = r.buf.ctypes.data + int(r.hdr["idx_off"])
-            self.host = HostThread(idx + abi.SQ_TAIL_OFF, idx + abi.CQ_TAIL_OFF,
-                                   self.ctl.ctypes.data + 4 * CTL_SPILL_TAIL,
-                                   self.t.sock.fileno(), self.efd,
-                                   **self.host_kw)
+            self.host = host_thread(
+                self.t, self.ctl.ctypes.data + 4 * CTL_SPILL_TAIL, self.efd,
+                **self.host_kw)
             self.spill = SpillTransport(r, self.ctl, entries, self.efd,
                                         self.host.hangup)
             cp.cuda.driver.launchKernel(

@@ -70,6 +70,20 @@ def _build_modules(release, kdir):
     return os.path.join(REPO, "build", release)
 
 
+def keep_artifacts(label, files):
+    """For a person debugging: with $KGPU_TEST_ARTIFACTS set, write a
+    guest's $KGPU_OUT files (name -> bytes), as they came, into the folder
+    ``label`` under it."""
+    keep = os.environ.get("KGPU_TEST_ARTIFACTS")
+    if not keep:
+        return
+    d = os.path.join(keep, label)
+    os.makedirs(d, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(d, name.replace("/", "_")), "wb") as f:
+            f.write(data)
+
+
 @pytest.fixture(scope="session")
 def repo():
     return REPO

@@ -1,14 +1,17 @@
 """The GPU-resident XTS path's CPU-side parts, with no GPU: the kernel's
 key expansion and request check (resident.cu built by the C compiler with
 RES_HOST_TEST, against aes_tables.py and resident.check), the host thread
-(resident_host.c: doorbells, spill wake-ups, hang-up, idle cost) and the
-spill ring as a transport."""
+(resident_host.c: doorbells, spill wake-ups, hang-up, idle cost; on the
+shm ring and, with stand-ins for /dev/kgpu, on kgpu.ko's) and the spill
+ring as a transport. tests/vm/test_resident_kring.py runs the host thread
+against the real module."""
 
 import os
 import select
 import shutil
 import socket
 import subprocess
+import termios
 import time
 
 import numpy as np
@@ -16,7 +19,8 @@ import pytest
 
 from kgpu_helper import abi, resident
 from kgpu_helper.cuda import SOURCE_DIR
-from kgpu_helper.ringdriver import sqe
+from kgpu_helper.ringdriver import layout, sqe, write_header
+from kgpu_helper.transport import KernelTransport, Region, ShmTransport
 from kgpu_helper.services import aes_tables
 
 HARNESS = r"""
@@ -202,6 +206,168 @@ def test_host_thread_sleeps_when_idle_and_sees_hangup():
         os.close(c.efd)
 
 
+class KCounters:
+    """The ring indexes as struct kgpu_ring_idx lays them out (sq_tail,
+    sq_head, cq_tail, then the spill tail), for the host thread in kgpu.ko
+    mode. /dev/kgpu is not here: ``fd`` stands in for it (an eventfd,
+    readable while written: the module's "sq_head != sq_tail"), and
+    ``bell_ioctl`` defaults to FIONCLEX, which any fd takes, so that the
+    bells can be counted."""
+
+    SQ_TAIL, SQ_HEAD, CQ_TAIL, SPILL = 0, 16, 32, 48
+
+    def __init__(self, fd=None, bell_ioctl=termios.FIONCLEX, start=0,
+                 head=None, **kw):
+        self.w = np.zeros(64, np.uint32)
+        self.w[[self.SQ_TAIL, self.CQ_TAIL]] = start
+        self.w[self.SQ_HEAD] = start if head is None else head
+        base = self.w.ctypes.data
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK) if fd is None else fd
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.t = resident.HostThread(
+            base, base + 4 * self.CQ_TAIL, base + 4 * self.SPILL, self.fd,
+            self.efd, sq_head=base + 4 * self.SQ_HEAD, bell_ioctl=bell_ioctl,
+            **kw)
+
+    def submit(self, n):
+        """n more requests, and the module's wake-up."""
+        self.w[self.SQ_TAIL] = (int(self.w[self.SQ_TAIL]) + n) & 0xFFFFFFFF
+        os.eventfd_write(self.fd, 1)
+
+    def answer(self, n):
+        """n more completions, the way the GPU publishes them; it took
+        every submission, so the stand-in's POLLIN ends first."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        self.w[self.CQ_TAIL] = (int(self.w[self.CQ_TAIL]) + n) & 0xFFFFFFFF
+
+    def head(self):
+        return int(self.w[self.SQ_HEAD])
+
+    def until(self, what, timeout=2.0):
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end, self.t.snapshot()
+            time.sleep(1e-3)
+
+    def close(self):
+        self.t.stop()
+        os.close(self.fd)
+        os.close(self.efd)
+
+
+def test_kgpu_mode_sq_head_follows_the_answers():
+    c = KCounters(start=7, head=3, spin_below=0, sleep_us=2000)
+    try:
+        # idle from the start: sq_head caught up, then poll()
+        c.until(lambda: c.head() == 7 and c.t.snapshot()["idle_polls"])
+        c.submit(2)
+        c.until(lambda: c.t.snapshot()["sleeps"])   # woken, looking
+        time.sleep(0.05)
+        assert c.head() == 7                        # none answered yet
+        c.answer(1)
+        c.until(lambda: c.t.snapshot()["bells"] == 1)
+        time.sleep(0.05)
+        assert c.head() == 8                        # one answered: taken
+        polls = c.t.snapshot()["idle_polls"]
+        c.answer(1)
+        c.until(lambda: c.t.snapshot()["bells"] == 2)
+        c.until(lambda: c.head() == 9)              # = sq_tail, idle
+        c.until(lambda: c.t.snapshot()["idle_polls"] > polls)
+        st = c.t.snapshot()
+        assert st["bells"] == 2 and not st["hangup"], st
+        # free-running indexes: the store wraps with them
+        c.w[[c.SQ_TAIL, c.CQ_TAIL]] = 0xFFFFFFFF
+        c.submit(2)                                 # sq_tail wraps to 1
+        c.answer(2)
+        c.until(lambda: c.head() == 1)
+        assert c.t.snapshot()["bells"] == 3
+    finally:
+        c.close()
+
+
+def test_kgpu_mode_sleeps_in_poll_and_sees_hangup():
+    r, w = os.pipe()               # POLLHUP on r once w is closed
+    c = KCounters(fd=r)
+    try:
+        time.sleep(0.1)
+        c0, polls0 = c.t.cpu_seconds(), c.t.snapshot()["idle_polls"]
+        time.sleep(0.5)
+        busy = c.t.cpu_seconds() - c0
+        polls = c.t.snapshot()["idle_polls"] - polls0
+        assert busy < 0.02 * 0.5, f"idle host thread used {busy} s"
+        assert 1 <= polls <= 10, polls              # 100 ms poll() timeout
+        os.close(w)                # the module: not the helper's file now
+        c.until(lambda: c.t.hangup())
+        assert os.eventfd_read(c.efd) >= 1    # the spill loop woken
+    finally:
+        c.close()
+
+
+def test_kgpu_mode_failed_doorbell_is_hangup():
+    # the real KGPU_IOC_COMPLETE on a file that is not /dev/kgpu: ENOTTY,
+    # as the module's ENODEV once the helper's file is detached
+    c = KCounters(bell_ioctl=abi.IOC_COMPLETE)
+    try:
+        c.submit(1)
+        c.answer(1)
+        c.until(lambda: c.t.hangup())
+        assert c.t.snapshot()["bells"] == 0
+        assert os.eventfd_read(c.efd) >= 1
+    finally:
+        c.close()
+
+
+def _kernel_transport():
+    """A KernelTransport over a region laid out as the module does, with
+    an eventfd for /dev/kgpu (no module here)."""
+    lay = layout(16, 4, 1 << 20)
+    buf = bytearray(lay["region_size"])
+    write_header(buf, 16, 4, lay)
+    t = KernelTransport.__new__(KernelTransport)
+    t.region = Region(buf, owner=True)
+    t.fd = os.eventfd(0, os.EFD_NONBLOCK)
+    return t
+
+
+def test_host_thread_for_each_transport():
+    assert resident.host_mode(KernelTransport.__new__(KernelTransport)) \
+        == resident.HOST_KGPU
+    assert resident.host_mode(ShmTransport.__new__(ShmTransport)) \
+        == resident.HOST_SOCKET
+    from kgpu_helper.ivshmem import IvshmemTransport
+    with pytest.raises(resident.ResidentError, match="ivshmem"):
+        resident.host_mode(IvshmemTransport.__new__(IvshmemTransport))
+    with pytest.raises(resident.ResidentError, match="ivshmem"):
+        resident.ResidentXts(IvshmemTransport.__new__(IvshmemTransport),
+                             None)
+    # kgpu.ko's ring: the region's own sq_head, the real doorbell ioctl
+    t = _kernel_transport()
+    idx = t.region.idx
+    sq_tail, sq_head, cq_tail = (o // 4 for o in (
+        abi.SQ_TAIL_OFF, abi.SQ_HEAD_OFF, abi.CQ_TAIL_OFF))
+    idx[sq_tail] = idx[cq_tail] = 5
+    spill = np.zeros(16, np.uint32)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    h = resident.host_thread(t, spill.ctypes.data, efd, spin_below=0)
+    try:
+        end = time.monotonic() + 2
+        while idx[sq_head] != 5:
+            assert time.monotonic() < end, h.snapshot()
+            time.sleep(1e-3)
+        idx[sq_tail] = idx[cq_tail] = 6    # the ioctl: ENOTTY on an eventfd
+        while not h.hangup():
+            assert time.monotonic() < end, h.snapshot()
+            time.sleep(1e-3)
+    finally:
+        h.stop()
+        os.close(efd)
+        os.close(t.fd)
+        t.region.release()
+
+
 def test_spill_transport_drain_and_post():
     entries = 8
     ctl = np.zeros(resident.ctl_bytes(entries), np.uint8)
@@ -339,3 +505,13 @@ def test_spill_transport_takes_the_ring_over():
         assert calls == [1]                          # taken over once
     finally:
         os.close(efd)
+
+
+def test_cli_refuses_resident_with_ivshmem():
+    from click.testing import CliRunner
+
+    from kgpu_helper.cli import cli
+
+    r = CliRunner().invoke(cli, ["helper", "--resident", "--ivshmem",
+                                 "/nonexistent.sock"])
+    assert r.exit_code == 2 and "not --ivshmem" in r.output, r.output

@@ -236,7 +236,8 @@ struct ResArgs {           // resident.py's _ResArgs
     const u8* isbox;
     u64 sq_off, cq_off, idx_off, data_off, data_size;
     u32 mask, nslots, max_bytes, poll_ns;
-    u32 fault_at;          // tests: trap in the fault_at-th request (0: never)
+    u32 write_sq_head;     // 0 on kgpu.ko's ring: the host thread writes it
+    u32 fault_at;          // tests: fault in the fault_at-th request (0: never)
 };
 
 // 32-bit loads with the given PTX qualifiers (generic addresses: the
@@ -449,7 +450,8 @@ resident_xts(const __grid_constant__ ResArgs a) {
 #pragma unroll
                 for (int k = 0; k < 4; ++k) raw[k] = ld_vol4(e + 16 * k);
                 const u32 seen = atomicMax(&a.dst[D_SQ_READ], i + 1);
-                if ((int)(i + 1 - seen) > 0) st_vol(idx + IDX_SQ_HEAD, i + 1);  // informative
+                if (a.write_sq_head && (int)(i + 1 - seen) > 0)
+                    st_vol(idx + IDX_SQ_HEAD, i + 1);  // informative
                 if (res_check((const ResSqe*)raw, a.data_off, a.data_size, a.max_bytes,
                               a.nslots))
                     c = 2;

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from conftest import build_modules
+from conftest import build_modules, keep_artifacts
 
 pytestmark = pytest.mark.vm
 
@@ -39,13 +39,7 @@ def guest(request):
     build = build_modules(tb.kernel)
     r = tb.run(f"bash {HERE}/gpu_crypt_guest.sh {build}", echo=False)
     files = {k: v.decode(errors="replace") for k, v in r.files.items()}
-    keep = os.environ.get("KGPU_TEST_ARTIFACTS")
-    if keep:    # for a person debugging: the guest's files, as they came
-        d = os.path.join(keep, f"gpu-crypt-{request.param}")
-        os.makedirs(d, exist_ok=True)
-        for name, data in r.files.items():
-            with open(os.path.join(d, name.replace("/", "_")), "wb") as f:
-                f.write(data)
+    keep_artifacts(f"gpu-crypt-{request.param}", r.files)
     print(f"guest {tb.kernel.release}: {r.seconds:.0f} s")
     assert r.rc == 0, r.output[-4000:]
     results = {}
