@@ -97,6 +97,9 @@ struct ResSqe {
 
 #define SVC_XTS_ENC 1
 #define SVC_XTS_DEC 2
+// struct kgpu_cqe flags of the requests served here (KGPU_CQE_RESIDENT):
+// the kernel module counts them apart from the batched launches' answers
+#define CQE_RESIDENT 0x2u
 
 // Why a request does not go through the GPU itself (0: it does). The
 // spilled ones are validated in full by the helper (batch.validate).
@@ -397,11 +400,11 @@ resident_xts(const __grid_constant__ ResArgs a) {
             __threadfence_system();
             __syncthreads();
             if (threadIdx.x == 0) {
-                uint4 cq;  // seq, tag, status 0, flags 0
+                uint4 cq;  // seq, tag, status 0, flags CQE_RESIDENT
                 cq.x = raw[0].x;
                 cq.y = raw[0].y;
                 cq.z = raw[0].z;
-                cq.w = 0;
+                cq.w = CQE_RESIDENT << 16;
                 res_post_cqe(a, cq);
                 stats[0] += 1;
                 if (!dec) stats[3] += 1;
