@@ -559,16 +559,19 @@ static void gc_submit_req(struct gc_io *io, unsigned int service)
 /*
  * A region request for @io when the helper should do it: attached, the
  * key in a slot, the size at least its crossover. May wait for region
- * space (back-pressure); NULL means do it on the CPU.
+ * space (back-pressure); NULL means do it on the CPU (counted by kgpu).
  */
 static struct kgpu_request *gc_get_req(struct gc_io *io, unsigned int svc)
 {
 	struct kgpu_request *req;
 
-	if (io->cc->key_slot < 0 || !kgpu_offload(svc, io->iter.bi_size))
-		return NULL;
-	req = kgpu_request_get(io->iter.bi_size, 0);
-	return IS_ERR(req) ? NULL : req;
+	if (io->cc->key_slot >= 0 && kgpu_offload(svc, io->iter.bi_size)) {
+		req = kgpu_request_get(io->iter.bi_size, 0);
+		if (!IS_ERR(req))
+			return req;
+	}
+	kgpu_account_cpu(svc);
+	return NULL;
 }
 
 /*

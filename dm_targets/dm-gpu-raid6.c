@@ -428,11 +428,13 @@ static void gr_compute(struct gr_ctx *c, unsigned int svc, void **ptrs,
 	if (svc == KGPU_SVC_RAID6_PQD)
 		nblk = b - a + 3;
 	total = (size_t)nblk * len;
-	if (n > GR_MAX_DEVS || !kgpu_offload(svc, total))
+	req = ERR_PTR(-ENODEV);
+	if (n <= GR_MAX_DEVS && kgpu_offload(svc, total))
+		req = kgpu_request_get(total, 0);
+	if (IS_ERR(req)) {
+		kgpu_account_cpu(svc);	/* never offered to the helper */
 		goto cpu;
-	req = kgpu_request_get(total, 0);
-	if (IS_ERR(req))
-		goto cpu;
+	}
 	for (i = 0; i < nblk; i++) {
 		s = gr_req_slot(svc, n, nblk, a, i);
 		/* GEN needs no old P/Q, REC no lost block */

@@ -18,7 +18,7 @@ every size and offset here matches it.
 import numpy as np
 
 MAGIC = 0x6B677075
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 # enum kgpu_service
 (SVC_NOP, SVC_XTS_ENC, SVC_XTS_DEC, SVC_RAID6_GEN, SVC_RAID6_REC,
@@ -33,7 +33,9 @@ SERVICE_NAMES = {
 IV_PLAIN64 = 0
 IV_PLAIN = 1
 RAID6_NONE = 0xFF
-CQE_CPU = 0x1
+# struct kgpu_cqe flags: which path served a request, one at most (ABI 5)
+CQE_CPU = 0x1           # the helper's CPU backend
+CQE_RESIDENT = 0x2      # the GPU-resident service kernel, no launch
 
 _C_TYPES = {
     "__u8": "u1", "__u16": "<u2", "__u32": "<u4", "__u64": "<u8",
@@ -192,5 +194,6 @@ ATTR_NAMES = [
     "KGPU_ATTR_SVC_BYTES", "KGPU_ATTR_SVC_GPU", "KGPU_ATTR_SVC_HELPER_CPU",
     "KGPU_ATTR_SVC_FALLBACK", "KGPU_ATTR_SVC_ERRORS",
     "KGPU_ATTR_SVC_CROSSOVER", "KGPU_ATTR_PAD", "KGPU_ATTR_HELPER_STALLED",
-    "KGPU_ATTR_PROVIDER",
+    "KGPU_ATTR_PROVIDER", "KGPU_ATTR_SVC_GPU_RESIDENT",
+    "KGPU_ATTR_SVC_KERNEL_CPU",
 ]

@@ -53,14 +53,16 @@ ATTR_TYPES = {
     "KGPU_ATTR_PAD": "hex",
     "KGPU_ATTR_HELPER_STALLED": "uint32",
     "KGPU_ATTR_PROVIDER": "asciiz",
+    "KGPU_ATTR_SVC_GPU_RESIDENT": "uint64",
+    "KGPU_ATTR_SVC_KERNEL_CPU": "uint64",
 }
 NLA_MAP = tuple((name, ATTR_TYPES[name]) for name in abi.ATTR_NAMES)
 
 GLOBAL_ATTRS = ("HELPER_PID", "HELPER_STALLED", "PROVIDER", "RING_ENTRIES",
                 "INFLIGHT", "DATA_SIZE", "DATA_USED", "TIMEOUT_MS", "TIMEOUTS",
                 "ATTACHES", "BAD_COMPLETIONS", "WAITS")
-SERVICE_ATTRS = ("REQUESTS", "BYTES", "GPU", "HELPER_CPU", "FALLBACK",
-                 "ERRORS", "CROSSOVER")
+SERVICE_ATTRS = ("REQUESTS", "BYTES", "GPU", "GPU_RESIDENT", "HELPER_CPU",
+                 "FALLBACK", "ERRORS", "KERNEL_CPU", "CROSSOVER")
 
 
 class kgpumsg(genlmsg):
@@ -107,8 +109,12 @@ def crossover_request(svc_id, nbytes):
 def parse_stats(msg):
     """A GET_STATS reply -> a plain dict: the global counters in lower case
     (``helper_pid``, ``ring_entries``...) and ``services``, a list of dicts
-    (``id``, ``name``, ``requests``, ``bytes``, ``gpu``, ``helper_cpu``,
-    ``fallback``, ``errors``, ``crossover``). Missing attributes are None."""
+    (``id``, ``name``, ``requests``, ``bytes``, ``gpu``, ``gpu_resident``,
+    ``helper_cpu``, ``fallback``, ``errors``, ``kernel_cpu``,
+    ``crossover``; what each counts: uapi/kgpu.h), with the two figures
+    derived from them that :func:`service_paths` adds. Missing attributes
+    (a module older than ABI 5 lacks ``gpu_resident`` and ``kernel_cpu``)
+    are None."""
     out = {a.lower(): msg.get_attr("KGPU_ATTR_" + a) for a in GLOBAL_ATTRS}
     services = []
     for s in msg.get_attrs("KGPU_ATTR_SERVICE"):
@@ -118,9 +124,23 @@ def parse_stats(msg):
              or abi.SERVICE_NAMES.get(sid, f"service-{sid}")}
         for a in SERVICE_ATTRS:
             d[a.lower()] = s.get_attr("KGPU_ATTR_SVC_" + a)
+        d.update(service_paths(d))
         services.append(d)
     out["services"] = services
     return out
+
+
+def service_paths(s):
+    """What a service's counters imply: ``gpu_batched``, the GPU answers
+    that came from batched launches (``gpu`` less ``gpu_resident``), and
+    ``total``, every request of the service whichever path served it
+    (``requests``, those handed to kgpu, plus ``kernel_cpu``, those never
+    handed to it). None where a counter they need is missing."""
+    gpu, req = s.get("gpu"), s.get("requests")
+    return {"gpu_batched": None if gpu is None
+            else gpu - (s.get("gpu_resident") or 0),
+            "total": None if req is None
+            else req + (s.get("kernel_cpu") or 0)}
 
 
 class KgpuNetlink(GenericNetlinkSocket):
@@ -183,16 +203,67 @@ def format_stats(st):
              f"{st.get('bad_completions')}; submitters that waited "
              f"{st.get('waits')}",
              ""]
-    head = (f"{'service':<10}{'requests':>11}{'bytes':>15}{'gpu':>11}"
-            f"{'helper-cpu':>11}{'fallback':>11}{'errors':>8}"
-            f"{'crossover':>11}")
-    lines.append(head)
-    for s in st.get("services", []):
-        def v(k):
-            x = s.get(k)
-            return "-" if x is None else str(x)
-        lines.append(f"{s['name']:<10}{v('requests'):>11}{v('bytes'):>15}"
-                     f"{v('gpu'):>11}{v('helper_cpu'):>11}"
-                     f"{v('fallback'):>11}{v('errors'):>8}"
-                     f"{v('crossover'):>11}")
+    lines += _service_table(st.get("services", []), st.get("inflight"))
     return "\n".join(lines)
+
+
+#: the per-service table: (first header line, second, key in the dict)
+_COLUMNS = (("", "requests", "total"),
+            ("GPU", "resident", "gpu_resident"),
+            ("GPU", "batched", "gpu_batched"),
+            ("helper", "CPU", "helper_cpu"),
+            ("kernel", "fallback", "fallback"),
+            ("kernel", "by choice", "kernel_cpu"),
+            ("", "errors", "errors"),
+            ("bytes", "sent", "bytes"),
+            ("", "crossover", "crossover"))
+
+
+def _size(n):
+    """Bytes for people: 0, 512 B, 64 KiB, 1.5 GiB."""
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B" if n else "0"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if n == int(n) else f"{n:.1f} {unit}"
+
+
+def _service_table(services, inflight):
+    """Per service, how many requests each path served, as aligned
+    columns, and what the columns mean."""
+    rows = []
+    for s in services:
+        s = {**s, **service_paths(s)}
+        row = [s["name"]]
+        for _h1, _h2, key in _COLUMNS:
+            x = s.get(key)
+            row.append(_size(x) if key in ("bytes", "crossover")
+                       else "-" if x is None else str(x))
+        rows.append(row)
+    heads = [("", "service")] + [(h1, h2) for h1, h2, _k in _COLUMNS]
+    widths = [max([len(h1), len(h2)] + [len(r[i]) for r in rows])
+              for i, (h1, h2) in enumerate(heads)]
+
+    def line(cells):
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = "".join(f"  {c:>{w}}" for c, w in zip(cells[1:], widths[1:]))
+        return (first + rest).rstrip()
+    out = [line([h1 for h1, _h2 in heads]), line([h2 for _h1, h2 in heads])]
+    out += [line(r) for r in rows]
+    out += ["",
+            "Each request counts once, in the path that served it: the GPU "
+            "(its resident",
+            "kernel, or a batched launch), the helper's CPU, or the "
+            "kernel's CPU, after a",
+            "fallback (timeout, error, helper gone) or by choice (below the "
+            "crossover, no",
+            "helper or no room). Errors are part of fallback; bytes sent: "
+            "of the requests",
+            "handed to the helper."]
+    if inflight:
+        out.append(f"The {inflight} requests in flight count in 'requests' "
+                   f"only, so far.")
+    return out

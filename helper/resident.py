@@ -78,9 +78,6 @@ D_SQ_SEEN = 10
 D_STATS, D_STATS_PER = 16, 4
 #: resident.cu's per-server statistics, in order
 SERVER_STATS = ("served", "spilled", "key_expansions", "encrypted")
-#: the flags of the CQEs the kernel writes (abi.CQE_RESIDENT where the
-#: module counts the path)
-CQE_FLAGS = getattr(abi, "CQE_RESIDENT", 0)
 
 # resident_host.c's RH_STAT_*
 HOST_STATS = ("loops", "bells", "spill_signals", "idle_polls", "sleeps",
@@ -585,7 +582,6 @@ class ResidentXts:
             self.kgen = cp.ones(self.nsrv * r.nkeys, cp.uint32)  # odd: none
             code = ("#define XTS_RK_LOAD(p) (*(p))\n"
                     f"#define RES_SERVERS {self.servers}\n"
-                    f"#define RES_CQE_FLAGS {CQE_FLAGS}\n"
                     + source("xts") + "\n" + source("resident"))
             mod = cp.RawModule(code=code, options=OPTIONS)
             self._kern = mod.get_function("resident_xts")

@@ -206,7 +206,8 @@ def run_config_c(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap,
                   m["p50_us"], m["p99_us"], m["helper_cpu_s"],
                   m["helper_spin_s"], m["helper_sync_s"],
                   m["submitter_cpu_s"], m["errors"], m["cpu_flagged"],
-                  checked, threads=m["threads"])
+                  checked, threads=m["threads"],
+                  resident_flagged=m["resident_flagged"])
     # where the helper's CPU went, by thread name, over the whole call
     # (the submitter's start and warm-up included, unlike helper_cpu_s)
     res["helper_threads_cpu_s"] = {
@@ -216,7 +217,8 @@ def run_config_c(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap,
 
 
 def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,
-            scpu, errors, cpu_flagged, checked, threads=None):
+            scpu, errors, cpu_flagged, checked, threads=None,
+            resident_flagged=0):
     nbytes = done * cfg.user_bytes
     # negative: not measured (a helper that publishes no counters)
     hspin = None if hspin is None or hspin < 0 else hspin
@@ -251,6 +253,8 @@ def _result(cfg, depth, nbuf, done, sec, p50, p99, hcpu, hspin, hsync,
         "helper_busy_us_per_req": per_req(busy),
         "submitter_cpu_us_per_req": per_req(scpu),
         "errors": errors, "helper_cpu_completions": cpu_flagged,
+        # answered by the GPU-resident kernel (CQE_RESIDENT), no launch
+        "resident_completions": resident_flagged,
         "verified": checked,
     }
 
@@ -265,7 +269,7 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
     buf_of[tags] = np.arange(len(tags))
     spin = DRIVER_SPIN
     lat = []
-    done = errors = cpu_flagged = 0
+    done = errors = cpu_flagged = resident_flagged = 0
     warm_until = time.perf_counter() + min(0.05, min_time / 4)
     t0 = c0 = s0 = None
     while True:
@@ -286,6 +290,8 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
             done += len(c)
             errors += int((c["status"] != 0).sum())
             cpu_flagged += int((c["flags"] & abi.CQE_CPU != 0).sum())
+            resident_flagged += int((c["flags"] & abi.CQE_RESIDENT != 0)
+                                    .sum())
             if now - t0 >= min_time and done >= 3 * len(offs):
                 t1, c1 = now, helper_cpu_seconds(pid)
                 s1, p1 = _counters(COUNTERS[0]), time.process_time()
@@ -302,7 +308,7 @@ def run_config(drv, pid, cfg, depth, min_time, cpu, keys, rng, cap):
         spin_s, sync_s = s1[0] - s0[0], s1[1] - s0[1]
     return _result(cfg, depth, len(offs), done, t1 - t0, _pct(lat, 50),
                    _pct(lat, 99), cpu_s, spin_s, sync_s, p1 - p0, errors,
-                   cpu_flagged, checked)
+                   cpu_flagged, checked, resident_flagged=resident_flagged)
 
 
 #: where the helper publishes its polling time (KGPU_HELPER_COUNTERS)
@@ -340,8 +346,9 @@ def summarise(runs):
             continue
         out[k] = round(float(np.median(vals)), 4)
         out[k + "_range"] = [round(min(vals), 4), round(max(vals), 4)]
-    for k in ("requests", "errors", "helper_cpu_completions"):
-        out[k] = sum(r[k] for r in runs)
+    for k in ("requests", "errors", "helper_cpu_completions",
+              "resident_completions"):
+        out[k] = sum(r.get(k) or 0 for r in runs)
     out["verified"] = (None if all(r["verified"] is None for r in runs)
                        else all(r["verified"] for r in runs))
     out["n_runs"] = len(runs)
@@ -582,7 +589,10 @@ def run(backends, services, sizes, depths, min_time, unit_size, data_bytes,
                                  f"{r['gbps']} GB/s p50 {r['p50_us']:.1f} "
                                  f"us p99 {r['p99_us']:.1f} us helper cpu "
                                  f"{r['helper_cpu_us_per_req']} us/req "
-                                 f"verified {r['verified']}")
+                                 f"verified {r['verified']}"
+                                 + (f" resident {r['resident_completions']}"
+                                    f"/{r['requests']}"
+                                    if backend == "resident" else ""))
             idle = idle_cpu(proc.pid)
             progress(f"[{backend}] idle: {idle}% of a core")
         finally:
@@ -729,6 +739,22 @@ def _rng(r, k, fmt):
     return f"{format(v, fmt)} [{format(rg[0], fmt)}-{format(rg[1], fmt)}]"
 
 
+def resident_lines(results):
+    """Per backend whose helper answered any request from its GPU-resident
+    kernel (CQE_RESIDENT): how many of each point's requests it served;
+    the rest went through the batched path."""
+    lines = []
+    for b in dict.fromkeys(r.get("backend") for r in results):
+        rs = [r for r in results if r.get("backend") == b]
+        if not any(r.get("resident_completions") for r in rs):
+            continue
+        pts = ", ".join(f"{r['service']} {r['size'] // KiB}K depth "
+                        f"{r['depth']} {r.get('resident_completions') or 0}"
+                        f"/{r['requests']}" for r in rs)
+        lines.append(f"{b}: requests the resident kernel served: {pts}")
+    return lines
+
+
 def print_report(rep, out=sys.stdout):
     from kgpu_helper.anchor import format_anchor
     out.write(f"device: {rep.get('device', '-')}   cpu: {rep['cpu']}   "
@@ -774,6 +800,8 @@ def print_report(rep, out=sys.stdout):
     out.write("(* = fewer buffers than the depth fit in the data area; "
               "busy = helper CPU minus its polling; sub = the submitter "
               "side's CPU)\n")
+    for line in resident_lines(rep["results"]):
+        out.write(line + "\n")
     for b, h in (rep.get("helpers") or {}).items():
         if h.get("idle_cpu_pct") is not None:
             out.write(f"{b} helper idle (1 s after the last request, over "

@@ -54,7 +54,8 @@ struct kgpu_request {
 	/* Set by the core, read-only for the submitter. */
 	void *data;		/* the request's buffer in the shared region */
 	size_t size;		/* its length, at least what was asked */
-	u16 cqe_flags;		/* with done(req, 0): KGPU_CQE_* of the answer */
+	u16 cqe_flags;		/* with done(req, 0): 0, KGPU_CQE_CPU or
+				 * KGPU_CQE_RESIDENT, never both */
 
 	/* Private to the core. */
 	u32 tag;
@@ -92,6 +93,15 @@ size_t kgpu_max_request(void);
  * holds the one request it may have until it answers again.
  */
 bool kgpu_offload(unsigned int service, size_t len);
+
+/*
+ * The submitter did a request of @service on its own CPU without handing
+ * it to kgpu: kgpu_offload() said no, or kgpu_request_get() failed. Only
+ * counted (`kgpu status`: kernel CPU by choice); a request that came back
+ * with KGPU_FALLBACK is already counted and must not be counted again.
+ * Any context; does not sleep.
+ */
+void kgpu_account_cpu(unsigned int service);
 
 /*
  * RAID6 services on the kernel's CPU (raid6_pq), as the helper computes

@@ -12,13 +12,16 @@ struct dentry;
 
 #define KGPU_DATA_ALIGN	4096u
 
+/* Per service; what each counts: uapi/kgpu.h, KGPU_ATTR_SVC_*. */
 struct kgpu_svc_stats {
 	u64 requests;
 	u64 bytes;
 	u64 gpu;
+	u64 gpu_resident;	/* of gpu */
 	u64 helper_cpu;
 	u64 fallback;
-	u64 errors;
+	u64 errors;		/* of fallback */
+	u64 kernel_cpu;		/* not in requests */
 	u32 crossover;
 };
 

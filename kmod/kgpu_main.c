@@ -21,11 +21,12 @@
  * sq_tail and wakes the helper's poll(). The helper drains the SQ, computes,
  * fills CQ entries and rings KGPU_IOC_COMPLETE once per batch; the ioctl
  * reaps every completion, checking tag and sequence number against the
- * kernel's own copy (nothing read from the region is trusted), and calls
- * done() of each request. No syscall per request on either side. Since at
- * most ring_entries requests exist, neither ring can overflow; when tags or
- * data space run out, kgpu_request_get() waits (or fails with -EAGAIN for
- * KGPU_NOWAIT): back-pressure, never a dropped request.
+ * kernel's own copy and the flags against the ones defined (nothing read
+ * from the region is trusted), and calls done() of each request. No
+ * syscall per request on either side. Since at most ring_entries requests
+ * exist, neither ring can overflow; when tags or data space run out,
+ * kgpu_request_get() waits (or fails with -EAGAIN for KGPU_NOWAIT):
+ * back-pressure, never a dropped request.
  *
  * Locking. kg.lock (irq-safe) protects the tags, the data bitmap, the SQ
  * producer side, the CQ consumer side, the in-flight list, the helper
@@ -488,6 +489,18 @@ bool kgpu_offload(unsigned int service, size_t len)
 }
 EXPORT_SYMBOL_GPL(kgpu_offload);
 
+void kgpu_account_cpu(unsigned int service)
+{
+	unsigned long irqf;
+
+	if (WARN_ON_ONCE(service >= KGPU_SVC_COUNT))
+		return;
+	spin_lock_irqsave(&kg.lock, irqf);
+	kg.svc[service].kernel_cpu++;
+	spin_unlock_irqrestore(&kg.lock, irqf);
+}
+EXPORT_SYMBOL_GPL(kgpu_account_cpu);
+
 /* Until every request is back (all put): a region about to go away. */
 void kgpu_wait_idle(void)
 {
@@ -507,6 +520,18 @@ static void kgpu_run_done(struct list_head *list, int status)
 /* ---- completions --------------------------------------------------------- */
 
 /*
+ * The flags of a successful completion: which path of the helper served
+ * it, one at most. Anything else (a bit ABI 5 does not define, or the
+ * CPU and the resident kernel at once) comes from a broken helper, whose
+ * result is not used either.
+ */
+static bool kgpu_cqe_flags_valid(u16 flags)
+{
+	return flags == 0 || flags == KGPU_CQE_CPU ||
+	       flags == KGPU_CQE_RESIDENT;
+}
+
+/*
  * Reap [cq_head, cq_tail) of the attached helper, entered with kg.lock
  * held (taken with @irqf); returns the number of valid completions.
  */
@@ -517,7 +542,7 @@ static int kgpu_reap_unlock(unsigned long irqf)
 	LIST_HEAD(failed);
 	struct kgpu_request *req;
 	bool resumed = false;
-	u32 tail, n, i;
+	u32 tail, n, i, nbad = 0, bad_flags = 0;
 	int reaped = 0;
 	pid_t pid;
 
@@ -567,16 +592,25 @@ static int kgpu_reap_unlock(unsigned long irqf)
 		list_del_init(&req->node);
 		kg.ninflight--;
 		req->completed = true;
+		if (!status && !kgpu_cqe_flags_valid(flags)) {
+			kg.bad_completions++;
+			if (!nbad++)
+				bad_flags = flags;
+			status = -EPROTO;
+		}
 		if (status) {
 			st->errors++;
 			st->fallback++;
 			list_add_tail(&req->node, &failed);
 		} else {
 			req->cqe_flags = flags;
-			if (flags & KGPU_CQE_CPU)
+			if (flags & KGPU_CQE_CPU) {
 				st->helper_cpu++;
-			else
+			} else {
 				st->gpu++;
+				if (flags & KGPU_CQE_RESIDENT)
+					st->gpu_resident++;
+			}
 			list_add_tail(&req->node, &ok);
 		}
 	}
@@ -587,6 +621,9 @@ static int kgpu_reap_unlock(unsigned long irqf)
 
 	if (resumed)
 		pr_info("helper %d answers again; offloading resumed\n", pid);
+	if (nbad)
+		pr_warn_ratelimited("helper %d completed requests with flags ABI %u does not define (%u of them, the first 0x%x); doing them on the CPU\n",
+				    pid, KGPU_ABI_VERSION, nbad, bad_flags);
 	kgpu_run_done(&ok, 0);
 	kgpu_run_done(&failed, KGPU_FALLBACK);
 	wake_up(&kg.space_wq);

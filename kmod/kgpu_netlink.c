@@ -9,7 +9,9 @@
  *
  * one "key: value" line per global attribute (the netlink names, lower
  * case), then one line per service: "service NAME: requests N bytes N
- * gpu N helper_cpu N fallback N errors N crossover N".
+ * gpu N helper_cpu N fallback N errors N crossover N gpu_resident N
+ * kernel_cpu N" (the last two since ABI 5, after the others so that
+ * readers of the older line still parse it).
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -47,7 +49,11 @@ static int kgpu_put_service(struct sk_buff *skb, unsigned int id,
 			      KGPU_ATTR_PAD) ||
 	    nla_put_u64_64bit(skb, KGPU_ATTR_SVC_ERRORS, s->errors,
 			      KGPU_ATTR_PAD) ||
-	    nla_put_u32(skb, KGPU_ATTR_SVC_CROSSOVER, s->crossover)) {
+	    nla_put_u32(skb, KGPU_ATTR_SVC_CROSSOVER, s->crossover) ||
+	    nla_put_u64_64bit(skb, KGPU_ATTR_SVC_GPU_RESIDENT, s->gpu_resident,
+			      KGPU_ATTR_PAD) ||
+	    nla_put_u64_64bit(skb, KGPU_ATTR_SVC_KERNEL_CPU, s->kernel_cpu,
+			      KGPU_ATTR_PAD)) {
 		nla_nest_cancel(skb, nest);
 		return -EMSGSIZE;
 	}
@@ -169,9 +175,10 @@ static int kgpu_stats_show(struct seq_file *m, void *v)
 	for (i = 0; i < KGPU_SVC_COUNT; i++) {
 		const struct kgpu_svc_stats *s = &st->svc[i];
 
-		seq_printf(m, "service %s: requests %llu bytes %llu gpu %llu helper_cpu %llu fallback %llu errors %llu crossover %u\n",
+		seq_printf(m, "service %s: requests %llu bytes %llu gpu %llu helper_cpu %llu fallback %llu errors %llu crossover %u gpu_resident %llu kernel_cpu %llu\n",
 			   kgpu_svc_names[i], s->requests, s->bytes, s->gpu,
-			   s->helper_cpu, s->fallback, s->errors, s->crossover);
+			   s->helper_cpu, s->fallback, s->errors, s->crossover,
+			   s->gpu_resident, s->kernel_cpu);
 	}
 	kfree(st);
 	return 0;

@@ -317,6 +317,7 @@ static int st_round(struct st_ctx *c)
 				ret = -EINTR;
 				break;
 			}
+			kgpu_account_cpu(s->p.service);
 			continue;	/* no helper or no room: CPU */
 		}
 		held++;

@@ -3,11 +3,11 @@
 :func:`connect_qemu` connects to an ivshmem server socket as QEMU's
 ivshmem-doorbell device does and checks the greeting message by message
 (docs/specs/ivshmem-spec.rst in QEMU). :class:`FakeGuest` maps the shared
-memory and plays the guest module's side of kmod/uapi/kgpu.h (ABI 4):
-it lays the region out as the module does (ringdriver.layout), acks the
-helper's attach tokens when "interrupted" through its eventfd, submits
-requests, rings the doorbell only while need_wakeup is set, and reaps
-completions.
+memory and plays the guest module's side of kmod/uapi/kgpu.h (the ABI
+that kgpu_helper.abi mirrors): it lays the region out as the module does
+(ringdriver.layout), acks the helper's attach tokens when "interrupted"
+through its eventfd, submits requests, rings the doorbell only while
+need_wakeup is set, and reaps completions.
 """
 
 import mmap

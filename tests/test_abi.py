@@ -34,9 +34,9 @@ def _c_program():
     for const in ("KGPU_MAGIC", "KGPU_ABI_VERSION", "KGPU_IOC_VERSION",
                   "KGPU_IOC_COMPLETE", "KGPU_SVC_COUNT", "KGPU_ATTR_MAX",
                   "KGPU_CMD_SET_CROSSOVER", "KGPU_RAID6_NONE",
-                  "KGPU_CQE_CPU", "KGPU_LINK_OFF",
+                  "KGPU_CQE_CPU", "KGPU_CQE_RESIDENT", "KGPU_LINK_OFF",
                   "KGPU_IVSHMEM_HELPER_PEER", "KGPU_LINK_ATTACH",
-                  "KGPU_LINK_DETACH", "KGPU_LINK_READY"):
+                  "KGPU_LINK_DETACH", "KGPU_LINK_READY", *abi.ATTR_NAMES):
         lines.append(f'printf("{const} %llu\\n", '
                      f'(unsigned long long)({const}));')
     lines += ["return 0;", "}"]
@@ -90,6 +90,15 @@ def test_constants_match_header(c_layout):
     assert c_layout["KGPU_CMD_SET_CROSSOVER"] == (abi.CMD_SET_CROSSOVER,)
     assert c_layout["KGPU_RAID6_NONE"] == (abi.RAID6_NONE,)
     assert c_layout["KGPU_CQE_CPU"] == (abi.CQE_CPU,)
+    assert c_layout["KGPU_CQE_RESIDENT"] == (abi.CQE_RESIDENT,)
+    assert abi.CQE_CPU & abi.CQE_RESIDENT == 0
+
+
+def test_netlink_attribute_numbers_match_header(c_layout):
+    """Each name of the mirror's list has its index as its C value, so an
+    attribute inserted (rather than appended) or renamed shows here."""
+    for i, name in enumerate(abi.ATTR_NAMES):
+        assert c_layout[name] == (i,), name
 
 
 def test_ring_indexes_on_separate_cache_lines():

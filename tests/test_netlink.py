@@ -59,3 +59,62 @@ def test_set_crossover_request():
     assert back["cmd"] == abi.CMD_SET_CROSSOVER
     assert back.get_attr("KGPU_ATTR_SVC_ID") == abi.SVC_RAID6_REC
     assert back.get_attr("KGPU_ATTR_SVC_CROSSOVER") == 131072
+
+
+def _service_reply(**counts):
+    """A GET_STATS reply with one xts-enc service holding ``counts``
+    (KGPU_ATTR_SVC_<NAME upper case>)."""
+    msg = kgpumsg()
+    msg["cmd"] = abi.CMD_GET_STATS
+    msg["version"] = 1
+    attrs = [("KGPU_ATTR_SVC_ID", abi.SVC_XTS_ENC),
+             ("KGPU_ATTR_SVC_NAME", "xts-enc")]
+    attrs += [("KGPU_ATTR_SVC_" + k.upper(), v) for k, v in counts.items()]
+    msg["attrs"] = [("KGPU_ATTR_HELPER_PID", 7), ("KGPU_ATTR_INFLIGHT", 0),
+                    ("KGPU_ATTR_SERVICE", {"attrs": attrs}, 0x8000)]
+    return parse_stats(roundtrip(msg))
+
+
+def _row(text, name):
+    """The cells of service ``name``'s row of the table."""
+    for line in text.splitlines():
+        if line.split()[:1] == [name]:
+            return line.split()[1:]
+    raise AssertionError(f"no row for {name}:\n{text}")
+
+
+def test_every_path_is_parsed_and_shown():
+    st = _service_reply(requests=100, bytes=3 << 20, gpu=60, gpu_resident=25,
+                        helper_cpu=30, fallback=10, errors=4, kernel_cpu=7,
+                        crossover=16384)
+    (s,) = st["services"]
+    assert (s["gpu"], s["gpu_resident"], s["gpu_batched"], s["helper_cpu"],
+            s["fallback"], s["errors"], s["kernel_cpu"], s["total"]) == (
+        60, 25, 35, 30, 10, 4, 7, 107)
+    text = format_stats(st)
+    # requests (all), resident, batched, helper CPU, kernel fallback,
+    # kernel by choice, errors, bytes sent, crossover
+    assert _row(text, "xts-enc") == ["107", "25", "35", "30", "10", "7",
+                                     "4", "3", "MiB", "16", "KiB"]
+    head = [ln for ln in text.splitlines() if ln.startswith("service")][0]
+    assert head.split() == ["service", "requests", "resident", "batched",
+                            "CPU", "fallback", "by", "choice", "errors",
+                            "sent", "crossover"]
+    assert "requests in flight count" not in text    # none in flight
+
+
+def test_module_before_abi_5_still_shows_its_counters():
+    """No GPU_RESIDENT, no KERNEL_CPU: every GPU answer is a batched one,
+    and requests are those handed to kgpu; the missing columns show '-'."""
+    st = _service_reply(requests=10, gpu=6, helper_cpu=4)
+    (s,) = st["services"]
+    assert s["gpu_resident"] is None and s["kernel_cpu"] is None
+    assert s["gpu_batched"] == 6 and s["total"] == 10
+    assert _row(format_stats(st), "xts-enc")[:6] == ["10", "-", "6", "4",
+                                                     "-", "-"]
+
+
+def test_requests_in_flight_are_said():
+    st = _service_reply(requests=5, gpu=2, helper_cpu=0, fallback=0)
+    st["inflight"] = 3
+    assert "The 3 requests in flight" in format_stats(st)

@@ -515,3 +515,12 @@ def test_cli_refuses_resident_with_ivshmem():
     r = CliRunner().invoke(cli, ["helper", "--resident", "--ivshmem",
                                  "/nonexistent.sock"])
     assert r.exit_code == 2 and "not --ivshmem" in r.output, r.output
+
+
+def test_kernel_cqe_flag_matches_the_abi():
+    """The persistent kernel marks its answers with uapi's
+    KGPU_CQE_RESIDENT (its own copy of the value)."""
+    import re
+    src = open(os.path.join(SOURCE_DIR, "resident.cu")).read()
+    m = re.search(r"#define CQE_RESIDENT (0x[0-9a-f]+)u", src)
+    assert m and int(m.group(1), 16) == abi.CQE_RESIDENT

@@ -35,6 +35,7 @@ def test_c_submitter_through_a_real_helper_on_the_cpu_backend():
     for r in res:
         assert r["n_runs"] == 3 and len(r["runs"]) == 3
         assert r["errors"] == 0 and r["requests"] > 0
+        assert r["resident_completions"] == 0      # no resident kernel
         lo, hi = r["requests_per_s_range"]
         assert lo <= r["requests_per_s"] <= hi
         assert r["helper_cpu_us_per_req"] is not None
@@ -58,6 +59,19 @@ def test_summary_is_median_and_range():
     assert s["requests_per_s_range"] == [10.0, 30.0]
     assert s["p50_us"] == 2.0 and s["requests"] == 3 and s["n_runs"] == 3
     assert s["helper_cpu_s_per_gb"] is None
+    assert s["resident_completions"] == 0
+
+
+def test_report_says_what_the_resident_kernel_served():
+    pts = [dict(backend="cupy", service="aes-xts-256-enc", size=4096,
+                depth=1, requests=100, resident_completions=0),
+           dict(backend="resident", service="aes-xts-256-enc", size=4096,
+                depth=1, requests=100, resident_completions=100),
+           dict(backend="resident", service="aes-xts-256-enc", size=1 << 20,
+                depth=1, requests=50, resident_completions=0)]
+    assert ringbench.resident_lines(pts) == [
+        "resident: requests the resident kernel served: aes-xts-256-enc 4K "
+        "depth 1 100/100, aes-xts-256-enc 1024K depth 1 0/50"]
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl")
@@ -131,3 +145,27 @@ def test_c_submitter_through_the_gpu_helper():
     for r in rep["results"]:
         assert r["errors"] == 0 and r["helper_cpu_completions"] == 0
         assert r["verified"] in (True, None)
+        assert r["resident_completions"] == 0     # batched launches only
+
+
+@pytest.mark.gpu
+def test_c_submitter_counts_the_resident_kernels_answers():
+    """With `kgpu helper --resident`, the 4K XTS requests are the resident
+    kernel's (CQE_RESIDENT, counted by the C submitter), the 1M ones the
+    batched launches' (over its --resident-max)."""
+    from kgpu_helper.services import cuda_available
+    ok, why = cuda_available()
+    if not ok:
+        pytest.skip(why)
+    _need_cc()
+    rep = ringbench.run(["resident"], ["aes-xts-256-enc"], [4096, 1 << 20],
+                        [1, 32], 0.05, 512, 64 << 20, 50.0, lambda *_: None,
+                        driver="c", runs=1, anchor=False,
+                        compare_compute=False)
+    for r in rep["results"]:
+        assert r["errors"] == 0 and r["verified"] is True, r
+        want = r["requests"] if r["size"] == 4096 else 0
+        assert r["resident_completions"] == want, r
+    out = io.StringIO()
+    ringbench.print_report(rep, out)
+    assert "requests the resident kernel served" in out.getvalue()

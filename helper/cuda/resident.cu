@@ -77,9 +77,6 @@ typedef uint8_t u8;
 #define RES_SERVERS 2
 #endif
 #define RES_SRV_THREADS (RES_THREADS / RES_SERVERS)
-#ifndef RES_CQE_FLAGS
-#define RES_CQE_FLAGS 0      // KGPU_CQE_* the kernel's answers carry
-#endif
 
 // ring index words (struct kgpu_ring_idx)
 #define IDX_SQ_TAIL 0
@@ -141,6 +138,9 @@ struct ResSqe {
 
 #define SVC_XTS_ENC 1
 #define SVC_XTS_DEC 2
+// struct kgpu_cqe flags of the requests served here (KGPU_CQE_RESIDENT):
+// the kernel module counts them apart from the batched launches' answers
+#define CQE_RESIDENT 0x2u
 
 // Why a request does not go through the GPU itself (0: it does). The
 // spilled ones are validated in full by the helper (batch.validate).
@@ -502,11 +502,11 @@ resident_xts(const __grid_constant__ ResArgs a) {
                 __threadfence_system();
                 res_bar(sid);
                 if (lt == 0) {
-                    uint4 cq;  // seq, tag, status 0, flags
+                    uint4 cq;  // seq, tag, status 0, flags CQE_RESIDENT
                     cq.x = raw[0].x;
                     cq.y = raw[0].y;
                     cq.z = raw[0].z;
-                    cq.w = (u32)RES_CQE_FLAGS << 16;
+                    cq.w = CQE_RESIDENT << 16;
                     res_post_cqe(a, cq);
                     st_vol(blk + RES_BLK_STATE, RES_ST_DONE);
                     stats[0] += 1;

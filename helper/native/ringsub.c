@@ -69,7 +69,8 @@ _Static_assert(sizeof(struct cqe) == 16, "cqe");
 #define SQ_HEAD 16
 #define CQ_TAIL 32
 #define CQ_HEAD 48
-#define CQE_CPU 1
+#define CQE_CPU 1		/* KGPU_CQE_CPU */
+#define CQE_RESIDENT 2		/* KGPU_CQE_RESIDENT */
 
 struct slot {
 	struct sqe tmpl;
@@ -100,7 +101,8 @@ static volatile int stopping;	/* no more submissions */
 static volatile int measuring;
 static int64_t *lat;
 static size_t nlat, cap_lat;
-static uint64_t done_total, errors, cpu_flagged, bad, bells_lost;
+static uint64_t done_total, errors, cpu_flagged, resident_flagged, bad,
+	bells_lost;
 static uint64_t measured;
 static int inflight;
 
@@ -256,6 +258,8 @@ static int reap(void)
 				errors++;
 			if (c.flags & CQE_CPU)
 				cpu_flagged++;
+			if (c.flags & CQE_RESIDENT)
+				resident_flagged++;
 		}
 		s->t_submit = 0;
 		done_total++;
@@ -439,15 +443,17 @@ int main(int argc, char **argv)
 	       "\"p99_us\": %.2f, \"submitter_cpu_s\": %.6f, "
 	       "\"helper_cpu_s\": %.6f, \"helper_spin_s\": %.6f, "
 	       "\"helper_sync_s\": %.6f, "
-	       "\"errors\": %llu, \"cpu_flagged\": %llu, \"bad\": %llu, "
+	       "\"errors\": %llu, \"cpu_flagged\": %llu, "
+	       "\"resident_flagged\": %llu, \"bad\": %llu, "
 	       "\"next_seq\": %llu, \"threads\": %d, \"bells_lost\": %llu}\n",
 	       (unsigned long long)measured, (t1 - t0) / 1e9, pct(50), pct(99),
 	       c1 - c0, (h0 >= 0 && h1 >= 0) ? h1 - h0 : -1,
 	       (s0 >= 0 && s1 >= 0) ? s1 - s0 : -1,
 	       (y0 >= 0 && y1 >= 0) ? y1 - y0 : -1,
 	       (unsigned long long)errors, (unsigned long long)cpu_flagged,
-	       (unsigned long long)bad, (unsigned long long)next_seq,
-	       nthreads, (unsigned long long)bells_lost);
+	       (unsigned long long)resident_flagged, (unsigned long long)bad,
+	       (unsigned long long)next_seq, nthreads,
+	       (unsigned long long)bells_lost);
 	return 0;
 gone:
 	fprintf(stderr, "ringsub: the helper hung up or answered nothing for "

@@ -38,7 +38,9 @@
  *
  * The kernel trusts nothing it reads from the region: a completion whose
  * tag or sequence number does not match a request in flight is counted as
- * an error and dropped.
+ * an error and dropped; one with status 0 whose flags are not one of the
+ * combinations defined below is counted as an error too, and its request
+ * is computed on the kernel's CPU (see struct kgpu_cqe).
  *
  * Attachment. Opening /dev/kgpu attaches a helper (one at a time: EBUSY).
  * Only the process that opened it may map the region and ring the
@@ -55,7 +57,7 @@
 #include <linux/types.h>
 
 #define KGPU_MAGIC		0x6b677075u	/* "kgpu" */
-#define KGPU_ABI_VERSION	4u
+#define KGPU_ABI_VERSION	5u
 
 /* Services: what a request asks the helper to compute. */
 enum kgpu_service {
@@ -162,7 +164,17 @@ struct kgpu_sqe {
 	__u16 reserved;
 };
 
-/* struct kgpu_cqe - one completion (16 bytes). */
+/*
+ * struct kgpu_cqe - one completion (16 bytes).
+ *
+ * flags says which path of the helper computed the request, for the
+ * counters only: 0 (its GPU, in a batched launch), KGPU_CQE_CPU or
+ * KGPU_CQE_RESIDENT, never both, no other bit (ABI 5). With status 0 and
+ * any other value the kernel does not use the result: it counts the
+ * completion in KGPU_ATTR_BAD_COMPLETIONS and as an error of the service,
+ * and computes the request on its CPU. With a nonzero status flags is
+ * ignored.
+ */
 struct kgpu_cqe {
 	__u64 seq;		/* the request's seq */
 	__u32 tag;		/* the request's tag */
@@ -172,6 +184,8 @@ struct kgpu_cqe {
 };
 
 #define KGPU_CQE_CPU		0x1	/* the helper used its CPU backend */
+#define KGPU_CQE_RESIDENT	0x2	/* served by the GPU-resident service
+					 * kernel, no launch: the GPU (ABI 5) */
 
 /*
  * struct kgpu_key_slot - a raw XTS key (K1 || K2), set by the kernel at
@@ -270,6 +284,19 @@ struct kgpu_version {
  * KGPU_ATTR_SVC_ID and KGPU_ATTR_SVC_CROSSOVER: requests smaller than that
  * many bytes are done on the kernel's CPU (needs CAP_NET_ADMIN).
  *
+ * Per service, every request is counted once, by the path that finished
+ * it (ABI 5). The requests handed to kgpu (SVC_REQUESTS, SVC_BYTES) end
+ * in SVC_GPU, SVC_HELPER_CPU or SVC_FALLBACK: once none is in flight,
+ *	SVC_REQUESTS == SVC_GPU + SVC_HELPER_CPU + SVC_FALLBACK.
+ * SVC_GPU_RESIDENT is the part of SVC_GPU that the GPU-resident kernel
+ * served (the rest went through batched launches), so readers that know
+ * only SVC_GPU still see every GPU answer. SVC_ERRORS is the part of
+ * SVC_FALLBACK that the helper answered with an error or with undefined
+ * flags, or that was invalid to begin with. SVC_KERNEL_CPU counts what a
+ * submitter did on its own CPU without handing it to kgpu (below the
+ * crossover, no helper attached or a stalled one, no room): not part of
+ * SVC_REQUESTS.
+ *
  * A helper is "stalled" from the moment one of its requests times out
  * until it answers any request again: meanwhile one request at a time
  * still goes to it, as a probe, and the rest to the kernel's CPU.
@@ -294,7 +321,7 @@ enum kgpu_genl_attr {
 	KGPU_ATTR_TIMEOUT_MS,		/* u32 */
 	KGPU_ATTR_TIMEOUTS,		/* u64: requests that timed out */
 	KGPU_ATTR_ATTACHES,		/* u64: helpers attached so far */
-	KGPU_ATTR_BAD_COMPLETIONS,	/* u64: CQEs dropped as invalid */
+	KGPU_ATTR_BAD_COMPLETIONS,	/* u64: CQEs refused as invalid */
 	KGPU_ATTR_WAITS,		/* u64: submitters that had to wait */
 	KGPU_ATTR_SERVICE,		/* nested, one per service */
 	KGPU_ATTR_SVC_ID,		/* u32, enum kgpu_service */
@@ -304,11 +331,16 @@ enum kgpu_genl_attr {
 	KGPU_ATTR_SVC_GPU,		/* u64: completed by the helper's GPU */
 	KGPU_ATTR_SVC_HELPER_CPU,	/* u64: completed by the helper's CPU */
 	KGPU_ATTR_SVC_FALLBACK,		/* u64: handed to the kernel's CPU */
-	KGPU_ATTR_SVC_ERRORS,		/* u64: helper answered an error */
+	KGPU_ATTR_SVC_ERRORS,		/* u64: of SVC_FALLBACK, an error
+					 * answer, a bad one, or invalid */
 	KGPU_ATTR_SVC_CROSSOVER,	/* u32: bytes, see above */
 	KGPU_ATTR_PAD,
 	KGPU_ATTR_HELPER_STALLED,	/* u32: 1 while the helper is stalled */
 	KGPU_ATTR_PROVIDER,		/* string: "vmalloc" or "ivshmem" */
+	KGPU_ATTR_SVC_GPU_RESIDENT,	/* u64: of SVC_GPU, served by the
+					 * GPU-resident kernel (ABI 5) */
+	KGPU_ATTR_SVC_KERNEL_CPU,	/* u64: done on the kernel's CPU, never
+					 * handed to kgpu (ABI 5) */
 	__KGPU_ATTR_MAX,
 };
 #define KGPU_ATTR_MAX (__KGPU_ATTR_MAX - 1)

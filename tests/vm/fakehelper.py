@@ -13,10 +13,15 @@ is tested on its own.
                                    what the file still lets it do
     python3 fakehelper.py lossy    the real daemon (cpu backend), except
                                    that the first request it takes is lost
+    python3 fakehelper.py resident the real daemon (cpu backend), its XTS
+                                   answers labelled as a GPU-resident
+                                   helper's (CQE_RESIDENT), two of them
+                                   with flags the ABI does not allow
 
 It prints "attached" once the region is mapped.
 """
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -118,13 +123,28 @@ def fork_child(fd):
     os._exit(0)
 
 
-def lossy():
-    """The real serving loop on the cpu backend, minus one request."""
+def serve_cpu(patch):
+    """The real serving loop on the cpu backend over /dev/kgpu, after
+    ``patch(transport)`` changed what it takes from the ring or posts."""
     from kgpu_helper.daemon import Helper
     from kgpu_helper.services.cpu import CpuBackend
     from kgpu_helper.transport import KernelTransport
 
     t = KernelTransport()
+    patch(t)
+    h = Helper(t, CpuBackend())
+    h.install_signals()
+    print("attached", flush=True)
+    try:
+        h.serve()
+    finally:
+        h.close()
+        t.close()
+    return 0
+
+
+def lossy(t):
+    """Minus one request: the first one taken is never answered."""
     drain = t.drain
     lost = []
 
@@ -137,20 +157,54 @@ def lossy():
         return sqes
 
     t.drain = drain_but_one
-    h = Helper(t, CpuBackend())
-    h.install_signals()
-    print("attached", flush=True)
-    try:
-        h.serve()
-    finally:
-        h.close()
-        t.close()
-    return 0
+
+
+#: the flags of the first XTS answers: both paths at once, a bit ABI 5
+#: does not define. The module must use neither result.
+BAD_FLAGS = (abi.CQE_CPU | abi.CQE_RESIDENT, abi.CQE_RESIDENT | 0x8)
+
+
+def resident(t):
+    """Answers as a helper with a GPU-resident XTS path would label them:
+    every other successful XTS answer CQE_RESIDENT, the rest CQE_CPU; the
+    data is the cpu backend's, so right whatever the label. The first
+    XTS answers carry BAD_FLAGS. Prints a count per flags value sent."""
+    drain, post = t.drain, t.post
+    xts = set()         # seqs of the XTS requests taken, not yet answered
+    sent = collections.Counter()
+
+    def drain_noting():
+        sqes = drain()
+        for q in sqes:
+            if int(q["service"]) in (abi.SVC_XTS_ENC, abi.SVC_XTS_DEC):
+                xts.add(int(q["seq"]))
+        return sqes
+
+    def post_labelled(cqes):
+        cqes = cqes.copy()
+        for i in range(len(cqes)):
+            seq = int(cqes["seq"][i])
+            if seq not in xts:
+                continue
+            xts.discard(seq)
+            if cqes["status"][i]:
+                continue
+            n = sum(sent.values())
+            flags = (BAD_FLAGS[n] if n < len(BAD_FLAGS) else
+                     abi.CQE_RESIDENT if n % 2 else abi.CQE_CPU)
+            cqes["flags"][i] = flags
+            sent[flags] += 1
+        post(cqes)
+        print("sent " + " ".join(f"0x{f:x}:{c}" for f, c in
+                                 sorted(sent.items())), flush=True)
+
+    t.drain = drain_noting
+    t.post = post_labelled
 
 
 def main(mode):
-    if mode == "lossy":
-        return lossy()
+    if mode in ("lossy", "resident"):
+        return serve_cpu(globals()[mode])
     try:
         fd, mm = attach()
     except OSError as e:

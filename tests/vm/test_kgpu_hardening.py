@@ -10,7 +10,11 @@
 - timeout_ms lowered with requests in flight reaches them;
 - a stalled helper shows in `kgpu status`; a request lost once (the helper
   stalls) is followed by normal traffic served by the helper again;
-- a self-test writer killed with -9 leaves at once; key_slots=1 works.
+- a self-test writer killed with -9 leaves at once; key_slots=1 works;
+- `kgpu status` counts per service which path served each request (GPU
+  resident or batched, helper CPU, kernel CPU after a fallback or by
+  choice), the sums add up, and a completion with flags the ABI does not
+  allow is refused and redone on the CPU.
 """
 
 import json
@@ -18,6 +22,7 @@ import re
 
 import pytest
 
+from kgpu_helper import abi
 from test_kgpu_core import boot, selftest_report
 
 pytestmark = pytest.mark.vm
@@ -121,6 +126,19 @@ insmod $KO key_slots=1
 run one-slot 3
 echo 0 > $S || res "release failed"
 rmmod kgpu || res "rmmod failed"
+
+# 7. Which path served each request: a fresh module, no helper, then one
+# that labels some XTS answers GPU-resident, two with forbidden flags.
+insmod $KO timeout_ms=30000
+run paths-none 1
+start resident
+run paths-resident 4
+kgpu status --json > $O/paths.json 2>&1
+kgpu status > $O/paths.txt 2>&1
+cp /sys/kernel/debug/kgpu/stats $O/paths-debugfs.txt
+kill -TERM $HPID; wait $HPID
+cp /tmp/h.resident $O/resident.txt
+rmmod kgpu || res "rmmod failed"
 dmesg > $O/dmesg.txt
 """
 
@@ -223,3 +241,62 @@ def test_no_kernel_complaints(guest):
     for bad in ("BUG:", "Oops", "WARNING:", "Call Trace", "refcount_t",
                 "general protection"):
         assert bad not in dmesg, dmesg
+
+
+def test_status_counts_every_path(guest):
+    results, files = guest
+    none = selftest_report(results, "paths-none")
+    assert none["cpu"] == none["requests"] == 16, none
+    r = selftest_report(results, "paths-resident")
+    assert r["requests"] == 4 * 16 and r["cpu"] == 0, r
+    # the two answers with forbidden flags were redone on the CPU
+    assert r["fallback"] == 2 and r["helper"] == r["requests"] - 2, r
+    line = [ln for ln in files["resident.txt"].splitlines()
+            if ln.startswith("sent ")][-1]
+    sent = {int(f, 16): int(n) for f, n in
+            (x.split(":") for x in line.split()[1:])}
+    assert sent.get(0x3) == 1 and sent.get(0xA) == 1, line
+    assert sent.get(abi.CQE_RESIDENT, 0) > 0, line
+
+    st = json.loads(files["paths.json"])
+    assert st["inflight"] == 0 and st["bad_completions"] == 2, st
+    svcs = {s["name"]: s for s in st["services"]}
+    for s in svcs.values():
+        assert s["requests"] == s["gpu"] + s["helper_cpu"] + s["fallback"], s
+        assert s["gpu_batched"] == s["gpu"] - s["gpu_resident"], s
+        assert s["total"] == s["requests"] + s["kernel_cpu"], s
+        assert s["errors"] <= s["fallback"], s
+        if not s["name"].startswith("xts"):
+            assert s["gpu_resident"] == 0, s
+
+    def total(k):
+        return sum(s[k] for s in svcs.values())
+    # a cpu backend: its only GPU answers are the ones labelled resident
+    assert total("gpu") == total("gpu_resident") == sent[abi.CQE_RESIDENT]
+    assert total("helper_cpu") == r["helper"] - sent[abi.CQE_RESIDENT]
+    assert total("fallback") == total("errors") == 2
+    assert total("kernel_cpu") == none["requests"]
+    assert total("requests") == r["requests"]
+    assert total("total") == none["requests"] + r["requests"]
+
+    # the same numbers in the text of `kgpu status` and in debugfs
+    text = files["paths.txt"]
+    assert "resident" in text and "by choice" in text, text
+    debugfs = files["paths-debugfs.txt"]
+    for name, s in svcs.items():
+        row = next(ln.split()[1:] for ln in text.splitlines()
+                   if ln.split()[:1] == [name])
+        assert row[:7] == [str(s[k]) for k in (
+            "total", "gpu_resident", "gpu_batched", "helper_cpu",
+            "fallback", "kernel_cpu", "errors")], (row, s)
+        m = re.search(rf"^service {name}: (.*)$", debugfs, re.M)
+        f = m.group(1).split()
+        kv = dict(zip(f[::2], map(int, f[1::2])))
+        for k in ("requests", "gpu", "gpu_resident", "helper_cpu",
+                  "fallback", "errors", "kernel_cpu"):
+            assert kv[k] == s[k], (name, k, kv, s)
+    # one line per batch of completions that had any
+    bad = re.findall(rf"helper \d+ completed requests with flags ABI "
+                     rf"{abi.ABI_VERSION} does not define \((\d+) of them, "
+                     rf"the first (0x[0-9a-f]+)\)", files["dmesg.txt"])
+    assert sum(int(n) for n, _ in bad) == 2 and bad[0][1] == "0x3", bad
