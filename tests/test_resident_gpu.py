@@ -44,10 +44,17 @@ class ResServed:
             self.d.set_key(s, k)
         self.t = td.attach(self.d)
         self.h = Helper(self.t, get_backend("cupy"), spin=0)
-        self.res = ResidentXts(self.t, self.h.gpus[0].be, blocks=blocks,
-                               max_bytes=max_bytes, spin_us=0,
-                               fault_at=fault_at, servers=servers)
-        self.res.start()
+        try:
+            self.res = ResidentXts(self.t, self.h.gpus[0].be, blocks=blocks,
+                                   max_bytes=max_bytes, spin_us=0,
+                                   fault_at=fault_at, servers=servers)
+            self.res.start()
+        except BaseException:
+            # leave nothing registered with CUDA for the next test's region
+            self.h.close()
+            self.t.close()
+            self.d.close()
+            raise
         self.h.t = self.res.spill
         self.th = threading.Thread(target=self.h.serve)
         self.th.start()

@@ -498,7 +498,7 @@ resident_xts(const __grid_constant__ ResArgs a) {
                 // thread of the server makes an illegal access (a memory
                 // fault ends the whole kernel at once; __trap() in some
                 // warps left the others waiting at the barrier, H200)
-                if (fault) *(volatile u32*)(uintptr_t)16 = lt;
+                if (fault) *(volatile u32*)(unsigned long long)16 = lt;
                 __threadfence_system();
                 res_bar(sid);
                 if (lt == 0) {
