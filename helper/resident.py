@@ -646,12 +646,21 @@ class ResidentXts:
     def _watchdog(self, every=0.05):
         """Notice the kernel ending without being asked (a GPU fault): the
         serving loop is woken and takes the ring over (``_failover``)."""
+        import cupy as cp
         _name_thread(b"kgpu-rwatch")
         w = self.ctl[:SPILL_SQ_BYTE].view(np.uint32)
+        with self.be.device:
+            probe = cp.cuda.Stream(non_blocking=True)
         while self._watching:
             time.sleep(every)
+            # A memory fault in the kernel does not show in a query of its
+            # stream (it stayed "not ready" for 10 s after one, H200); a
+            # copy on a stream of its own, waited for, reports the
+            # context's error. Its cost: about 20 us per look.
             try:
                 with self.be.device:
+                    self.dst[:1].get(stream=probe)
+                    probe.synchronize()
                     done = self.stream.done
                 err = None
             except Exception as e:  # noqa: BLE001 - a fault says so
