@@ -155,6 +155,10 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
     guests up where they are. The server exits once its guest is gone
     after a clean helper stop; SIGTERM to it stops it at once.
     """
+    if resident and resident_blocks * int(resident_servers) > 256:
+        raise click.BadParameter(
+            f"--resident-blocks x --resident-servers is at most 256 servers, "
+            f"got {resident_blocks} x {resident_servers}")
     if ivshmem:
         if ring_spec != "kernel":
             raise click.BadParameter("--ring and --ivshmem exclude each "

@@ -524,3 +524,13 @@ def test_kernel_cqe_flag_matches_the_abi():
     src = open(os.path.join(SOURCE_DIR, "resident.cu")).read()
     m = re.search(r"#define CQE_RESIDENT (0x[0-9a-f]+)u", src)
     assert m and int(m.group(1), 16) == abi.CQE_RESIDENT
+
+
+def test_cli_refuses_more_than_256_resident_servers():
+    from click.testing import CliRunner
+
+    from kgpu_helper.cli import cli
+
+    r = CliRunner().invoke(cli, ["helper", "--resident", "--resident-blocks",
+                                 "64", "--resident-servers", "8"])
+    assert r.exit_code == 2 and "at most 256 servers" in r.output, r.output
