@@ -79,6 +79,8 @@ struct st_ctx {
 	struct st_keys *k;
 	/* Counts for the report. */
 	u64 rounds, requests, bytes, helper, fallback, cpu_only;
+	/* of helper: by the GPU-resident kernel, by launches, by its CPU */
+	u64 resident, batched, helper_cpu;
 };
 
 static DEFINE_MUTEX(st_lock);	/* protects st_keys and st_report */
@@ -352,6 +354,12 @@ static int st_round(struct st_ctx *c)
 		if (s->via_helper && s->status == 0) {
 			got = s->req->data;
 			c->helper++;
+			if (s->req->cqe_flags & KGPU_CQE_RESIDENT)
+				c->resident++;
+			else if (s->req->cqe_flags & KGPU_CQE_CPU)
+				c->helper_cpu++;
+			else
+				c->batched++;
 		} else {
 			int err = st_cpu(c, s, scratch);
 
@@ -483,9 +491,10 @@ static ssize_t st_write(struct file *file, const char __user *ubuf,
 		cond_resched();
 	}
 	snprintf(st_report, sizeof(st_report),
-		 "%s: %llu rounds, %llu requests, %llu bytes: helper %llu, fallback %llu, cpu-only %llu\n",
+		 "%s: %llu rounds, %llu requests, %llu bytes: helper %llu, fallback %llu, cpu-only %llu; the helper's: GPU resident %llu, GPU batched %llu, its CPU %llu\n",
 		 ret ? "FAIL" : "PASS", c->rounds, c->requests, c->bytes,
-		 c->helper, c->fallback, c->cpu_only);
+		 c->helper, c->fallback, c->cpu_only, c->resident, c->batched,
+		 c->helper_cpu);
 	pr_info("selftest %s", st_report);
 	mutex_unlock(&st_lock);
 	kfree(c);

@@ -86,13 +86,19 @@ def selftest_report(results, name):
     line = results.get(name)
     assert line, f"no result for {name}: {results}"
     m = re.match(r"rc=(\d+) (PASS|FAIL): (\d+) rounds, (\d+) requests, "
-                 r"\d+ bytes: helper (\d+), fallback (\d+), cpu-only (\d+)",
-                 line)
+                 r"\d+ bytes: helper (\d+), fallback (\d+), cpu-only (\d+); "
+                 r"the helper's: GPU resident (\d+), GPU batched (\d+), "
+                 r"its CPU (\d+)", line)
     assert m, line
-    rc, verdict, rounds, reqs, helper, fallback, cpu = m.groups()
+    rc, verdict, rounds, reqs, helper, fallback, cpu, res, bat, hcpu = \
+        m.groups()
     assert rc == "0" and verdict == "PASS", line
-    return dict(requests=int(reqs), helper=int(helper),
-                fallback=int(fallback), cpu=int(cpu))
+    out = dict(requests=int(reqs), helper=int(helper),
+               fallback=int(fallback), cpu=int(cpu), resident=int(res),
+               batched=int(bat), helper_cpu=int(hcpu))
+    assert out["resident"] + out["batched"] + out["helper_cpu"] == \
+        out["helper"], line
+    return out
 
 
 @pytest.fixture(scope="module", params=["6.1", "6.12"])

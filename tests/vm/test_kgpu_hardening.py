@@ -274,6 +274,9 @@ def test_status_counts_every_path(guest):
     # a cpu backend: its only GPU answers are the ones labelled resident
     assert total("gpu") == total("gpu_resident") == sent[abi.CQE_RESIDENT]
     assert total("helper_cpu") == r["helper"] - sent[abi.CQE_RESIDENT]
+    # the self-test's own split of the helper's answers agrees
+    assert r["resident"] == sent[abi.CQE_RESIDENT], r
+    assert r["helper_cpu"] == total("helper_cpu") and r["batched"] == 0, r
     assert total("fallback") == total("errors") == 2
     assert total("kernel_cpu") == none["requests"]
     assert total("requests") == r["requests"]
