@@ -534,3 +534,12 @@ def test_cli_refuses_more_than_256_resident_servers():
     r = CliRunner().invoke(cli, ["helper", "--resident", "--resident-blocks",
                                  "64", "--resident-servers", "8"])
     assert r.exit_code == 2 and "at most 256 servers" in r.output, r.output
+
+
+def test_resident_crossover_sends_every_xts_size():
+    from kgpu_helper.commands import _resident_crossover
+    values = {abi.SVC_NOP: 0, abi.SVC_XTS_ENC: 65536,
+              abi.SVC_XTS_DEC: 0xFFFFFFFF, abi.SVC_RAID6_GEN: 16384}
+    _resident_crossover(values)
+    assert values == {abi.SVC_NOP: 0, abi.SVC_XTS_ENC: 0,
+                      abi.SVC_XTS_DEC: 0, abi.SVC_RAID6_GEN: 16384}
