@@ -133,6 +133,22 @@ def check(sqe, data_off, data_size, max_bytes, nslots):
     return RES_OK
 
 
+def spill_rings(ctl, entries):
+    """The spill SQ and spill CQ of the control block ``ctl`` (uint8), as
+    SQE and CQE arrays over it."""
+    sq = ctl[SPILL_SQ_BYTE:SPILL_SQ_BYTE + entries * abi.SQE.itemsize]
+    cq0 = SPILL_SQ_BYTE + entries * abi.SQE.itemsize
+    cq = ctl[cq0:cq0 + entries * abi.CQE.itemsize]
+    return sq.view(abi.SQE), cq.view(abi.CQE)
+
+
+def server_words(ctl, servers):
+    """Each server's (claim, state) words of ``ctl``, one row per server."""
+    w = ctl[:SPILL_SQ_BYTE].view(np.uint32)
+    return w[CTL_BLK_BYTE // 4:CTL_BLK_BYTE // 4 + 4 * servers].reshape(
+        servers, 4)[:, :2]
+
+
 def _i32(x):
     """A free-running u32 index difference as a signed number."""
     x &= _MASK32
@@ -168,15 +184,13 @@ def failover_plan(region, ctl, servers, sq_start, cq_start):
     entries = r.entries
     sp_tail = int(w[CTL_SPILL_TAIL])
     n_sp = min(sp_tail, entries)  # the spill ring starts at 0
-    sq_sp = ctl[SPILL_SQ_BYTE:SPILL_SQ_BYTE + entries * 64].view(abi.SQE)
+    sq_sp, scq = spill_rings(ctl, entries)
     i = np.arange(sp_tail - n_sp, sp_tail, dtype=np.int64) & (entries - 1)
     spilled = set(zip(sq_sp["seq"][i].tolist(), sq_sp["tag"][i].tolist()))
 
-    bw = w[CTL_BLK_BYTE // 4:CTL_BLK_BYTE // 4 + 4 * servers].reshape(
-        servers, 4)
     held = []
     last = None  # the furthest claim, relative to sq_start
-    for claim, state in zip(bw[:, 0].tolist(), bw[:, 1].tolist()):
+    for claim, state in server_words(ctl, servers).tolist():
         if state == ST_IDLE:
             continue
         rel = _i32(claim - sq_start)
@@ -196,8 +210,6 @@ def failover_plan(region, ctl, servers, sq_start, cq_start):
     n_fw = _i32(sp_cq_tail - fwd)
     forward = np.zeros(0, abi.CQE)
     if 0 < n_fw <= entries:
-        c0 = SPILL_SQ_BYTE + entries * 64
-        scq = ctl[c0:c0 + entries * 16].view(abi.CQE)
         j = np.arange(fwd, fwd + n_fw, dtype=np.int64) & (entries - 1)
         forward = scq[j].copy()
         keep = [(int(c["seq"]), int(c["tag"])) not in answered
@@ -223,9 +235,7 @@ class SpillTransport(Transport):
         self.w = ctl[:SPILL_SQ_BYTE].view(np.uint32)
         self.entries = entries
         self.mask = entries - 1
-        self.sq = ctl[SPILL_SQ_BYTE:SPILL_SQ_BYTE + entries * 64].view(abi.SQE)
-        cq0 = SPILL_SQ_BYTE + entries * 64
-        self.cq = ctl[cq0:cq0 + entries * 16].view(abi.CQE)
+        self.sq, self.cq = spill_rings(ctl, entries)
         self.efd = efd
         self.hangup = hangup
         self.head = int(self.w[CTL_SPILL_HEAD])
@@ -786,8 +796,7 @@ class ResidentXts:
                                              CTL_SPILL_CQ_TAIL),
             ("stopped", CTL_STOPPED), ("running", CTL_RUNNING),
             ("fwd", CTL_FWD))},
-            "servers": w[CTL_BLK_BYTE // 4:CTL_BLK_BYTE // 4
-                         + 4 * self.nsrv].reshape(-1, 4)[:, :2].tolist(),
+            "servers": server_words(self.ctl, self.nsrv).tolist(),
             "ring": {k: int(self.r.idx[o // 4]) for k, o in (
                 ("sq_tail", abi.SQ_TAIL_OFF), ("sq_head", abi.SQ_HEAD_OFF),
                 ("cq_tail", abi.CQ_TAIL_OFF), ("cq_head", abi.CQ_HEAD_OFF))},

@@ -70,6 +70,16 @@ def _build_modules(release, kdir):
     return os.path.join(REPO, "build", release)
 
 
+def guest_results(files):
+    """A guest's $KGPU_OUT/results (``files``: name -> text) as a dict:
+    each line's first word -> the rest of the line."""
+    results = {}
+    for line in files.get("results", "").splitlines():
+        name, _, rest = line.partition(" ")
+        results[name] = rest
+    return results
+
+
 def keep_artifacts(label, files):
     """For a person debugging: with $KGPU_TEST_ARTIFACTS set, write a
     guest's $KGPU_OUT files (name -> bytes), as they came, into the folder

@@ -203,8 +203,13 @@ static void *rh_main(void *arg)
 		}
 		tail = load(c->sq_tail);
 		out = tail - cq;
-		if (out == 0 && c->spin_below && now_ns() - last < spin_ns) {
-			/* low depth: the next request usually follows at once */
+		if (c->spin_below && out <= c->spin_below &&
+		    now_ns() - last < spin_ns) {
+			/*
+			 * low depth (none or at most spin_below outstanding,
+			 * shortly after progress): the next request or
+			 * completion usually follows at once
+			 */
 			int64_t t = now_ns();
 			int k;
 
@@ -246,18 +251,6 @@ static void *rh_main(void *arg)
 			if (n > 0)	/* woken: spin for what follows */
 				last = now_ns();
 			continue;
-		}
-		if (out <= c->spin_below) {
-			int64_t t = now_ns();
-
-			if (t - last < spin_ns) {
-				int k;
-
-				for (k = 0; k < 64; k++)
-					__builtin_ia32_pause();
-				stat_add(h, RH_STAT_SPIN_NS, now_ns() - t);
-				continue;
-			}
 		}
 		stat_add(h, RH_STAT_SLEEPS, 1);
 		nanosleep(&nap, NULL);

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from conftest import build_modules
+from conftest import build_modules, guest_results
 
 pytestmark = pytest.mark.vm
 
@@ -292,11 +292,7 @@ def _boot(kernel):
             with open(os.path.join(keep, kernel, name), "w") as f:
                 f.write(text)
     assert r.rc == 0, r.output[-4000:] + files.get("results", "")
-    results = {}
-    for line in files.get("results", "").splitlines():
-        name, _, rest = line.partition(" ")
-        results[name] = rest
-    return results, files
+    return guest_results(files), files
 
 
 @pytest.fixture(scope="module", params=["6.1", "6.12"])

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from conftest import build_modules
+from conftest import build_modules, guest_results
 
 pytestmark = pytest.mark.vm
 
@@ -78,11 +78,7 @@ def guest():
     r = tb.run(GUEST.format(ko=ko), echo=False)
     assert r.rc == 0, r.output
     files = {k: v.decode() for k, v in r.files.items()}
-    results = {}
-    for line in files.get("results", "").splitlines():
-        name, _, rest = line.partition(" ")
-        results[name] = rest
-    return results, files
+    return guest_results(files), files
 
 
 def _selftest(results, name):

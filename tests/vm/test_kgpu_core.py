@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from conftest import build_modules
+from conftest import build_modules, guest_results
 
 pytestmark = pytest.mark.vm
 
@@ -74,11 +74,7 @@ def boot(series, script, timeout=600):
     r = tb.run(script.format(ko=ko), echo=False)
     assert r.rc == 0, r.output
     files = {k: v.decode(errors="replace") for k, v in r.files.items()}
-    results = {}
-    for line in files.get("results", "").splitlines():
-        name, _, rest = line.partition(" ")
-        results[name] = rest
-    return results, files
+    return guest_results(files), files
 
 
 def selftest_report(results, name):

@@ -17,7 +17,7 @@ import json
 
 import pytest
 
-from conftest import build_modules, keep_artifacts
+from conftest import build_modules, guest_results, keep_artifacts
 
 pytestmark = pytest.mark.vm
 
@@ -101,11 +101,7 @@ def guest(request):
     files = {k: v.decode(errors="replace") for k, v in r.files.items()}
     keep_artifacts(f"resident-kring-{request.param}", r.files)
     assert r.rc == 0, r.output[-4000:]
-    results = {}
-    for line in files.get("results", "").splitlines():
-        name, _, rest = line.partition(" ")
-        results[name] = rest
-    return results, files
+    return guest_results(files), files
 
 
 def _json(files, name):
