@@ -46,9 +46,12 @@
 #include <linux/completion.h>
 #include <linux/device-mapper.h>
 #include <linux/module.h>
+#include <linux/delay.h>
 #include <linux/mutex.h>
+#include <linux/raid/md_p.h>
 #include <linux/raid/pq.h>
 #include <linux/slab.h>
+#include <linux/timekeeping.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
@@ -64,6 +67,17 @@
 #define GR_NBUF		16		/* stripe buffers per array: rows in flight */
 #define GR_LOCKS	64		/* hashed row locks */
 #define GR_MAX_CHUNK	(1U << 16)	/* sectors (32 MiB) */
+#define GR_IN_SYNC	(~(sector_t)0)	/* resync_cp: nothing left to resync */
+#define GR_SB_ROLES	((MD_SB_BYTES - 256) / 2)	/* max_dev in one block */
+#define GR_SAFEMODE_MS	200		/* md's safe_mode_delay */
+#define GR_RATE_MIN	1000		/* KiB/s per member: md's speed_limit_min */
+#define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
+
+/* Background work on the whole array, as dm-raid spells it. */
+enum gr_action { GR_IDLE, GR_RESYNC, GR_CHECK, GR_REPAIR };
+static const char *const gr_action_name[] = {
+	"idle", "resync", "check", "repair",
+};
 
 /* md's RAID6 algorithms (include/linux/raid/md_p.h numbering). */
 enum {
@@ -77,19 +91,20 @@ enum {
 
 struct gr_layout {
 	const char *name;	/* as md (mdadm) or dm-raid spell it */
+	const char *dmraid;	/* dm-raid's raid type: status' first field */
 	int algorithm;
 	bool ddf;		/* Q over all device slots, P and Q as zeros */
 };
 
 static const struct gr_layout gr_layouts[] = {
-	{ "left-asymmetric",	GR_LEFT_ASYMMETRIC,	  false },
-	{ "right-asymmetric",	GR_RIGHT_ASYMMETRIC,	  false },
-	{ "left-symmetric",	GR_LEFT_SYMMETRIC,	  false },
-	{ "right-symmetric",	GR_RIGHT_SYMMETRIC,	  false },
-	{ "raid6_zr",		GR_ROTATING_ZERO_RESTART, true },
-	{ "ddf-zero-restart",	GR_ROTATING_ZERO_RESTART, true },
-	{ "raid6_nr",		GR_ROTATING_N_RESTART,	  true },
-	{ "ddf-N-restart",	GR_ROTATING_N_RESTART,	  true },
+	{ "left-asymmetric",  "raid6_la", GR_LEFT_ASYMMETRIC,	    false },
+	{ "right-asymmetric", "raid6_ra", GR_RIGHT_ASYMMETRIC,	    false },
+	{ "left-symmetric",   "raid6_ls", GR_LEFT_SYMMETRIC,	    false },
+	{ "right-symmetric",  "raid6_rs", GR_RIGHT_SYMMETRIC,	    false },
+	{ "raid6_zr",	      "raid6_zr", GR_ROTATING_ZERO_RESTART, true },
+	{ "ddf-zero-restart", "raid6_zr", GR_ROTATING_ZERO_RESTART, true },
+	{ "raid6_nr",	      "raid6_nr", GR_ROTATING_N_RESTART,    true },
+	{ "ddf-N-restart",    "raid6_nr", GR_ROTATING_N_RESTART,    true },
 };
 
 /* Where the blocks of one row live. */
@@ -117,7 +132,15 @@ struct gr_batch {
 struct gr_buf {
 	struct list_head node;
 	u8 *blk[GR_MAX_SLOTS];	/* GR_SEG bytes each, physically contiguous */
+	u8 *nd[GR_MAX_DEVS];	/* ndata more: new data (RMW), old P/Q (sync) */
 	struct gr_batch batch;
+};
+
+/* A member's md v1.x superblock (md_superblocks). */
+struct gr_sb {
+	struct page *page;	/* its block as last read or written */
+	sector_t sector;	/* super_offset */
+	unsigned int size;	/* bytes md writes: 256 + 2 * max_dev, rounded */
 };
 
 struct gr_ctx {
@@ -134,7 +157,10 @@ struct gr_ctx {
 	unsigned int seg_sectors;
 	struct dm_dev *devs[GR_MAX_DEVS];	/* NULL: given as "-" */
 	unsigned long missing;	/* given as "-" */
-	unsigned long failed;	/* missing or dead; atomic bitops */
+	unsigned long failed;	/* missing, stale or dead; atomic bitops */
+	sector_t sync_rows;	/* rows that resync and check cover */
+	u32 rate_min, rate_max;	/* KiB/s per member for background work */
+	bool rate_min_set, rate_max_set;
 
 	struct workqueue_struct *wq;
 	struct bio_set bs;
@@ -144,6 +170,38 @@ struct gr_ctx {
 	struct list_head free_bufs;
 	wait_queue_head_t buf_wait;
 	struct gr_buf bufs[GR_NBUF];
+
+	/*
+	 * md state, under sb_lock: the members' superblocks (md_superblocks),
+	 * events, clean (in_sync), resync_cp (md's recovery_cp: per-member
+	 * sectors known in sync), the failures the superblocks record.
+	 */
+	bool md;
+	struct gr_sb sb[GR_MAX_DEVS];
+	int devnum[GR_MAX_DEVS];	/* role -> dev_number; -1: none */
+	unsigned long stale;		/* out by the superblocks */
+	struct mutex sb_lock;
+	u64 events;
+	bool in_sync;
+	sector_t resync_cp;
+	sector_t written_cp;		/* resync_cp the superblocks hold */
+	unsigned long recorded;
+	atomic_t writes;		/* user writes in flight */
+	struct workqueue_struct *mdwq;
+	struct delayed_work safemode;
+	struct work_struct event_work;
+
+	/* background work, started and stopped under sync_lock */
+	struct mutex sync_lock;
+	struct work_struct sync_work;
+	int action;			/* enum gr_action */
+	bool sync_stop;
+	bool frozen;
+	bool suspended;
+	bool activated;			/* resumed once */
+	sector_t sync_pos;
+	atomic64_t mismatches;		/* sectors, as md's mismatch_cnt */
+	atomic64_t user_ios;
 
 	atomic64_t stripes_written;
 	atomic64_t degraded_reads;
@@ -257,6 +315,7 @@ static void gr_fail(struct gr_ctx *c, unsigned int m)
 {
 	if (test_and_set_bit(m, &c->failed))
 		return;
+	schedule_work(&c->event_work);	/* dm_table_event: process context */
 	if (hweight_long(READ_ONCE(c->failed)) > 2)
 		DMERR("member %u (%s) failed: more than two members lost, I/O that needs them fails",
 		      m, c->devs[m]->name);
@@ -314,15 +373,15 @@ static void gr_mio_end(struct bio *bio)
 		complete(&b->done);
 }
 
-/* len bytes at column sector col of row on member m, from or into buf. */
-static void gr_mio(struct gr_ctx *c, struct gr_batch *b, unsigned int m,
-		   blk_opf_t opf, sector_t row, sector_t col, u8 *buf,
-		   unsigned int len)
+/* len bytes of buf at sector (of the member, not of its data) on m. */
+static void gr_mio_at(struct gr_ctx *c, struct gr_batch *b, unsigned int m,
+		      blk_opf_t opf, sector_t sector, void *buf,
+		      unsigned int len)
 {
 	struct bio *bio;
 
 	bio = bio_alloc_bioset(c->devs[m]->bdev, 1, opf, GFP_NOIO, &c->bs);
-	bio->bi_iter.bi_sector = c->data_offset + (row << c->chunk_shift) + col;
+	bio->bi_iter.bi_sector = sector;
 	__bio_add_page(bio, virt_to_page(buf), len, offset_in_page(buf));
 	b->mio[m].b = b;
 	b->mio[m].member = m;
@@ -332,16 +391,32 @@ static void gr_mio(struct gr_ctx *c, struct gr_batch *b, unsigned int m,
 	submit_bio_noacct(bio);
 }
 
+/* len bytes at column sector col of row on member m, from or into buf. */
+static void gr_mio(struct gr_ctx *c, struct gr_batch *b, unsigned int m,
+		   blk_opf_t opf, sector_t row, sector_t col, u8 *buf,
+		   unsigned int len)
+{
+	gr_mio_at(c, b, m, opf,
+		  c->data_offset + (row << c->chunk_shift) + col, buf, len);
+}
+
+/* Wait for the batch; the members whose I/O failed. */
+static unsigned long gr_batch_end(struct gr_batch *b)
+{
+	if (!atomic_dec_and_test(&b->pending))
+		wait_for_completion_io(&b->done);
+	return b->errors;
+}
+
 /* Wait for the batch; mark the members that failed. True if none did. */
 static bool gr_batch_wait(struct gr_ctx *c, struct gr_batch *b)
 {
+	unsigned long errors = gr_batch_end(b);
 	unsigned int m;
 
-	if (!atomic_dec_and_test(&b->pending))
-		wait_for_completion_io(&b->done);
-	for_each_set_bit(m, &b->errors, c->ndevs)
+	for_each_set_bit(m, &errors, c->ndevs)
 		gr_fail(c, m);
-	return !b->errors;
+	return !errors;
 }
 
 enum gr_copy { GR_TO_BIO, GR_FROM_BIO, GR_XOR_FROM_BIO };
@@ -490,14 +565,14 @@ static void gr_ptrs(struct gr_ctx *c, struct gr_buf *buf,
 		ptrs[s] = r->phys[s] == GR_NONE ? gr_zero : buf->blk[s];
 }
 
-/* The dead slots of a row, at most two; false if more. */
-static bool gr_lost(struct gr_ctx *c, const struct gr_row *r,
-		    unsigned int *a, unsigned int *b)
+/* The dead slots of a row in the snapshot failed, at most two; false if more. */
+static bool gr_lost(struct gr_ctx *c, unsigned long failed,
+		    const struct gr_row *r, unsigned int *a, unsigned int *b)
 {
 	unsigned int m, n = 0;
 
 	*a = *b = GR_NONE;
-	for_each_set_bit(m, &c->failed, c->ndevs) {
+	for_each_set_bit(m, &failed, c->ndevs) {
 		if (n == 0)
 			*a = r->slot[m];
 		else if (n == 1)
@@ -510,6 +585,13 @@ static bool gr_lost(struct gr_ctx *c, const struct gr_row *r,
 /*
  * Write the part of io's bio that falls into columns [col, col + nsec) of
  * row. Returns 0 or -EIO.
+ *
+ * Each attempt works from one snapshot of the failed members; a member
+ * that fails during it (an error in this attempt's reads, or another
+ * bio's) starts a new attempt. The new data is copied out of the bio once:
+ * into the stripe buffer for reconstruct-write, into buf->nd for
+ * read-modify-write, where the P/Q delta and the data written must be the
+ * same bytes even if the writer changes its pages meanwhile.
  */
 static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 			const struct gr_row *r, sector_t row, sector_t col,
@@ -523,6 +605,7 @@ static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
 	unsigned int j, s, m, len, nw = 0, lo = GR_NONE, hi = 0, fa, fb;
+	unsigned long failed;
 	bool rmw, rec;
 
 	for (j = 0; j < k; j++) {
@@ -543,12 +626,13 @@ static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	len = (uhi - ulo) << 9;
 
 redo:
-	if (!gr_lost(c, r, &fa, &fb))
+	failed = READ_ONCE(c->failed);
+	if (!gr_lost(c, failed, r, &fa, &fb))
 		return -EIO;
 	gr_ptrs(c, buf, r, ptrs);
 	rec = false;
 	rmw = false;
-	if (!READ_ONCE(c->failed)) {
+	if (!failed) {
 		unsigned int rcw_reads = 0;
 
 		for (j = 0; j < k; j++)
@@ -558,12 +642,14 @@ redo:
 		 * Read-modify-write reads the old data it overwrites, P and
 		 * Q; reconstruct-write the data it does not overwrite. A tie
 		 * goes to read-modify-write, which reads fewer bytes (only
-		 * the columns it writes).
+		 * the columns it writes). Rows not resynced yet have no P/Q
+		 * to update: reconstruct-write makes them right.
 		 */
-		rmw = nw + 2 <= rcw_reads;
+		rmw = nw + 2 <= rcw_reads &&
+		      ((row + 1) << c->chunk_shift) <= READ_ONCE(c->resync_cp);
 	} else {
 		for (j = 0; j < k; j++)
-			if (gr_dead(c, r->data[j]) &&
+			if (test_bit(r->data[j], &failed) &&
 			    (wlo[j] != ulo || whi[j] != uhi))
 				rec = true;
 	}
@@ -575,7 +661,7 @@ redo:
 		bool written = whi[j] > wlo[j];
 
 		m = r->data[j];
-		if (gr_dead(c, m))
+		if (test_bit(m, &failed))
 			continue;
 		if (rmw && written)
 			gr_mio(c, b, m, REQ_OP_READ, row, wlo[j],
@@ -587,20 +673,23 @@ redo:
 	}
 	if (rmw || rec) {
 		for (s = P; s <= Q; s++)
-			if (!gr_dead(c, r->phys[s]))
+			if (!test_bit(r->phys[s], &failed))
 				gr_mio(c, b, r->phys[s], REQ_OP_READ, row, ulo,
 				       buf->blk[s], len);
 	}
-	if (!gr_batch_wait(c, b))
+	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
 		goto redo;
 
 	/* compute */
 	if (rmw) {
 		/*
-		 * The written blocks become old ^ new (zero outside the
-		 * columns written), then one P/Q delta update (RAID6_PQD).
+		 * The new data goes to buf->nd[j] (at the same offsets), the
+		 * written blocks become old ^ new (zero outside the columns
+		 * written), then one P/Q delta update (RAID6_PQD).
 		 */
 		for (j = 0; j < k; j++) {
+			unsigned int o = (wlo[j] - ulo) << 9;
+			unsigned int n = (whi[j] - wlo[j]) << 9;
 			u8 *blk;
 
 			s = r->slot[r->data[j]];
@@ -609,43 +698,44 @@ redo:
 				continue;
 			}
 			blk = buf->blk[s];
-			memset(blk, 0, (wlo[j] - ulo) << 9);
-			memset(blk + ((whi[j] - ulo) << 9), 0,
-			       (uhi - whi[j]) << 9);
 			gr_copy_bio(io, (row0 + ((sector_t)j << c->chunk_shift) +
 					 wlo[j] - bs) << 9,
-				    blk + ((wlo[j] - ulo) << 9),
-				    (whi[j] - wlo[j]) << 9, GR_XOR_FROM_BIO);
+				    buf->nd[j] + o, n, GR_FROM_BIO);
+			memset(blk, 0, o);
+			memset(blk + o + n, 0, len - o - n);
+			gr_xor(blk + o, buf->nd[j] + o, n);
 			lo = min(lo, s);
 			hi = max(hi, s);
 		}
 		gr_compute(c, KGPU_SVC_RAID6_PQD, ptrs, len, lo, hi);
-	} else if (rec) {
-		gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
-	}
-	for (j = 0; j < k; j++) {
-		if (whi[j] <= wlo[j])
-			continue;
-		gr_copy_bio(io, (row0 + ((sector_t)j << c->chunk_shift) +
-				 wlo[j] - bs) << 9,
-			    buf->blk[r->slot[r->data[j]]] + ((wlo[j] - ulo) << 9),
-			    (whi[j] - wlo[j]) << 9, GR_FROM_BIO);
-	}
-	if (!rmw)
+	} else {
+		if (rec)
+			gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
+		for (j = 0; j < k; j++) {
+			if (whi[j] <= wlo[j])
+				continue;
+			gr_copy_bio(io, (row0 + ((sector_t)j << c->chunk_shift) +
+					 wlo[j] - bs) << 9,
+				    buf->blk[r->slot[r->data[j]]] +
+				    ((wlo[j] - ulo) << 9),
+				    (whi[j] - wlo[j]) << 9, GR_FROM_BIO);
+		}
 		gr_compute(c, KGPU_SVC_RAID6_GEN, ptrs, len, GR_NONE, GR_NONE);
+	}
 
 	/* write the new data, P and Q */
 	gr_batch_start(b);
 	for (j = 0; j < k; j++) {
 		m = r->data[j];
-		if (whi[j] <= wlo[j] || gr_dead(c, m))
+		if (whi[j] <= wlo[j] || test_bit(m, &failed))
 			continue;
 		gr_mio(c, b, m, wopf, row, wlo[j],
-		       buf->blk[r->slot[m]] + ((wlo[j] - ulo) << 9),
+		       (rmw ? buf->nd[j] : buf->blk[r->slot[m]]) +
+		       ((wlo[j] - ulo) << 9),
 		       (whi[j] - wlo[j]) << 9);
 	}
 	for (s = P; s <= Q; s++)
-		if (!gr_dead(c, r->phys[s]))
+		if (!test_bit(r->phys[s], &failed))
 			gr_mio(c, b, r->phys[s], wopf, row, ulo, buf->blk[s],
 			       len);
 	gr_batch_wait(c, b);
@@ -667,23 +757,25 @@ static int gr_read_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	unsigned int P = c->nslots - 2, Q = c->nslots - 1;
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
+	unsigned long failed;
 	bool dead, xor;
 
 redo:
-	dead = gr_dead(c, m);
-	if (dead && !gr_lost(c, r, &fa, &fb))
+	failed = READ_ONCE(c->failed);
+	dead = test_bit(m, &failed);
+	if (dead && !gr_lost(c, failed, r, &fa, &fb))
 		return -EIO;
 	/* lost: this block, perhaps Q; P alive */
 	xor = dead && (fb == GR_NONE || fb == Q || fa == Q);
 	gr_batch_start(b);
 	for (i = 0; i < c->ndevs; i++) {
-		if (gr_dead(c, i) || (i != m && !dead) ||
+		if (test_bit(i, &failed) || (i != m && !dead) ||
 		    (xor && r->slot[i] == Q))
 			continue;
 		gr_mio(c, b, i, REQ_OP_READ, row, col, buf->blk[r->slot[i]],
 		       len);
 	}
-	if (!gr_batch_wait(c, b))
+	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
 		goto redo;
 	if (xor) {
 		memcpy(buf->blk[s], buf->blk[P], len);
@@ -697,6 +789,523 @@ redo:
 	}
 	gr_copy_bio(io, skip, buf->blk[s], len, GR_TO_BIO);
 	return 0;
+}
+
+/* ---- md state: superblocks, failures, clean and dirty --------------------- */
+
+/*
+ * md v1.x superblocks (md_superblocks). At load every member's superblock
+ * is read and checked against the table and against the freshest one (most
+ * events); a member that lags it by more than one event, that it records
+ * as faulty or spare, or that is part way through a recovery is stale: out
+ * of the array ('D') and never read. While the table runs, the target
+ * owns the superblocks as md does: the freshest's array state is written
+ * to every live member, events bumped, when a member fails (before a
+ * write that depended on it is acknowledged), when the array goes dirty
+ * (before the first write after a clean state) and clean (GR_SAFEMODE_MS
+ * after the last write, and at suspend), and at resync checkpoints.
+ * Per-member fields (dev_number, offsets, device UUID) stay each member's.
+ */
+
+static __le32 gr_sb_csum(struct mdp_superblock_1 *sb)
+{
+	unsigned int size = 256 + 2 * le32_to_cpu(sb->max_dev);
+	const __le32 *w = (const __le32 *)sb;
+	__le32 saved = sb->sb_csum;
+	u64 sum = 0;
+
+	sb->sb_csum = 0;
+	for (; size >= 4; size -= 4)
+		sum += le32_to_cpu(*w++);
+	if (size == 2)
+		sum += le16_to_cpu(*(const __le16 *)w);
+	sb->sb_csum = saved;
+	return cpu_to_le32((u32)sum + (u32)(sum >> 32));
+}
+
+static u16 gr_sb_role(struct mdp_superblock_1 *sb, u32 dn)
+{
+	if (dn >= le32_to_cpu(sb->max_dev))
+		return MD_DISK_ROLE_SPARE;
+	return le16_to_cpu(sb->dev_roles[dn]);
+}
+
+static int gr_read_block(struct gr_ctx *c, unsigned int m, sector_t sector)
+{
+	struct gr_batch b;
+
+	gr_batch_start(&b);
+	gr_mio_at(c, &b, m, REQ_OP_READ, sector, page_address(c->sb[m].page),
+		  MD_SB_BYTES);
+	return gr_batch_end(&b) ? -EIO : 0;
+}
+
+enum { GR_SB_OK, GR_SB_NONE, GR_SB_BAD, GR_SB_IOERR, GR_SB_090 };
+
+/* Find member m's v1.x superblock: 1.2 (4 KiB in), 1.1 (start), 1.0 (end). */
+static int gr_sb_find(struct gr_ctx *c, unsigned int m)
+{
+	sector_t size = bdev_nr_sectors(c->devs[m]->bdev);
+	struct mdp_superblock_1 *sb = page_address(c->sb[m].page);
+	sector_t at[3] = { 8, 0, (size - 16) & ~(sector_t)7 };
+	unsigned int i, max_dev;
+
+	for (i = 0; i < 3 && size >= 16; i++) {
+		if (gr_read_block(c, m, at[i]))
+			return GR_SB_IOERR;
+		if (le32_to_cpu(sb->magic) != MD_SB_MAGIC ||
+		    le32_to_cpu(sb->major_version) != 1 ||
+		    le64_to_cpu(sb->super_offset) != at[i])
+			continue;
+		c->sb[m].sector = at[i];
+		max_dev = le32_to_cpu(sb->max_dev);
+		if (max_dev > GR_SB_ROLES || sb->sb_csum != gr_sb_csum(sb))
+			return GR_SB_BAD;
+		c->sb[m].size = round_up(256 + 2 * max_dev,
+				bdev_logical_block_size(c->devs[m]->bdev));
+		return GR_SB_OK;
+	}
+	/* 0.90: 64 KiB aligned, 64 KiB before the end; the magic comes first */
+	if (size >= 2 * MD_RESERVED_SECTORS &&
+	    !gr_read_block(c, m, MD_NEW_SIZE_SECTORS(size)) &&
+	    le32_to_cpu(sb->magic) == MD_SB_MAGIC)
+		return GR_SB_090;
+	return GR_SB_NONE;
+}
+
+/*
+ * Read and check the members' superblocks; set the array's state from
+ * them. 0, or -EINVAL with *error set.
+ */
+static int gr_md_load(struct gr_ctx *c, char **error)
+{
+	struct mdp_superblock_1 *sb, *f = NULL;
+	unsigned long bad = 0, stale = 0, failed;
+	unsigned int m, fresh = 0, nsb = 0, max_dev;
+	u64 ev, max_ev = 0, size, cp;
+	u32 features, dn;
+	u16 role;
+
+	for (m = 0; m < c->ndevs; m++) {
+		if (!c->devs[m])
+			continue;
+		switch (gr_sb_find(c, m)) {
+		case GR_SB_OK:
+			break;
+		case GR_SB_BAD:
+			DMERR("member %u (%s): bad superblock checksum: counted as missing",
+			      m, c->devs[m]->name);
+			__set_bit(m, &bad);
+			continue;
+		case GR_SB_IOERR:
+			DMERR("member %u (%s): superblock unreadable: counted as missing",
+			      m, c->devs[m]->name);
+			__set_bit(m, &bad);
+			continue;
+		case GR_SB_090:
+			*error = "md 0.90 metadata is not supported (1.0, 1.1 and 1.2 are)";
+			return -EINVAL;
+		default:
+			DMERR("member %u (%s) has no md v1.x superblock", m,
+			      c->devs[m]->name);
+			*error = "Member without an md v1.x superblock";
+			return -EINVAL;
+		}
+		ev = le64_to_cpu(((struct mdp_superblock_1 *)
+				  page_address(c->sb[m].page))->events);
+		if (!nsb++ || ev > max_ev) {
+			max_ev = ev;
+			fresh = m;
+		}
+	}
+	if (!nsb) {
+		*error = "No member has a valid md superblock";
+		return -EINVAL;
+	}
+	f = page_address(c->sb[fresh].page);
+	for (m = 0; m < c->ndevs; m++) {
+		if (!c->devs[m] || test_bit(m, &bad))
+			continue;
+		sb = page_address(c->sb[m].page);
+		if (memcmp(sb->set_uuid, f->set_uuid, sizeof(f->set_uuid))) {
+			DMERR("member %u (%s) belongs to array %pU, member %u to %pU",
+			      m, c->devs[m]->name, sb->set_uuid, fresh, f->set_uuid);
+			*error = "Members of different md arrays (array UUIDs differ)";
+			return -EINVAL;
+		}
+	}
+	if (le32_to_cpu(f->level) != 6) {
+		*error = "The md superblocks are not RAID6's";
+		return -EINVAL;
+	}
+	if (le32_to_cpu(f->raid_disks) != c->ndevs) {
+		*error = "Number of members differs from the md superblocks";
+		return -EINVAL;
+	}
+	if (le32_to_cpu(f->layout) != c->layout->algorithm) {
+		*error = "Layout differs from the md superblocks";
+		return -EINVAL;
+	}
+	if (le32_to_cpu(f->chunksize) != c->chunk) {
+		*error = "Chunk size differs from the md superblocks";
+		return -EINVAL;
+	}
+	features = le32_to_cpu(f->feature_map);
+	if (features & MD_FEATURE_RESHAPE_ACTIVE) {
+		*error = "The md array is part way through a reshape";
+		return -EINVAL;
+	}
+	if (features & (MD_FEATURE_JOURNAL | MD_FEATURE_PPL |
+			MD_FEATURE_MULTIPLE_PPLS | MD_FEATURE_CLUSTERED)) {
+		*error = "md journal, PPL and clustered arrays are not supported";
+		return -EINVAL;
+	}
+	if (features & MD_FEATURE_BITMAP_OFFSET) {
+		*error = "md write-intent bitmaps are not supported yet (mdadm --grow --bitmap=none)";
+		return -EINVAL;
+	}
+	size = le64_to_cpu(f->size) >> c->chunk_shift;	/* rows */
+	if (c->ti->len > (size * c->ndata) << c->chunk_shift) {
+		*error = "Target length exceeds the md array";
+		return -EINVAL;
+	}
+
+	for (m = 0; m < c->ndevs; m++) {
+		if (!c->devs[m] || test_bit(m, &bad))
+			continue;
+		sb = page_address(c->sb[m].page);
+		if (le64_to_cpu(sb->data_offset) != c->data_offset) {
+			*error = "data_offset differs from the md superblocks";
+			return -EINVAL;
+		}
+		dn = le32_to_cpu(sb->dev_number);
+		role = gr_sb_role(sb, dn);
+		if (role < MD_DISK_ROLE_MAX && role != m) {
+			DMERR("member %u (%s) has role %u in its superblock",
+			      m, c->devs[m]->name, role);
+			*error = "Member order differs from the md superblocks' roles";
+			return -EINVAL;
+		}
+		ev = le64_to_cpu(sb->events);
+		if (role != m || gr_sb_role(f, dn) != m || ev + 1 < max_ev ||
+		    ((le32_to_cpu(sb->feature_map) & MD_FEATURE_RECOVERY_OFFSET) &&
+		     le64_to_cpu(sb->recovery_offset) < le64_to_cpu(f->size))) {
+			DMERR("member %u (%s) is stale (events %llu of %llu, role %x by the array): out until rebuilt",
+			      m, c->devs[m]->name, ev, max_ev,
+			      gr_sb_role(f, dn));
+			__set_bit(m, &stale);
+		}
+	}
+	failed = c->missing | bad | stale;
+	if (hweight_long(failed) > 2) {
+		*error = "More than two members missing or stale";
+		return -EINVAL;
+	}
+	cp = le64_to_cpu(f->resync_offset);
+	if (cp >= size << c->chunk_shift)
+		cp = GR_IN_SYNC;
+	if (cp != GR_IN_SYNC && hweight_long(failed) > 1) {
+		*error = "Dirty md array with two members out: parity cannot be trusted";
+		return -EINVAL;
+	}
+
+	/* the array's state: the freshest superblock's */
+	max_dev = le32_to_cpu(f->max_dev);
+	for (m = 0; m < c->ndevs; m++)
+		c->devnum[m] = -1;
+	for (dn = 0; dn < max_dev; dn++) {
+		role = le16_to_cpu(f->dev_roles[dn]);
+		if (role < c->ndevs)
+			c->devnum[role] = dn;
+	}
+	for (m = 0; m < c->ndevs; m++) {
+		if (!c->devs[m] || test_bit(m, &failed) || m == fresh)
+			continue;
+		sb = page_address(c->sb[m].page);
+		memcpy(sb->dev_roles, f->dev_roles,
+		       2 * min(max_dev, le32_to_cpu(sb->max_dev)));
+	}
+	c->stale = stale;
+	c->failed = failed;
+	c->recorded = failed;
+	c->events = max_ev;
+	c->in_sync = true;
+	c->resync_cp = cp;
+	c->written_cp = cp;
+	c->sync_rows = size;
+	return 0;
+}
+
+/*
+ * Write the array's state into every live member's superblock, events
+ * bumped, and wait. A member that cannot take it fails, and the others
+ * record that too. sb_lock held.
+ */
+static void gr_sb_update(struct gr_ctx *c)
+{
+	u64 now = ktime_get_real_seconds() & ((1ULL << 40) - 1);
+	unsigned long failed, errors;
+	struct gr_batch b;
+	unsigned int m, i;
+
+	do {
+		failed = READ_ONCE(c->failed);
+		if (!c->md)
+			break;
+		c->events++;
+		gr_batch_start(&b);
+		for (m = 0; m < c->ndevs; m++) {
+			struct mdp_superblock_1 *sb;
+
+			if (test_bit(m, &failed))
+				continue;
+			sb = page_address(c->sb[m].page);
+			sb->events = cpu_to_le64(c->events);
+			sb->utime = cpu_to_le64(now);
+			sb->resync_offset = cpu_to_le64(c->in_sync ?
+							c->resync_cp : 0);
+			for_each_set_bit(i, &failed, c->ndevs)
+				if (c->devnum[i] >= 0 &&
+				    c->devnum[i] < le32_to_cpu(sb->max_dev))
+					sb->dev_roles[c->devnum[i]] =
+						cpu_to_le16(MD_DISK_ROLE_FAULTY);
+			sb->sb_csum = gr_sb_csum(sb);
+			gr_mio_at(c, &b, m, REQ_OP_WRITE | REQ_SYNC |
+				  REQ_PREFLUSH | REQ_FUA, c->sb[m].sector,
+				  sb, c->sb[m].size);
+		}
+		errors = gr_batch_end(&b);
+		for_each_set_bit(m, &errors, c->ndevs)
+			gr_fail(c, m);
+	} while (errors);
+	c->written_cp = c->in_sync ? c->resync_cp : 0;
+	c->recorded = failed;
+}
+
+/* Record member failures not recorded yet; before a write is acknowledged. */
+static void gr_sb_settle(struct gr_ctx *c)
+{
+	if (!(READ_ONCE(c->failed) & ~READ_ONCE(c->recorded)))
+		return;
+	mutex_lock(&c->sb_lock);
+	if (c->failed & ~c->recorded)
+		gr_sb_update(c);
+	mutex_unlock(&c->sb_lock);
+}
+
+/* md_write_start: the superblocks say active before the first write. */
+static void gr_write_start(struct gr_ctx *c)
+{
+	if (!c->md)
+		return;
+	mutex_lock(&c->sb_lock);
+	atomic_inc(&c->writes);
+	if (c->in_sync) {
+		c->in_sync = false;
+		gr_sb_update(c);
+	}
+	mutex_unlock(&c->sb_lock);
+}
+
+static void gr_write_end(struct gr_ctx *c)
+{
+	if (c->md && atomic_dec_and_test(&c->writes))
+		mod_delayed_work(c->mdwq, &c->safemode,
+				 msecs_to_jiffies(GR_SAFEMODE_MS));
+}
+
+/* md's safe mode: clean again once no write came for a while. */
+static void gr_safemode(struct work_struct *work)
+{
+	struct gr_ctx *c = container_of(to_delayed_work(work), struct gr_ctx,
+					safemode);
+
+	mutex_lock(&c->sb_lock);
+	if (!c->in_sync && !atomic_read(&c->writes)) {
+		c->in_sync = true;
+		gr_sb_update(c);
+	}
+	mutex_unlock(&c->sb_lock);
+}
+
+static void gr_event(struct work_struct *work)
+{
+	struct gr_ctx *c = container_of(work, struct gr_ctx, event_work);
+
+	dm_table_event(c->ti->table);
+}
+
+/* A resync checkpoint; written now if the array is clean. */
+static void gr_resync_cp(struct gr_ctx *c, sector_t cp)
+{
+	mutex_lock(&c->sb_lock);
+	WRITE_ONCE(c->resync_cp, cp);
+	if (c->md && c->in_sync && c->written_cp != cp)
+		gr_sb_update(c);
+	mutex_unlock(&c->sb_lock);
+}
+
+/* ---- background work: resync, check, repair -------------------------------- */
+
+/*
+ * One segment of every member: read all, recompute P and Q, compare in
+ * 4 KiB columns (md's stripe unit: a mismatch counts 8 sectors) and, for
+ * resync and repair, write P/Q where they differ. A row with a data block
+ * lost has nothing to compare with and is passed over. False when the
+ * array has lost more than two members.
+ */
+static bool gr_sync_seg(struct gr_ctx *c, struct gr_buf *buf,
+			const struct gr_row *r, sector_t row, sector_t col,
+			unsigned int nsec, int action)
+{
+	unsigned int P = c->nslots - 2, Q = c->nslots - 1, len = nsec << 9;
+	struct gr_batch *b = &buf->batch;
+	void *ptrs[GR_MAX_SLOTS];
+	unsigned int i, m, bad = 0;
+	unsigned long failed;
+	bool hp, hq;
+
+redo:
+	failed = READ_ONCE(c->failed);
+	if (hweight_long(failed) > 2)
+		return false;
+	for (i = 0; i < c->ndata; i++)
+		if (test_bit(r->data[i], &failed))
+			return true;
+	hp = !test_bit(r->phys[P], &failed);
+	hq = !test_bit(r->phys[Q], &failed);
+	gr_batch_start(b);
+	for (m = 0; m < c->ndevs; m++)
+		if (!test_bit(m, &failed))
+			gr_mio(c, b, m, REQ_OP_READ, row, col,
+			       buf->blk[r->slot[m]], len);
+	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
+		goto redo;
+	memcpy(buf->nd[0], buf->blk[P], len);
+	memcpy(buf->nd[1], buf->blk[Q], len);
+	gr_ptrs(c, buf, r, ptrs);
+	gr_compute(c, KGPU_SVC_RAID6_GEN, ptrs, len, GR_NONE, GR_NONE);
+	for (i = 0; i < len; i += PAGE_SIZE) {
+		unsigned int n = min_t(unsigned int, PAGE_SIZE, len - i);
+
+		if ((hp && memcmp(buf->nd[0] + i, buf->blk[P] + i, n)) ||
+		    (hq && memcmp(buf->nd[1] + i, buf->blk[Q] + i, n)))
+			bad++;
+	}
+	if (!bad)
+		return true;
+	if (action != GR_RESYNC)	/* md counts check and repair */
+		atomic64_add(bad * (PAGE_SIZE >> 9), &c->mismatches);
+	if (action == GR_CHECK)
+		return true;
+	gr_batch_start(b);
+	for (i = P; i <= Q; i++)
+		if (!test_bit(r->phys[i], &failed))
+			gr_mio(c, b, r->phys[i], REQ_OP_WRITE, row, col,
+			       buf->blk[i], len);
+	gr_batch_wait(c, b);
+	return true;
+}
+
+/*
+ * md's speed limits, per member: at most rate_max KiB/s, and no more than
+ * rate_min while user I/O came in since the last look. Measured over
+ * windows of about a second; one sleep is at most 100 ms, so a stop is
+ * seen quickly.
+ */
+static void gr_throttle(struct gr_ctx *c, sector_t pos, sector_t *wpos,
+			unsigned long *wt, u64 *ios)
+{
+	u64 now_ios = atomic64_read(&c->user_ios);
+	u32 limit = now_ios != *ios ? c->rate_min : c->rate_max;
+	unsigned long ms = jiffies_to_msecs(jiffies - *wt) + 1;
+	u64 need = div_u64((u64)((pos - *wpos) >> 1) * 1000, limit);
+
+	*ios = now_ios;
+	if (need > ms)
+		msleep(min_t(u64, need - ms, 100));
+	if (ms > 1000) {
+		*wt = jiffies;
+		*wpos = pos;
+	}
+}
+
+static void gr_sync_run(struct work_struct *work)
+{
+	struct gr_ctx *c = container_of(work, struct gr_ctx, sync_work);
+	sector_t end = c->sync_rows << c->chunk_shift, pos = c->sync_pos;
+	sector_t wpos = pos;
+	unsigned long wt = jiffies, ck = jiffies;
+	u64 ios = atomic64_read(&c->user_ios);
+	int action = c->action;
+	bool ok = true;
+
+	DMINFO("%s: %s from sector %llu of %llu per member",
+	       dm_table_device_name(c->ti->table), gr_action_name[action],
+	       (unsigned long long)pos, (unsigned long long)end);
+	while (pos < end && !READ_ONCE(c->sync_stop)) {
+		sector_t row = pos >> c->chunk_shift, col = pos & (c->chunk - 1);
+		unsigned int n = min_t(sector_t, c->seg_sectors, c->chunk - col);
+		struct mutex *lock = &c->locks[row % GR_LOCKS];
+		struct gr_buf *buf;
+		struct gr_row r;
+
+		gr_map_row(c, row, &r);
+		mutex_lock(lock);
+		buf = gr_buf_get(c);
+		ok = gr_sync_seg(c, buf, &r, row, col, n, action);
+		gr_buf_put(c, buf);
+		mutex_unlock(lock);
+		if (!ok)
+			break;
+		pos += n;
+		WRITE_ONCE(c->sync_pos, pos);
+		if (action == GR_RESYNC && time_after(jiffies, ck + HZ)) {
+			gr_resync_cp(c, pos);
+			ck = jiffies;
+		}
+		gr_throttle(c, pos, &wpos, &wt, &ios);
+		cond_resched();
+	}
+	gr_sb_settle(c);
+	if (action == GR_RESYNC)
+		gr_resync_cp(c, pos >= end ? GR_IN_SYNC : pos);
+	DMINFO("%s: %s %s at sector %llu, %llu mismatched sectors",
+	       dm_table_device_name(c->ti->table), gr_action_name[action],
+	       pos >= end ? "done" : ok ? "interrupted" : "aborted",
+	       (unsigned long long)pos,
+	       (unsigned long long)atomic64_read(&c->mismatches));
+	WRITE_ONCE(c->action, GR_IDLE);
+	schedule_work(&c->event_work);
+}
+
+/* Start, stop and restart background work: sync_lock held. */
+static void gr_sync_start(struct gr_ctx *c, int action)
+{
+	if (action == GR_RESYNC) {
+		c->sync_pos = READ_ONCE(c->resync_cp);
+	} else {
+		c->sync_pos = 0;
+		atomic64_set(&c->mismatches, 0);
+	}
+	c->sync_stop = false;
+	WRITE_ONCE(c->action, action);
+	queue_work(system_long_wq, &c->sync_work);
+}
+
+static void gr_sync_stop(struct gr_ctx *c)
+{
+	WRITE_ONCE(c->sync_stop, true);
+	flush_work(&c->sync_work);
+	c->sync_stop = false;
+}
+
+/* A resync that the array needs starts unless frozen or suspended. */
+static void gr_sync_kick(struct gr_ctx *c)
+{
+	if (!c->frozen && !c->suspended && READ_ONCE(c->action) == GR_IDLE &&
+	    READ_ONCE(c->resync_cp) != GR_IN_SYNC && gr_nfailed(c) <= 2)
+		gr_sync_start(c, GR_RESYNC);
 }
 
 static void gr_work(struct work_struct *work)
@@ -720,6 +1329,8 @@ static void gr_work(struct work_struct *work)
 		return;
 	}
 	gr_map_row(c, row, &r);
+	if (bio_data_dir(bio) == WRITE)
+		gr_write_start(c);
 	lock = &c->locks[row % GR_LOCKS];
 	mutex_lock(lock);
 	buf = gr_buf_get(c);
@@ -748,8 +1359,22 @@ static void gr_work(struct work_struct *work)
 	}
 	gr_buf_put(c, buf);
 	mutex_unlock(lock);
+	/* a failure this write counted on is on the superblocks first */
+	gr_sb_settle(c);
+	if (bio_data_dir(bio) == WRITE)
+		gr_write_end(c);
 	bio->bi_status = ret ? BLK_STS_IOERR : BLK_STS_OK;
 	bio_endio(bio);
+}
+
+/* A flush that failed on a member: acknowledged once the failure is recorded. */
+static void gr_flush_work(struct work_struct *work)
+{
+	struct gr_io *io = container_of(work, struct gr_io, work);
+
+	gr_sb_settle(io->c);
+	io->bio->bi_status = gr_nfailed(io->c) > 2 ? BLK_STS_IOERR : BLK_STS_OK;
+	bio_endio(io->bio);
 }
 
 /* ---- target --------------------------------------------------------------- */
@@ -761,13 +1386,29 @@ static void gr_dtr(struct dm_target *ti)
 
 	if (!c)
 		return;
+	/* presuspend stopped background work; a table never resumed has none */
+	cancel_work_sync(&c->sync_work);
+	cancel_delayed_work_sync(&c->safemode);
+	cancel_work_sync(&c->event_work);
+	if (c->mdwq)
+		destroy_workqueue(c->mdwq);
 	if (c->wq)
 		destroy_workqueue(c->wq);
-	for (i = 0; i < GR_NBUF; i++)
+	for (i = 0; i < GR_NBUF; i++) {
 		for (s = 0; s < GR_MAX_SLOTS; s++)
 			if (c->bufs[i].blk[s])
 				free_pages((unsigned long)c->bufs[i].blk[s],
 					   get_order(GR_SEG));
+		for (s = 0; s < GR_MAX_DEVS; s++)
+			if (c->bufs[i].nd[s])
+				free_pages((unsigned long)c->bufs[i].nd[s],
+					   get_order(GR_SEG));
+	}
+	for (i = 0; i < GR_MAX_DEVS; i++)
+		if (c->sb[i].page) {
+			memzero_page(c->sb[i].page, 0, PAGE_SIZE);
+			__free_page(c->sb[i].page);
+		}
 	if (c->bs_ready)
 		bioset_exit(&c->bs);
 	for (i = 0; i < GR_MAX_DEVS; i++)
@@ -775,6 +1416,8 @@ static void gr_dtr(struct dm_target *ti)
 			dm_put_device(ti, c->devs[i]);
 	for (i = 0; i < GR_LOCKS; i++)
 		mutex_destroy(&c->locks[i]);
+	mutex_destroy(&c->sb_lock);
+	mutex_destroy(&c->sync_lock);
 	kfree(c);
 	ti->private = NULL;
 }
@@ -794,19 +1437,27 @@ static void gr_dtr(struct dm_target *ti)
  *			(at most two)
  * opt params:		data_offset <sectors>: where data starts on every
  *			member (md metadata 1.1/1.2)
+ *			md_superblocks: the members carry md v1.x superblocks
+ *			(metadata 1.0, 1.1, 1.2) and the target keeps the
+ *			array's state in them as md does (see "md state");
+ *			without it the array has no persistent state
+ *			min_recovery_rate <KiB/s>, max_recovery_rate <KiB/s>:
+ *			per member, for resync, check and repair (dm-raid's
+ *			names; md's speed_limit_min/max, 1000 and 200000)
  *
  * The target is at most #devs - 2 data chunks per row times the rows that
- * fit the smallest member after data_offset.
+ * fit the smallest member after data_offset (with md_superblocks: the
+ * rows of the array's per-member size).
  */
 static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	static const struct dm_arg _args[] = {
-		{0, 2, "Invalid number of optional parameters"},
+		{0, 7, "Invalid number of optional parameters"},
 	};
 	struct dm_arg_set as = { .argc = argc, .argv = argv };
 	unsigned long long v;
 	sector_t min_size = ~(sector_t)0, rows;
-	unsigned int i, s, nopt, ndevs;
+	unsigned int i, j, s, nopt, ndevs;
 	struct gr_ctx *c;
 	const char *arg;
 	char dummy;
@@ -828,6 +1479,16 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	spin_lock_init(&c->buf_lock);
 	INIT_LIST_HEAD(&c->free_bufs);
 	init_waitqueue_head(&c->buf_wait);
+	mutex_init(&c->sb_lock);
+	mutex_init(&c->sync_lock);
+	INIT_DELAYED_WORK(&c->safemode, gr_safemode);
+	INIT_WORK(&c->event_work, gr_event);
+	INIT_WORK(&c->sync_work, gr_sync_run);
+	c->in_sync = true;
+	c->resync_cp = GR_IN_SYNC;
+	c->written_cp = GR_IN_SYNC;
+	c->rate_min = GR_RATE_MIN;
+	c->rate_max = GR_RATE_MAX;
 
 	r = -EINVAL;
 	arg = dm_shift_arg(&as);
@@ -890,6 +1551,13 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		}
 	}
 	r = -EINVAL;
+	for (i = 0; i < ndevs; i++)
+		for (j = i + 1; j < ndevs; j++)
+			if (c->devs[i] && c->devs[j] &&
+			    c->devs[i]->bdev == c->devs[j]->bdev) {
+				ti->error = "The same device is given as two members";
+				goto bad;
+			}
 	if (hweight_long(c->missing) > 2) {
 		ti->error = "More than two members missing";
 		goto bad;
@@ -915,6 +1583,29 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				}
 				c->data_offset = v;
 				c->data_offset_set = true;
+			} else if (!strcasecmp(arg, "md_superblocks")) {
+				c->md = true;
+			} else if (!strcasecmp(arg, "min_recovery_rate") ||
+				   !strcasecmp(arg, "max_recovery_rate")) {
+				bool max = !strcasecmp(arg, "max_recovery_rate");
+
+				if (!nopt--) {
+					ti->error = "Recovery rate needs a value";
+					goto bad;
+				}
+				arg = dm_shift_arg(&as);
+				if (sscanf(arg, "%llu%c", &v, &dummy) != 1 ||
+				    !v || v > INT_MAX) {
+					ti->error = "Invalid recovery rate (KiB/s per member, 1 or more)";
+					goto bad;
+				}
+				if (max) {
+					c->rate_max = v;
+					c->rate_max_set = true;
+				} else {
+					c->rate_min = v;
+					c->rate_min_set = true;
+				}
 			} else {
 				ti->error = "Unknown optional parameter";
 				goto bad;
@@ -940,26 +1631,60 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	}
 	c->rows = DIV_ROUND_UP_SECTOR_T(ti->len,
 					(sector_t)c->ndata << c->chunk_shift);
+	c->sync_rows = c->rows;
+	/* one limit given: the other default gives way to it */
+	if (c->rate_min > c->rate_max) {
+		if (c->rate_min_set && c->rate_max_set) {
+			ti->error = "min_recovery_rate is above max_recovery_rate";
+			goto bad;
+		}
+		if (c->rate_max_set)
+			c->rate_min = c->rate_max;
+		else
+			c->rate_max = c->rate_min;
+	}
 
+	/* member bios: GR_NBUF stripe buffers' and one superblock update's */
 	r = -ENOMEM;
-	if (bioset_init(&c->bs, ndevs * GR_NBUF, 0, BIOSET_NEED_BVECS)) {
+	if (bioset_init(&c->bs, ndevs * (GR_NBUF + 1), 0, BIOSET_NEED_BVECS)) {
 		ti->error = "Cannot allocate bio set";
 		goto bad;
 	}
 	c->bs_ready = true;
+	if (c->md) {
+		for (i = 0; i < ndevs; i++) {
+			if (!c->devs[i])
+				continue;
+			c->sb[i].page = alloc_page(GFP_KERNEL);
+			if (!c->sb[i].page) {
+				ti->error = "Cannot allocate superblock pages";
+				goto bad;
+			}
+		}
+		r = gr_md_load(c, &ti->error);
+		if (r)
+			goto bad;
+		r = -ENOMEM;
+	}
 	for (i = 0; i < GR_NBUF; i++) {
-		for (s = 0; s < c->nslots; s++) {
-			c->bufs[i].blk[s] = (u8 *)__get_free_pages(GFP_KERNEL,
-							get_order(GR_SEG));
-			if (!c->bufs[i].blk[s]) {
+		for (s = 0; s < c->nslots + c->ndata; s++) {
+			u8 *p = (u8 *)__get_free_pages(GFP_KERNEL,
+						       get_order(GR_SEG));
+
+			if (!p) {
 				ti->error = "Cannot allocate stripe buffers";
 				goto bad;
 			}
+			if (s < c->nslots)
+				c->bufs[i].blk[s] = p;
+			else
+				c->bufs[i].nd[s - c->nslots] = p;
 		}
 		list_add(&c->bufs[i].node, &c->free_bufs);
 	}
 	c->wq = alloc_workqueue("kgpu_raid6", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
-	if (!c->wq) {
+	c->mdwq = alloc_ordered_workqueue("kgpu_raid6_md", WQ_MEM_RECLAIM);
+	if (!c->wq || !c->mdwq) {
 		ti->error = "Cannot allocate workqueue";
 		goto bad;
 	}
@@ -1009,6 +1734,7 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 	    (bio_op(bio) != REQ_OP_READ && bio_op(bio) != REQ_OP_WRITE))
 		return DM_MAPIO_KILL;
 
+	atomic64_inc(&c->user_ios);	/* background work yields to it */
 	io->sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
 	chunk = io->sector >> c->chunk_shift;
 	off = io->sector & (c->chunk - 1);
@@ -1047,11 +1773,17 @@ static int gr_end_io(struct dm_target *ti, struct bio *bio,
 	if (!*error)
 		return DM_ENDIO_DONE;
 	if (io->flush) {
-		/* a member that cannot flush is dead; the array carries on */
+		/*
+		 * A member that cannot flush is dead; the array carries on,
+		 * once the superblocks say so (gr_flush_work, which ends the
+		 * bio again: then io->flush is false).
+		 */
 		gr_fail(c, io->member);
-		if (gr_nfailed(c) <= 2)
-			*error = BLK_STS_OK;
-		return DM_ENDIO_DONE;
+		io->flush = false;
+		bio->bi_status = BLK_STS_OK;
+		INIT_WORK(&io->work, gr_flush_work);
+		queue_work(c->wq, &io->work);
+		return DM_ENDIO_INCOMPLETE;
 	}
 	if (!io->remapped)
 		return DM_ENDIO_DONE;
@@ -1067,25 +1799,44 @@ static int gr_end_io(struct dm_target *ti, struct bio *bio,
 }
 
 /*
- * Status:
- *   <#devs> <health> <stripes_written> <degraded_reads> <gpu> <helper_cpu>
- *   <kernel>
- * health: one character per member, A (alive) or D (dead or missing);
- * the last three count P/Q and recovery computations done by the helper's
- * GPU, the helper's CPU and the kernel's raid6_pq.
+ * Status, dm-raid's fields first, then kgpu's counters:
+ *   <raid_type> <#devs> <health> <sync_ratio> <sync_action> <mismatch_cnt>
+ *   <data_offset> <journal> <stripes_written> <degraded_reads> <gpu>
+ *   <helper_cpu> <kernel>
+ * raid_type: dm-raid's name of the layout (raid6_ls, raid6_zr, ...);
+ * health: per member, D (dead, missing or stale), a (alive, the array not
+ * in sync yet), A (alive and in sync); sync_ratio: per-member sectors done
+ * of the resync or check running, or in sync; sync_action: idle, frozen,
+ * resync, check or repair; mismatch_cnt: sectors, as md's; journal: "-"
+ * (none); the last three count P/Q and recovery computations done by the
+ * helper's GPU, the helper's CPU and the kernel's raid6_pq.
  */
 static void gr_status(struct dm_target *ti, status_type_t type,
 		      unsigned int status_flags, char *result,
 		      unsigned int maxlen)
 {
 	struct gr_ctx *c = ti->private;
-	unsigned int sz = 0, i;
+	sector_t total = c->sync_rows << c->chunk_shift, cur;
+	sector_t cp = READ_ONCE(c->resync_cp);
+	int action = READ_ONCE(c->action);
+	unsigned int sz = 0, i, nopt;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
-		DMEMIT("%u ", c->ndevs);
+		DMEMIT("%s %u ", c->layout->dmraid, c->ndevs);
 		for (i = 0; i < c->ndevs; i++)
-			DMEMIT("%c", gr_dead(c, i) ? 'D' : 'A');
+			DMEMIT("%c", gr_dead(c, i) ? 'D' :
+			       cp == GR_IN_SYNC ? 'A' : 'a');
+		if (action != GR_IDLE)
+			cur = READ_ONCE(c->sync_pos);
+		else
+			cur = cp == GR_IN_SYNC ? total : cp;
+		DMEMIT(" %llu/%llu %s %llu %llu -", (unsigned long long)cur,
+		       (unsigned long long)total,
+		       action == GR_IDLE && c->frozen ? "frozen" :
+		       gr_action_name[action],
+		       (unsigned long long)atomic64_read(&c->mismatches),
+		       (unsigned long long)c->data_offset);
 		DMEMIT(" %llu %llu %llu %llu %llu",
 		       (unsigned long long)atomic64_read(&c->stripes_written),
 		       (unsigned long long)atomic64_read(&c->degraded_reads),
@@ -1097,14 +1848,136 @@ static void gr_status(struct dm_target *ti, status_type_t type,
 		DMEMIT("%s %u %u", c->layout->name, c->chunk, c->ndevs);
 		for (i = 0; i < c->ndevs; i++)
 			DMEMIT(" %s", c->devs[i] ? c->devs[i]->name : "-");
+		nopt = 2 * c->data_offset_set + c->md + 2 * c->rate_min_set +
+		       2 * c->rate_max_set;
+		if (nopt)
+			DMEMIT(" %u", nopt);
 		if (c->data_offset_set)
-			DMEMIT(" 2 data_offset %llu",
+			DMEMIT(" data_offset %llu",
 			       (unsigned long long)c->data_offset);
+		if (c->md)
+			DMEMIT(" md_superblocks");
+		if (c->rate_min_set)
+			DMEMIT(" min_recovery_rate %u", c->rate_min);
+		if (c->rate_max_set)
+			DMEMIT(" max_recovery_rate %u", c->rate_max);
 		break;
 	case STATUSTYPE_IMA:
 		*result = '\0';
 		break;
 	}
+}
+
+/*
+ * Messages, as dm-raid's:
+ *   check	read every stripe, recompute P/Q, count mismatches (sectors)
+ *   repair	the same, and rewrite P/Q where they differ
+ *   idle	stop a check or repair (a resync the array needs goes on)
+ *   frozen	stop all background work, resync included, until "idle"
+ */
+static int gr_message(struct dm_target *ti, unsigned int argc, char **argv,
+		      char *result, unsigned int maxlen)
+{
+	struct gr_ctx *c = ti->private;
+	int r = 0, action;
+
+	if (argc != 1) {
+		DMWARN("a message is one word: check, repair, idle or frozen");
+		return -EINVAL;
+	}
+	if (!strcasecmp(argv[0], "check")) {
+		action = GR_CHECK;
+	} else if (!strcasecmp(argv[0], "repair")) {
+		action = GR_REPAIR;
+	} else if (!strcasecmp(argv[0], "idle") ||
+		   !strcasecmp(argv[0], "frozen")) {
+		action = GR_IDLE;
+	} else {
+		DMWARN("unrecognised message '%s' (check, repair, idle, frozen)",
+		       argv[0]);
+		return -EINVAL;
+	}
+
+	mutex_lock(&c->sync_lock);
+	if (action == GR_IDLE) {
+		gr_sync_stop(c);
+		c->frozen = !strcasecmp(argv[0], "frozen");
+		gr_sync_kick(c);
+	} else if (c->suspended) {
+		DMWARN("%s: the array is suspended", argv[0]);
+		r = -EBUSY;
+	} else if (READ_ONCE(c->action) != GR_IDLE) {
+		DMWARN("%s: %s is running ('idle' stops a check or repair)",
+		       argv[0], gr_action_name[READ_ONCE(c->action)]);
+		r = -EBUSY;
+	} else if (READ_ONCE(c->resync_cp) != GR_IN_SYNC) {
+		DMWARN("%s: the array needs a resync first ('idle' starts it)",
+		       argv[0]);
+		r = -EBUSY;
+	} else {
+		c->frozen = false;
+		gr_sync_start(c, action);
+	}
+	mutex_unlock(&c->sync_lock);
+	return r;
+}
+
+static void gr_presuspend(struct dm_target *ti)
+{
+	struct gr_ctx *c = ti->private;
+
+	mutex_lock(&c->sync_lock);
+	c->suspended = true;
+	gr_sync_stop(c);
+	mutex_unlock(&c->sync_lock);
+}
+
+/* No I/O in flight: the array is clean, with its resync checkpoint. */
+static void gr_postsuspend(struct dm_target *ti)
+{
+	struct gr_ctx *c = ti->private;
+
+	cancel_delayed_work_sync(&c->safemode);
+	mutex_lock(&c->sb_lock);
+	if (!c->in_sync || c->written_cp != c->resync_cp ||
+	    (c->failed & ~c->recorded)) {
+		c->in_sync = true;
+		gr_sb_update(c);
+	}
+	mutex_unlock(&c->sb_lock);
+}
+
+/*
+ * A table loaded while another ran read the superblocks before that one's
+ * last update: read them again before the first resume.
+ */
+static int gr_preresume(struct dm_target *ti)
+{
+	struct gr_ctx *c = ti->private;
+	char *error = NULL;
+	int r;
+
+	if (!c->md || c->activated)
+		return 0;
+	mutex_lock(&c->sb_lock);
+	r = gr_md_load(c, &error);
+	mutex_unlock(&c->sb_lock);
+	if (r)
+		DMERR("%s: cannot resume: %s",
+		      dm_table_device_name(ti->table), error);
+	return r;
+}
+
+static void gr_resume(struct dm_target *ti)
+{
+	struct gr_ctx *c = ti->private;
+
+	c->activated = true;
+	gr_sb_settle(c);
+	mutex_lock(&c->sync_lock);
+	c->suspended = false;
+	gr_sync_kick(c);
+	mutex_unlock(&c->sync_lock);
 }
 
 static int gr_iterate_devices(struct dm_target *ti,
@@ -1131,13 +2004,18 @@ static void gr_io_hints(struct dm_target *ti, struct queue_limits *limits)
 
 static struct target_type gr_target = {
 	.name		 = "gpu-raid6",
-	.version	 = {1, 0, 0},
+	.version	 = {1, 1, 0},
 	.module		 = THIS_MODULE,
 	.ctr		 = gr_ctr,
 	.dtr		 = gr_dtr,
 	.map		 = gr_map,
 	.end_io		 = gr_end_io,
+	.presuspend	 = gr_presuspend,
+	.postsuspend	 = gr_postsuspend,
+	.preresume	 = gr_preresume,
+	.resume		 = gr_resume,
 	.status		 = gr_status,
+	.message	 = gr_message,
 	.iterate_devices = gr_iterate_devices,
 	.io_hints	 = gr_io_hints,
 };

@@ -1,15 +1,21 @@
 """``kgpu raid6``: open md-compatible RAID6 arrays with the gpu-raid6 target.
 
 The target's table line is
-``0 <len> gpu-raid6 <layout> <chunk_sectors> <#devs> <dev0>... [2 data_offset <sectors>]``;
-this module builds it, either from a layout and chunk given by hand or
-from what ``mdadm --examine`` says about members of an array that mdadm
-created, and runs dmsetup. The pure parts (table lines, --examine parsing)
-are plain functions, tested without a kernel.
+``0 <len> gpu-raid6 <layout> <chunk_sectors> <#devs> <dev0>... [<#opts>
+[data_offset <sectors>] [md_superblocks]]``; this module builds it, either
+from a layout and chunk given by hand or from what ``mdadm --examine`` says
+about members of an array that mdadm created (then with md_superblocks:
+the target keeps md's state in the members' superblocks and decides which
+members are stale), and runs dmsetup. ``status`` shows the target's status
+for people and follows a resync or check with a progress bar. The pure
+parts (table lines, --examine and status parsing) are plain functions,
+tested without a kernel.
 """
 
 import re
 import subprocess
+import sys
+import time
 
 import click
 
@@ -46,7 +52,8 @@ def parse_chunk(text):
     return sectors
 
 
-def table_line(layout, chunk_sectors, devices, length, data_offset=0):
+def table_line(layout, chunk_sectors, devices, length, data_offset=0,
+               md_superblocks=False):
     """The dmsetup table line for the target (one line, no newline)."""
     if layout not in LAYOUTS:
         raise Raid6Error(f"unknown layout {layout!r}; known: "
@@ -63,8 +70,13 @@ def table_line(layout, chunk_sectors, devices, length, data_offset=0):
         raise Raid6Error("the members are too small for one row of chunks")
     line = (f"0 {length} gpu-raid6 {LAYOUTS[layout]} {chunk_sectors} {n} "
             + " ".join(devices))
+    opts = []
     if data_offset:
-        line += f" 2 data_offset {data_offset}"
+        opts += ["data_offset", str(data_offset)]
+    if md_superblocks:
+        opts.append("md_superblocks")
+    if opts:
+        line += f" {len(opts)} " + " ".join(opts)
     return line
 
 
@@ -162,19 +174,19 @@ def geometry_from_examines(examines):
     if first["layout"] not in LAYOUTS:
         raise Raid6Error(f"layout {first['layout']!r} is not supported; "
                          f"supported: {', '.join(sorted(LAYOUTS))}")
+    # Members whose events lag are passed on: the target reads every
+    # superblock (md_superblocks) and keeps a stale member out.
     devices = [MISSING] * n
     for dev, e in examines.items():
         if not 0 <= e["role"] < n:
             raise Raid6Error(f"{dev} claims role {e['role']} of {n}")
-        if devices[e["role"]] != MISSING:
-            raise Raid6Error(f"{dev} and {devices[e['role']]} both claim "
-                             f"role {e['role']}")
+        other = devices[e["role"]]
+        if other != MISSING:
+            raise Raid6Error(f"{dev} and {other} both claim role "
+                             f"{e['role']} (events {e['events']} and "
+                             f"{examines[other]['events']}): leave out the "
+                             f"stale one")
         devices[e["role"]] = dev
-    events = {e["events"] for e in examines.values()}
-    if len(events) > 1:
-        raise Raid6Error(f"the members' event counts differ ({sorted(events)}):"
-                         f" some member is stale; let mdadm --assemble sort "
-                         f"it out first")
     length = first["array_sectors"]
     if not length:
         raise Raid6Error("mdadm --examine shows no Array Size")
@@ -239,9 +251,14 @@ def raid6():
               help="Array length in sectors (default: whole rows of chunks on "
                    "the smallest member; give it for md arrays with metadata "
                    "at the end, or use --from-mdadm).")
+@click.option("--md-superblocks", is_flag=True,
+              help="The members carry md v1.x superblocks: keep the array's "
+                   "state in them as md does (implied by --from-mdadm). "
+                   "Without it the array has no persistent state: scratch "
+                   "arrays only.")
 @click.option("--dry-run", is_flag=True, help="Print the table line only.")
 def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
-           dry_run):
+           md_superblocks, dry_run):
     """Create device NAME over DEVICES ("-" for a missing member).
 
     \b
@@ -265,7 +282,8 @@ def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
                 examines[dev] = parse_examine(p.stdout)
             g = geometry_from_examines(examines)
             line = table_line(g["layout"], g["chunk_sectors"], g["devices"],
-                              g["length"], g["data_offset"])
+                              g["length"], g["data_offset"],
+                              md_superblocks=True)
         else:
             if not layout or not chunk:
                 raise Raid6Error("give --layout and --chunk, or --from-mdadm")
@@ -276,7 +294,8 @@ def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
             length = sectors or length_from_members(
                 [_member_sectors(d) for d in present], cs, len(devices),
                 data_offset)
-            line = table_line(layout, cs, list(devices), length, data_offset)
+            line = table_line(layout, cs, list(devices), length, data_offset,
+                              md_superblocks)
     except Raid6Error as e:
         raise click.ClickException(str(e)) from None
     _dmsetup_create(name, line, dry_run)
@@ -297,3 +316,100 @@ def remove(name):
         raise click.ClickException(f"dmsetup remove {name} failed: "
                                    f"{p.stderr.strip()}")
     click.echo(f"removed {name}")
+
+
+# dmsetup status of gpu-raid6: dm-raid's fields, then kgpu's counters.
+_STATUS_FIELDS = ("raid_type", "devices", "health", "sync_ratio", "action",
+                  "mismatch_cnt", "data_offset", "journal", "stripes_written",
+                  "degraded_reads", "gpu", "helper_cpu", "kernel")
+
+
+def parse_status(line):
+    """One ``dmsetup status`` line of a gpu-raid6 device, as a dict.
+
+    Adds ``synced`` and ``total`` (per-member sectors) from the ratio."""
+    f = line.split()
+    if len(f) < 3 + len(_STATUS_FIELDS) or f[2] != "gpu-raid6":
+        raise Raid6Error(f"not a gpu-raid6 status line: {line.strip()!r}")
+    st = dict(zip(_STATUS_FIELDS, f[3:]))
+    for k in _STATUS_FIELDS[5:]:
+        if k not in ("journal",):
+            st[k] = int(st[k])
+    st["devices"] = int(st["devices"])
+    done, _, total = st["sync_ratio"].partition("/")
+    st["synced"], st["total"] = int(done), int(total)
+    return st
+
+
+def describe_status(st):
+    """Lines for people."""
+    pct = 100.0 * st["synced"] / st["total"] if st["total"] else 100.0
+    health = st["health"]
+    state = ("in sync" if "a" not in health else "not in sync")
+    dead = [str(i) for i, ch in enumerate(health) if ch == "D"]
+    return [
+        f"layout        {st['raid_type']}, {st['devices']} members",
+        f"health        {health}" + (f"  (out: {', '.join(dead)})"
+                                     if dead else ""),
+        f"array         {state}; {st['action']} "
+        f"({st['synced']}/{st['total']} sectors per member, {pct:.1f}%)",
+        f"mismatches    {st['mismatch_cnt']} sectors (last check or repair)",
+        f"computations  gpu {st['gpu']}, helper cpu {st['helper_cpu']}, "
+        f"kernel {st['kernel']}",
+    ]
+
+
+def _status_of(name):
+    p = _run(["dmsetup", "status", name])
+    if p.returncode != 0:
+        raise click.ClickException(f"no device {name}: {p.stderr.strip()}")
+    try:
+        return parse_status(p.stdout)
+    except Raid6Error as e:
+        raise click.ClickException(str(e)) from None
+
+
+@raid6.command("status")
+@click.argument("name")
+@click.option("--wait", "wait", is_flag=True,
+              help="Follow a running resync, check or repair until it ends: "
+                   "a progress bar with rate and ETA on a terminal, a plain "
+                   "line every --interval seconds otherwise.")
+@click.option("--interval", type=click.FloatRange(0.1), default=5.0,
+              show_default=True, help="Seconds between plain lines.")
+@click.option("--timeout", type=click.FloatRange(0), default=0,
+              help="With --wait: give up after this many seconds (exit 1).")
+def status(name, wait, interval, timeout):
+    """Health, sync state and counters of the gpu-raid6 device NAME."""
+    st = _status_of(name)
+    for line in describe_status(st):
+        click.echo(line)
+    if not wait or st["action"] in ("idle", "frozen"):
+        return
+    start = time.monotonic()
+    tty = sys.stdout.isatty()
+    last = (start, st["synced"])
+    shown = start
+    action = st["action"]
+    with click.progressbar(length=st["total"], label=action,
+                           show_eta=True, show_percent=True,
+                           file=sys.stdout if tty else None) as bar:
+        bar.update(st["synced"])
+        while st["action"] == action:
+            if timeout and time.monotonic() - start > timeout:
+                raise click.ClickException(f"{action} still running after "
+                                           f"{timeout:g} s")
+            time.sleep(min(interval, 0.5) if tty else 0.5)
+            st = _status_of(name)
+            bar.update(max(0, st["synced"] - bar.pos))
+            now = time.monotonic()
+            if not tty and now - shown >= interval:
+                rate = (st["synced"] - last[1]) * 512 / max(now - last[0], 1e-6)
+                left = (st["total"] - st["synced"]) * 512 / rate \
+                    if rate > 0 else float("inf")
+                click.echo(f"{action}: {st['synced']}/{st['total']} sectors, "
+                           f"{rate / 1e6:.1f} MB/s per member, ETA "
+                           f"{left:.0f} s")
+                last, shown = (now, st["synced"]), now
+    click.echo(f"{action} ended: {st['action']}, mismatches "
+               f"{st['mismatch_cnt']} sectors, health {st['health']}")

@@ -214,7 +214,7 @@ wait $FP
 check degraded-fio-verify $? "fio read verify across the failure of member 2"
 ST=$(dmsetup status kgpu-r6)
 echo "$ST" > $OUT/status-degraded.txt
-echo "$ST" | awk '{print $5}' | grep -q '^AAD' ; check degraded-member-marked-dead $? "status: $ST"
+echo "$ST" | awk '{print $6}' | grep -q '^AAD' ; check degraded-member-marked-dead $? "status: $ST"
 echo 3 > /proc/sys/vm/drop_caches
 (cd $MNT && sha256sum -c --quiet $WORK/sums) > $OUT/sums-degraded.txt 2>&1
 check degraded-files-read $? "sha256 of every file with member 2 dead"

@@ -131,7 +131,7 @@ def test_collect_reads_the_scripts_files():
         "suite-stock-rand-4k.json": fio_text,
         "degraded-read.json": fio_text,
         "checks.txt": b"a PASS one two\nb FAIL three\n",
-        "status-kgpu-r6.txt": b"0 100 gpu-raid6 6 AAAAAA 1 2 3 4 5\n",
+        "status-kgpu-r6.txt": b"0 100 gpu-raid6 raid6_ls 6 AAAAAA 16/16 idle 0 0 - 1 2 3 4 5\n",
         "points.txt": b"1 md 4k randread 1 50 7 100\n",
         "pt1.json": fio_text,
         "kgpu-status.json": b'{"services": []}',

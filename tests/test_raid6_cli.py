@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from kgpu_helper.cli import cli
-from kgpu_helper.raid6_cli import (Raid6Error, geometry_from_examines,
+from kgpu_helper.raid6_cli import (Raid6Error, describe_status,
+                                   geometry_from_examines, parse_status,
                                    length_from_members, parse_chunk,
                                    parse_examine, table_line)
 
@@ -125,8 +126,8 @@ def test_ddf_layout_becomes_raid6_zr():
     ({"/dev/a": ex(0), "/dev/b": ex(1, layout="right-symmetric")}, "layout"),
     ({"/dev/a": ex(0, level="raid5"), "/dev/b": ex(1, level="raid5")},
      "raid5 array, not raid6"),
-    ({"/dev/a": ex(0), "/dev/b": ex(0)}, "both claim role 0"),
-    ({"/dev/a": ex(0), "/dev/b": ex(1, events=5)}, "stale"),
+    ({"/dev/a": ex(0), "/dev/b": ex(0, events=5)}, "both claim role 0 "
+     r"\(events 5 and 0\): leave out the stale one"),
     ({"/dev/a": ex(0, layout="ddf-N-continue")}, "not supported"),
 ])
 def test_geometry_refuses(examines, why):
@@ -167,3 +168,29 @@ def test_cli_dry_run_and_refusals():
     r = CliRunner().invoke(cli, ["raid6", "create", "x", "--from-mdadm",
                                  "--chunk", "64K", "a"])
     assert r.exit_code != 0 and "reads the geometry itself" in r.output
+
+
+def test_lagging_member_is_passed_on_to_the_target():
+    """The target decides which member is stale (md_superblocks)."""
+    g = geometry_from_examines({"/dev/a": ex(0, events=7),
+                                "/dev/b": ex(1, events=3),
+                                "/dev/c": ex(2, events=7)})
+    assert g["devices"][:3] == ["/dev/a", "/dev/b", "/dev/c"]
+    line = table_line(g["layout"], g["chunk_sectors"], g["devices"],
+                      g["length"], g["data_offset"], md_superblocks=True)
+    assert line.endswith(" 3 data_offset 2048 md_superblocks"), line
+    assert table_line("left-symmetric", 128, ["a", "b", "c", "d"], 256,
+                      md_superblocks=True).endswith(" 4 a b c d 1 md_superblocks")
+
+
+def test_parse_status_reads_dm_raid_fields_then_counters():
+    st = parse_status("0 6144 gpu-raid6 raid6_ls 6 aaDaaa 1024/4096 resync "
+                      "0 2048 - 5 6 7 8 9\n")
+    assert st["raid_type"] == "raid6_ls" and st["devices"] == 6
+    assert st["health"] == "aaDaaa" and st["action"] == "resync"
+    assert (st["synced"], st["total"]) == (1024, 4096)
+    assert st["data_offset"] == 2048 and st["kernel"] == 9
+    text = "\n".join(describe_status(st))
+    assert "out: 2" in text and "not in sync" in text and "25.0%" in text
+    with pytest.raises(Raid6Error, match="not a gpu-raid6 status"):
+        parse_status("0 100 crypt aes-xts-plain64 ...")

@@ -313,7 +313,9 @@ def test_table_and_status_lines(guest):
     assert table[:6] == ["0", "2048", "gpu-raid6", "raid6_zr", "128", "4"], table
     assert len(table) == 10 and table[7] == "-", table   # members as dev_t
     status = files["status.txt"].split()
-    assert status == ["0", "2048", "gpu-raid6", "4", "ADAA", "0", "0", "0",
+    # dm-raid's fields (no md_superblocks: always in sync), then kgpu's
+    assert status == ["0", "2048", "gpu-raid6", "raid6_zr", "4", "ADAA",
+                      "1024/1024", "idle", "0", "0", "-", "0", "0", "0",
                       "0", "0"], status
     assert len(devs) == 4
 
@@ -366,7 +368,7 @@ def test_member_failing_mid_run(guest):
     assert "verify failed" not in out and "bad magic" not in out, out
     assert f["rc"] == "0", out[-3000:]
     status = f["status"].split("_")
-    assert status[3] == "6" and status[4] == "AADAAA", status
+    assert status[3:6] == ["raid6_ls", "6", "AADAAA"], status
     dmesg = guest[1]["dmesg.txt"]
     assert dmesg.count("member 2 (") == 1, "failure logged once"
 

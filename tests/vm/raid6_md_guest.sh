@@ -1,0 +1,323 @@
+# gpu-raid6 with md_superblocks: md's array state, checked by md itself.
+#
+# Run as root inside a testbed guest (bash). Every array is made by mdadm
+# over dm-linear "shims" on loop files, so a member can fail (dm error), or
+# silently drop writes (dm-flakey drop_writes: a power cut), and come back.
+# md is the oracle at every step: mdadm --examine for the superblocks,
+# mdadm --assemble for who is in the array, md's check for parity.
+# Each story appends "<name> <key=value>..." to $KGPU_OUT/results; the
+# pytest side asserts. Usage: bash raid6_md_guest.sh <build dir>
+set -u
+B=$1
+O=$KGPU_OUT
+W=/mnt/r6md
+N=6
+MB=4
+res() { echo "$*" >> $O/results; }
+stamp() {  # a story starts: its time; the kernel log so far kept, then cleared
+    echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> $O/times
+    dmesg >> $O/dmesg.txt; dmesg -C
+}
+
+modprobe loop max_loop=64 2>/dev/null
+modprobe raid6_pq; modprobe dm_mod; modprobe raid456; modprobe dm_flakey
+insmod $B/kgpu.ko timeout_ms=5000 || exit 1
+insmod $B/dm-gpu-raid6.ko || exit 1
+mkdir -p $W; mount -t tmpfs -o size=1g tmpfs $W
+
+mkmembers() {  # tag [random]: N loop files behind shims /dev/mapper/<tag>m<i>
+    SH=""
+    for i in $(seq 0 $((N-1))); do
+        if [ "${2:-}" = random ]; then
+            head -c $((MB << 20)) /dev/urandom > $W/$1$i
+        else
+            truncate -s ${MB}M $W/$1$i
+        fi
+        l=$(losetup -f --show $W/$1$i)
+        echo $l > $W/$1$i.loop
+        dmsetup create $1m$i --table "0 $(blockdev --getsz $l) linear $l 0"
+        SH="$SH /dev/mapper/$1m$i"
+    done
+    dmsetup mknodes
+    SH=${SH# }
+}
+freemembers() {  # tag
+    for i in $(seq 0 $((N-1))); do
+        dmsetup remove $1m$i 2>/dev/null
+        losetup -d $(cat $W/$1$i.loop)
+        rm -f $W/$1$i $W/$1$i.loop
+    done
+}
+shim() {  # tag i linear|error|drop: what the member's shim maps to
+    local l=$(cat $W/$1$2.loop) t
+    local n=$(blockdev --getsz $l)
+    case $3 in
+        linear) t="0 $n linear $l 0";;
+        error) t="0 $n error";;
+        drop) t="0 $n flakey $l 0 0 3600 1 drop_writes";;
+    esac
+    dmsetup load $1m$2 --table "$t" && dmsetup suspend $1m$2 && dmsetup resume $1m$2
+}
+mdcreate() {  # [mdadm options]: a RAID6 of $SH
+    mdadm --create /dev/md0 --run --quiet --level=6 --raid-devices=$N \
+        --chunk=64 --metadata=1.2 "$@" $SH > $W/mdadm.txt 2>&1 || { cat $W/mdadm.txt; return 1; }
+    MDSIZE=$(cat /sys/block/md0/size)
+    MDOFF=$(cat /sys/block/md0/md/dev-*/offset | head -1)
+}
+mdstop() { mdadm --stop /dev/md0 > /dev/null 2>&1; }
+mdcheck() {  # md's parity check: mismatch_cnt, or why there is none
+    local a=/sys/block/md0/md/sync_action t=0
+    [ -e $a ] || { echo no-array; return; }
+    mdadm --readwrite /dev/md0 2>/dev/null
+    while [ "$(cat $a)" != idle ]; do sleep 0.2; done    # a resync md wants
+    echo check > $a
+    sleep 0.2
+    while [ "$(cat $a)" != idle ]; do
+        sleep 0.2; t=$((t+1)); [ $t -gt 900 ] && { echo check-hung; return; }
+    done
+    cat /sys/block/md0/md/mismatch_cnt
+}
+exf() {  # member field: one field of mdadm --examine
+    mdadm --examine $1 2>/dev/null | sed -n "s/^ *$2 : \([^ ]*\).*/\1/p" | head -1
+}
+sf() { dmsetup status $1 | awk "{print \$$2}"; }   # name field#
+open_md() {  # name: kgpu raid6 create --from-mdadm over $SH
+    kgpu raid6 create $1 --from-mdadm $SH >> $O/create-$1.txt 2>&1
+}
+waitsync() {  # name tag: until the background work ends
+    kgpu raid6 status $1 --wait --interval 2 --timeout 600 > $O/wait-$2.txt 2>&1
+}
+
+stamp start
+# -- 1. a member fails, comes back stale: never read, by us or by mdadm ------
+mkmembers s
+mdcreate --assume-clean || exit 1
+mdstop
+ev_created=$(exf /dev/mapper/sm0 Events)
+open_md r6 || { res stale FAIL create; cat $O/create-r6.txt; }
+dmsetup table r6 > $O/stale-table.txt
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refA
+dd if=$W/refA of=/dev/mapper/r6 bs=1M oflag=direct status=none
+# safe mode: active while writes come, clean 200 ms after the last
+fio --name=a --filename=/dev/mapper/r6 --direct=1 --rw=randwrite --bs=4k \
+    --size=1m --rate_iops=40 --runtime=8 --time_based > /dev/null 2>&1 &
+FP=$!
+state_busy=clean
+for t in $(seq 20); do   # active at some look while fio writes
+    sleep 0.5
+    [ "$(exf /dev/mapper/sm0 State)" = active ] && { state_busy=active; break; }
+done
+wait $FP
+dd if=$W/refA of=/dev/mapper/r6 bs=1M oflag=direct status=none
+sleep 1
+state_idle=$(exf /dev/mapper/sm0 State)
+ev0=$(exf /dev/mapper/sm0 Events)
+dmev0=$(dmsetup info -c --noheadings -o events r6)
+shim s 2 error
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refB
+dd if=$W/refB of=/dev/mapper/r6 bs=1M oflag=direct status=none; wrc=$?
+health1=$(sf r6 6)
+sleep 1
+dmev1=$(dmsetup info -c --noheadings -o events r6)
+mdadm --examine /dev/mapper/sm0 > $O/examine-stale-survivor.txt 2>&1
+ev1=$(exf /dev/mapper/sm0 Events)
+arr1=$(exf /dev/mapper/sm0 "Array State")
+dmsetup status r6 > $O/status-stale-failed.txt
+dmsetup remove r6
+shim s 2 linear                      # the flaky cable is back
+mdadm --examine /dev/mapper/sm2 > $O/examine-stale-member.txt 2>&1
+ev_m2=$(exf /dev/mapper/sm2 Events)
+open_md r6 || res stale_reopen FAIL create
+health2=$(sf r6 6)
+dmsetup status r6 > $O/status-stale-reopened.txt
+cmp -s $W/refB /dev/mapper/r6 && c1=ok || c1=bad
+dmsetup remove r6
+mdadm --assemble /dev/md0 --run $SH > $O/stale-mdadm.txt 2>&1
+mddeg=$(cat /sys/block/md0/md/degraded 2>/dev/null)
+cat /proc/mdstat >> $O/stale-mdadm.txt
+cmp -s $W/refB /dev/md0 && c2=ok || c2=bad
+mdstop
+res stale_states created=$ev_created busy=$state_busy idle=$state_idle
+res stale_fail wrc=$wrc ev0=$ev0 ev1=$ev1 m2=$ev_m2 health=$health1 array=$arr1 dmev0=$dmev0 dmev1=$dmev1
+res stale_reopen health=$health2 cmp=$c1 md_degraded=$mddeg md_cmp=$c2
+freemembers s
+
+stamp crash
+# -- 2. a power cut under fio: parity stale, superblocks active; re-opening
+#    resyncs, and md's check then finds nothing ------------------------------
+mkmembers c
+mdcreate --assume-clean || exit 1
+mdstop
+open_md r6 || res crash FAIL create
+fio --name=c --filename=/dev/mapper/r6 --direct=1 --ioengine=libaio \
+    --rw=randwrite --bsrange=4k-64k --iodepth=16 --numjobs=2 --size=2m \
+    --offset_increment=2m --runtime=30 --time_based > $O/fio-crash.txt 2>&1 &
+FP=$!
+sleep 3
+for i in $(seq 0 $((N-1))); do shim c $i drop; done   # writes vanish
+kill $FP; wait $FP
+dmsetup remove r6                    # its clean superblocks vanish too
+for i in $(seq 0 $((N-1))); do shim c $i linear; done
+mdadm --examine /dev/mapper/cm0 > $O/examine-crash.txt 2>&1
+state_crash=$(exf /dev/mapper/cm0 State)
+# the oracle first sees the damage: a table without md_superblocks
+LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SH | sed 's/ md_superblocks$//; s/ 3 data_offset/ 2 data_offset/')
+dmsetup create r6x --table "$LINE"
+dmsetup message r6x 0 check
+waitsync r6x crash-check
+mm_crash=$(sf r6x 9)
+dmsetup remove r6x
+open_md r6 || res crash_reopen FAIL create
+waitsync r6 crash-resync
+resync_log=$(dmesg | grep -o 'resync from sector [0-9]*\|resync done at sector [0-9]*' | tr ' ' _ | tr '\n' ,)
+dmsetup status r6 > $O/status-crash-resynced.txt
+health_after=$(sf r6 6)
+dmsetup remove r6
+state_after=$(exf /dev/mapper/cm0 State)
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+mm_md=$(mdcheck)
+mdstop
+res crash state=$state_crash stale_sectors=$mm_crash log=$resync_log
+res crash_resynced health=$health_after state=$state_after md_mismatch=$mm_md
+freemembers c
+
+stamp initial
+# -- 3. mdadm --create without --assume-clean: the initial sync is ours; an
+#    interrupted resync resumes from its checkpoint --------------------------
+mkmembers n random
+echo 1 > /proc/sys/dev/raid/speed_limit_min
+echo 1 > /proc/sys/dev/raid/speed_limit_max
+mdcreate || exit 1
+mdstop
+echo 1000 > /proc/sys/dev/raid/speed_limit_min
+echo 200000 > /proc/sys/dev/raid/speed_limit_max
+mdadm --examine /dev/mapper/nm0 > $O/examine-initial.txt 2>&1
+ro0=$(exf /dev/mapper/nm0 "Resync Offset"); ro0=${ro0:-0}
+LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SH | sed 's/ 3 data_offset \([0-9]*\) md_superblocks$/ 5 data_offset \1 md_superblocks max_recovery_rate 300/')
+dmsetup create r6 --table "$LINE" > $O/create-initial.txt 2>&1 && dmsetup mknodes r6
+sleep 3
+dmsetup status r6 > $O/status-initial-slow.txt
+pos1=$(sf r6 7 | cut -d/ -f1)
+dmsetup remove r6                    # interrupted
+ro1=$(exf /dev/mapper/nm0 "Resync Offset")
+state1=$(exf /dev/mapper/nm0 State)
+open_md r6 || res initial FAIL create
+waitsync r6 initial
+from2=$(dmesg | grep -o 'resync from sector [0-9]*' | tail -1 | awk '{print $4}')
+dmsetup status r6 > $O/status-initial-done.txt
+health3=$(sf r6 6)
+ratio3=$(sf r6 7)
+dmsetup remove r6
+ro2=$(exf /dev/mapper/nm0 "Resync Offset")
+state2=$(exf /dev/mapper/nm0 State)
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+mm_md=$(mdcheck)
+mdstop
+res initial ro0=$ro0 pos1=$pos1 ro1=$ro1 state1=$state1 from2=$from2
+res initial_done health=$health3 ratio=$ratio3 ro=${ro2:-none} state=$state2 md_mismatch=$mm_md
+freemembers n
+
+stamp check
+# -- 4. check and repair against md's check on the same corruption ----------
+mkmembers k
+mdcreate --assume-clean || exit 1
+head -c $((MDSIZE * 512)) /dev/urandom > /dev/md0
+sync
+mdstop
+for b in 3 20 41; do   # three 4 KiB blocks of member 1, rows apart
+    dd if=/dev/urandom of=/dev/mapper/km1 bs=4k seek=$((MDOFF / 8 + b * 16)) count=1 \
+        conv=notrunc oflag=direct status=none
+done
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+mm_md=$(mdcheck)
+mdstop
+open_md r6 || res check FAIL create
+dmsetup message r6 0 check; waitsync r6 check
+mm_check=$(sf r6 9)
+dmsetup message r6 0 repair; waitsync r6 repair
+mm_repair=$(sf r6 9)
+dmsetup message r6 0 check; waitsync r6 check2
+mm_after=$(sf r6 9)
+dmsetup status r6 > $O/status-check.txt
+# a writer that changes its buffer while its O_DIRECT writes are in flight
+python3 - > $O/scribble.txt 2>&1 <<'EOF'
+import mmap, os, random, threading
+fd = os.open("/dev/mapper/r6", os.O_WRONLY | os.O_DIRECT)
+size = os.lseek(fd, 0, os.SEEK_END)
+buf = mmap.mmap(-1, 1 << 16)
+stop = []
+def scribble():
+    while not stop:
+        buf[:] = os.urandom(1 << 16)
+t = threading.Thread(target=scribble)
+t.start()
+rnd = random.Random(7)
+for _ in range(300):
+    n = rnd.choice((4096, 8192, 16384))
+    os.pwrite(fd, memoryview(buf)[:n], rnd.randrange(0, size - n, 4096))
+stop.append(1)
+t.join()
+os.close(fd)
+print("wrote 300")
+EOF
+dmsetup message r6 0 frobnicate > $O/msg-bad.txt 2>&1; msgrc=$?
+dmesg | grep -o "gpu-raid6: unrecognised message.*" >> $O/msg-bad.txt
+dmsetup remove r6
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+mm_md2=$(mdcheck)
+mdstop
+res check md=$mm_md gpu=$mm_check repair=$mm_repair after=$mm_after md_after=$mm_md2
+res scribble $(tail -1 $O/scribble.txt | tr ' ' _) msgrc=$msgrc
+freemembers k
+
+stamp bad
+# -- 5. bad input: refused with the reason, nothing written -----------------
+mkmembers x
+mdcreate --assume-clean || exit 1
+mdstop
+XS="$SH"; XSIZE=$MDSIZE; XOFF=$MDOFF
+mkmembers y
+mdcreate --assume-clean || exit 1
+mdstop
+YS="$SH"
+set -- $XS
+ev_x=$(exf $1 Events)
+bad() {  # name expected-text table
+    dmesg >> $O/dmesg.txt; dmesg -C
+    if dmsetup create badr6 --table "$3" > /dev/null 2>&1; then
+        res "bad_$1 FAIL accepted"; dmsetup remove badr6; return
+    fi
+    local msg=$(dmesg | grep -o "gpu-raid6: .*" | tr '\n' '|')
+    local left=$(dmsetup ls | grep -c badr6)
+    case "$msg" in
+        *"$2"*) [ $left = 0 ] && res "bad_$1 OK $msg" || res "bad_$1 FAIL left behind";;
+        *) res "bad_$1 FAIL got: $msg";;
+    esac
+}
+T="0 $XSIZE gpu-raid6 left-symmetric 128 6"
+O3="3 data_offset $XOFF md_superblocks"
+bad twoarrays "Members of different md arrays" "$T $1 $2 $3 $4 $5 $(echo $YS | awk '{print $6}') $O3"
+bad chunk "Chunk size differs from the md superblocks" "0 $XSIZE gpu-raid6 left-symmetric 256 6 $XS $O3"
+bad layout "Layout differs from the md superblocks" "0 $XSIZE gpu-raid6 right-symmetric 128 6 $XS $O3"
+bad members "Number of members differs" "0 $((XSIZE * 3 / 4)) gpu-raid6 left-symmetric 128 5 $1 $2 $3 $4 $5 $O3"
+bad offset "data_offset differs from the md superblocks" "$T $XS 3 data_offset $((XOFF - 8)) md_superblocks"
+bad order "Member order differs" "$T $2 $1 $3 $4 $5 $6 $O3"
+bad twice "The same device is given as two members" "$T $1 $2 $3 $4 $5 $5 $O3"
+bad length "Target length" "0 $((XSIZE + 512)) gpu-raid6 left-symmetric 128 6 $XS $O3"
+bad rate "Invalid recovery rate" "$T $XS 5 data_offset $XOFF md_superblocks max_recovery_rate 0"
+ev_x2=$(exf $1 Events)
+freemembers y
+freemembers x
+mkmembers z
+mdadm --create /dev/md0 --run --quiet --level=6 --raid-devices=$N --chunk=64 \
+    --metadata=0.90 --assume-clean $SH > /dev/null 2>&1
+ZSIZE=$(cat /sys/block/md0/size); mdstop
+bad v090 "md 0.90 metadata is not supported" "0 $ZSIZE gpu-raid6 left-symmetric 128 6 $SH 1 md_superblocks"
+for l in $SH; do mdadm --zero-superblock $l > /dev/null 2>&1; done
+mdcreate --assume-clean --bitmap=internal || exit 1
+mdstop
+bad bitmap "write-intent bitmaps are not supported yet" "0 $MDSIZE gpu-raid6 left-symmetric 128 6 $SH 3 data_offset $MDOFF md_superblocks"
+freemembers z
+res bad_nothing_written before=$ev_x after=$ev_x2
+
+stamp end

@@ -1,0 +1,142 @@
+"""gpu-raid6 keeps md's array state (md_superblocks), md as the oracle.
+
+One guest per kernel runs raid6_md_guest.sh over arrays that mdadm made:
+a member fails and comes back stale (never read, by gpu-raid6 or by
+mdadm --assemble); a power cut under fio (dm-flakey drop_writes on every
+member) leaves the superblocks active and parity stale, and re-opening
+resyncs it; an array mdadm created without --assume-clean gets its
+initial sync from gpu-raid6, interrupted and resumed from the superblock
+checkpoint; check and repair count what md's check counts on the same
+corruption, and a writer that changes its buffer mid-write leaves parity
+right; bad tables are refused with the reason and nothing written.
+"""
+
+import os
+
+import pytest
+
+from conftest import build_modules, guest_results, keep_artifacts
+
+pytestmark = pytest.mark.vm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", params=["6.1", "6.12"])
+def guest(request):
+    from kgpu_testbed import Testbed, TestbedError
+
+    try:
+        tb = Testbed(kernel=request.param, timeout=1500)
+    except TestbedError as e:
+        pytest.skip(str(e))
+    build = build_modules(tb.kernel)
+    r = tb.run(f"bash {HERE}/raid6_md_guest.sh {build}", echo=False)
+    files = {k: v.decode(errors="replace") for k, v in r.files.items()}
+    keep_artifacts(f"gpu-raid6-md-{request.param}", r.files)
+    print(f"guest {tb.kernel.release}: {r.seconds:.0f} s")
+    assert r.rc == 0, r.output[-4000:]
+    res = {k: dict(kv.split("=", 1) for kv in v.split() if "=" in kv)
+           for k, v in guest_results(files).items()}
+    return res, guest_results(files), files
+
+
+def test_superblocks_say_active_while_writing_and_clean_after(guest):
+    st = guest[0]["stale_states"]
+    assert st["busy"] == "active" and st["idle"] == "clean", st
+
+
+def test_failure_recorded_before_the_write_is_acknowledged(guest):
+    f = guest[0]["stale_fail"]
+    assert f["wrc"] == "0", f                      # degraded write succeeded
+    assert f["health"] == "AADAAA", f
+    assert int(f["ev1"]) > int(f["ev0"]) > int(guest[0]["stale_states"]
+                                                ["created"]), f
+    assert f["array"] == "AA.AAA", f                # member 2 out
+    assert int(f["m2"]) < int(f["ev1"]) - 1, f      # the failed one lags
+    assert int(f["dmev1"]) > int(f["dmev0"]), f     # dm_table_event
+    table = guest[2]["stale-table.txt"]
+    assert " md_superblocks" in table, table
+
+
+def test_stale_member_is_never_read(guest):
+    r = guest[0]["stale_reopen"]
+    assert r["health"] == "AADAAA", r
+    assert r["cmp"] == "ok", r                      # gpu-raid6 read B, not A
+    assert r["md_degraded"] == "1" and r["md_cmp"] == "ok", \
+        guest[2].get("stale-mdadm.txt")
+
+
+def test_power_cut_leaves_active_superblocks_and_resync_fixes_parity(guest):
+    c = guest[0]["crash"]
+    assert c["state"] == "active", c
+    assert int(c["stale_sectors"]) > 0, c           # the cut did tear stripes
+    # re-opening resynced the whole array (md_superblocks' size: 6144)
+    assert c["log"] == "resync_from_sector_0,resync_done_at_sector_6144,", c
+    d = guest[0]["crash_resynced"]
+    assert d == {"health": "AAAAAA", "state": "clean", "md_mismatch": "0"}, d
+
+
+def test_initial_sync_of_an_unsynced_mdadm_array_resumes(guest):
+    i = guest[0]["initial"]
+    assert i["state1"] == "active", i               # checkpoint, not clean
+    ro0, pos1, ro1, from2 = (int(i[k]) for k in ("ro0", "pos1", "ro1",
+                                                  "from2"))
+    # ours went on from md's checkpoint, was cut (max_recovery_rate kept it
+    # slow), and the next table resumed from the checkpoint it wrote
+    assert 0 <= ro0 < pos1 <= ro1 == from2 < 6144, i
+    d = guest[0]["initial_done"]
+    a, b = d["ratio"].split("/")
+    assert d["health"] == "AAAAAA" and a == b, d
+    assert d["ro"] == "none" and d["state"] == "clean", d
+    assert d["md_mismatch"] == "0", d
+
+
+def test_check_counts_what_md_counts_and_repair_fixes(guest):
+    c = guest[0]["check"]
+    assert c["md"] == "24", c                       # 3 blocks of 4 KiB
+    assert c["gpu"] == c["md"] and c["repair"] == c["md"], c
+    assert c["after"] == "0" and c["md_after"] == "0", c
+
+
+def test_writer_changing_its_buffer_leaves_parity_right(guest):
+    s = guest[0]["scribble"]
+    assert "wrote_300" in guest[1]["scribble"], guest[2].get("scribble.txt")
+    assert guest[0]["check"]["md_after"] == "0"
+    assert s["msgrc"] != "0", s
+
+
+def test_unknown_message_refused_precisely(guest):
+    assert "unrecognised message 'frobnicate'" in guest[2]["msg-bad.txt"]
+
+
+BAD = {
+    "twoarrays": "Members of different md arrays",
+    "chunk": "Chunk size differs from the md superblocks",
+    "layout": "Layout differs from the md superblocks",
+    "members": "Number of members differs",
+    "offset": "data_offset differs from the md superblocks",
+    "order": "Member order differs",
+    "twice": "The same device is given as two members",
+    "length": "Target length",
+    "rate": "Invalid recovery rate",
+    "v090": "md 0.90 metadata is not supported",
+    "bitmap": "write-intent bitmaps are not supported yet",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_table_refused_precisely(guest, name):
+    got = guest[1].get(f"bad_{name}", "missing")
+    assert got.startswith("OK") and BAD[name] in got, got
+
+
+def test_refused_tables_write_nothing(guest):
+    n = guest[0]["bad_nothing_written"]
+    assert n["before"] == n["after"], n
+
+
+def test_no_kernel_complaints(guest):
+    dmesg = guest[2]["dmesg.txt"]
+    for bad in ("BUG:", "Oops", "WARNING:", "Call Trace", "hung_task"):
+        assert bad not in dmesg, dmesg[-3000:]
