@@ -206,8 +206,30 @@ class Server:
             else:
                 self.helper.send(CTL_MSG.pack(kind, a, b))
         except OSError as e:
-            log.info("helper connection lost (%s)", e)
-            self._drop_helper(clean=False)
+            clean = self._queued_bye()
+            log.info("helper connection lost (%s)%s", e,
+                     ": it had said BYE" if clean else "")
+            self._drop_helper(clean=clean)
+
+    def _queued_bye(self):
+        """Whether the helper's BYE waits behind a failure on its socket.
+
+        A helper that stops sends BYE and closes. A send to it after that
+        fails (EPIPE) with the BYE still unread; and if it closed with one
+        of our messages unread, our next recv() fails (ECONNRESET) before
+        the queued BYE comes. Either way it stopped cleanly."""
+        for _ in range(64):
+            try:
+                data = self.helper.recv(64)
+            except BlockingIOError:
+                return False
+            except OSError:
+                continue        # the error is reported once; data follows
+            if not data:
+                return False
+            if data[:4] == BYE:
+                return True
+        return False
 
     def _accept_qemu(self):
         try:
@@ -298,7 +320,7 @@ class Server:
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data = BYE if self._queued_bye() else b""
         if data[:4] == BYE:
             log.info("helper stopped")
             self._drop_helper(clean=True)

@@ -215,8 +215,7 @@ def test_idle_helper_sleeps(bench):
     g.set_key(0, KEY)
     g.wait_attached()
     check_served(g, np.random.default_rng(2))
-    time.sleep(0.3)
-    assert g.need_wakeup() == 1   # asleep, and asks to be rung
+    _asleep(g)                    # asleep, and asks to be rung
     rings = g.rings
 
     def cpu():
@@ -291,6 +290,15 @@ def test_two_guests_one_helper(bench):
     assert not errs, errs
 
 
+def _asleep(g, timeout=10.0):
+    """Until the helper serving ``g`` went to sleep (set need_wakeup, the
+    last thing it writes in an idle guest's memory before poll())."""
+    end = time.monotonic() + timeout
+    while g.need_wakeup() != 1:
+        assert time.monotonic() < end, ("helper not asleep", g.link())
+        time.sleep(0.005)
+
+
 def _link_wait(g, cond, what, timeout=10.0):
     """Wait for cond() reading the guest's interrupts without acting on
     them (a guest that does not play along)."""
@@ -331,7 +339,10 @@ def test_malicious_guest_hurts_only_itself(bench):
     tok = evil.wait_attached()
     rng = np.random.default_rng(4)
     check_served(good, rng)
-    time.sleep(0.2)   # the good guest's helper thread asleep
+    # the good guest's helper thread asleep, need_wakeup (its last store
+    # to that guest's memory) set: after a fixed 0.2 s wait the crc could
+    # be taken before that store, and then differ for no fault
+    _asleep(good)
     crc = _crc(good)
 
     # garbage SQEs, bad key slots, huge and overflowing offsets
@@ -453,7 +464,7 @@ def test_guest_module_reload_gets_a_new_token(bench):
 
 def test_fast_module_reload_with_another_layout(bench):
     _s, _h, g, tok, rng = served_guest(bench, 7)
-    time.sleep(0.1)
+    _asleep(g)             # the helper waits for the next request
     g.reload(entries=16)   # acks the old token with a new header
     assert g.token() == tok
     tok2 = g.wait_attached(other_than=tok)
@@ -487,3 +498,33 @@ def test_stale_socket_files_and_a_stopped_server(bench):
     g = bench.guest(s)
     g.wait_attached()
     assert g.run(sqe(abi.SVC_NOP)) == [0]
+
+
+def test_server_exits_on_a_bye_queued_behind_a_guest_disconnect(tmp_path):
+    """QEMU goes and the helper says BYE and closes while the server looks
+    elsewhere: it then sees both at once, its GONE to the helper fails
+    (EPIPE) with the BYE still unread. A clean stop all the same: with no
+    guest and no helper it exits (it used to keep running: a flake of
+    test_qemu_reconnect_gets_fresh_memory's teardown on a loaded machine)."""
+    from kgpu_helper.ivshmem import ServerLink
+
+    sock = str(tmp_path / "a.sock")
+    link = ServerLink(sock, region_size=4 << 20)     # starts the server
+    q = FakeQemu(sock)
+    q.greeting()
+    assert link.recv(5)[0] is not None               # GUES reached the helper
+    pid = server_pid(sock)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        q.close()                                    # QEMU first
+        link.bye()                                   # BYE, close
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    end = time.monotonic() + 10
+    while server_pid(sock) == pid and time.monotonic() < end:
+        time.sleep(0.05)
+    log = open(sock + ".log").read()
+    if server_pid(sock) == pid:
+        os.kill(pid, signal.SIGTERM)
+        pytest.fail("server kept running after a clean stop:\n" + log)
+    assert "it had said BYE" in log and "exiting" in log, log
