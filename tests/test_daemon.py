@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -280,6 +281,38 @@ def helper_proc(sock):
          "0"], env=env, stderr=subprocess.PIPE, text=True)
 
 
+def _spin_until(cond, timeout=30):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+
+
+def _stop_with_work_in_flight(d, p, reqs):
+    """Submit ``reqs`` to the helper process ``p``, let it take them and
+    stop it (SIGSTOP) before it answered them all. A kill sent at once
+    races its work: a test thread held off the CPU for the 20 ms or so
+    that a 4 MiB XTS request takes would kill a helper that has answered
+    everything, and nothing would come back DETACHED. Caught too late,
+    the helper goes on and the batch is sent again."""
+    idx = d.region.idx
+    sq_head, cq_tail = abi.SQ_HEAD_OFF // 4, abi.CQ_TAIL_OFF // 4
+    for _ in range(20):
+        head0, cq0 = int(idx[sq_head]), int(idx[cq_tail])
+        assert len(d.submit(reqs)) == len(reqs)
+        _spin_until(lambda: idx[sq_head] != head0)     # taken
+        p.send_signal(signal.SIGSTOP)
+        _, st = os.waitpid(p.pid, os.WUNTRACED)         # every thread
+        assert os.WIFSTOPPED(st), st
+        if (int(idx[cq_tail]) - cq0) & 0xFFFFFFFF < len(reqs):
+            return                                      # not all answered
+        p.send_signal(signal.SIGCONT)
+        got = []
+        while len(got) < len(reqs):
+            got.extend(d.wait(timeout=20).tolist())
+        assert [g[2] for g in got] == [0] * len(reqs)
+    pytest.fail("the helper answered every batch before it was stopped")
+
+
 def test_sigterm_finishes_the_batch_and_restart_after_kill9(tmp_path):
     d = RingDriver(str(tmp_path / "ring.sock"), entries=64,
                    data_size=16 << 20, key_slots=2)
@@ -294,8 +327,7 @@ def test_sigterm_finishes_the_batch_and_restart_after_kill9(tmp_path):
         d.submit(big)
         # the helper takes the request, then is told to stop: it must
         # finish and post that one before it detaches
-        while d.region.idx[abi.SQ_HEAD_OFF // 4] != 1:
-            pass
+        _spin_until(lambda: d.region.idx[abi.SQ_HEAD_OFF // 4] == 1)
         p.send_signal(signal.SIGTERM)
         got = []
         while not got or d.attached():
@@ -308,9 +340,8 @@ def test_sigterm_finishes_the_batch_and_restart_after_kill9(tmp_path):
         # helper attaches and serves
         p = helper_proc(d.sock_path)
         assert d.wait_attach(30)
-        d.submit(np.concatenate([big, sqe(abi.SVC_NOP)]))
-        while d.region.idx[abi.SQ_HEAD_OFF // 4] == 0:
-            pass
+        _stop_with_work_in_flight(d, p, np.concatenate([big,
+                                                        sqe(abi.SVC_NOP)]))
         p.kill()
         p.wait(10)
         got = []

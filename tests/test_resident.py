@@ -162,6 +162,12 @@ class Counters:
         r, _, _ = select.select([self.efd], [], [], timeout)
         return os.eventfd_read(self.efd) if r else 0
 
+    def until(self, what, timeout=2.0):
+        end = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < end, self.t.snapshot()
+            time.sleep(1e-3)
+
     def close(self):
         self.t.stop()
         self.mine.close()
@@ -181,6 +187,9 @@ def test_host_thread_rings_once_per_look_and_wakes_the_spill_loop():
         assert c.spilled(0.05) == 0
         c.set(2, 1)
         assert c.spilled() == 1
+        # the thread counts a signal after it sends it: wait for the count,
+        # then leave it time for a bell or signal too many
+        c.until(lambda: c.t.snapshot()["spill_signals"])
         time.sleep(0.05)
         st = c.t.snapshot()
         assert st["bells"] == 2 and st["spill_signals"] == 1
@@ -192,10 +201,14 @@ def test_host_thread_rings_once_per_look_and_wakes_the_spill_loop():
 def test_host_thread_sleeps_when_idle_and_sees_hangup():
     c = Counters()
     try:
-        time.sleep(0.1)
-        c0 = time.process_time()
+        # asleep in poll() (not a fixed wait for it: under load the thread
+        # may start late), then its own CPU clock: the process's would
+        # count whatever else runs in it (this test's own Python, any
+        # thread an earlier test left winding down)
+        c.until(lambda: c.t.snapshot()["idle_polls"])
+        c0 = c.t.cpu_seconds()
         time.sleep(0.5)
-        busy = time.process_time() - c0
+        busy = c.t.cpu_seconds() - c0
         assert busy < 0.02 * 0.5 + 0.005, f"idle host thread used {busy} s"
         c.mine.close()         # the ring's other side goes away
         assert c.spilled() >= 1
@@ -307,15 +320,21 @@ def test_kgpu_mode_sleeps_in_poll_and_sees_hangup():
     r, w = os.pipe()               # POLLHUP on r once w is closed
     c = KCounters(fd=r)
     try:
-        time.sleep(0.1)
+        c.until(lambda: c.t.snapshot()["idle_polls"])   # asleep in poll()
         c0, polls0 = c.t.cpu_seconds(), c.t.snapshot()["idle_polls"]
+        t0 = time.monotonic()
         time.sleep(0.5)
         busy = c.t.cpu_seconds() - c0
         polls = c.t.snapshot()["idle_polls"] - polls0
+        slept = time.monotonic() - t0   # 0.5 s, more when woken late
         assert busy < 0.02 * 0.5, f"idle host thread used {busy} s"
-        assert 1 <= polls <= 10, polls              # 100 ms poll() timeout
+        # 100 ms poll() timeout: 5 in 0.5 s, 10 at most, per 0.5 s the
+        # window really lasted (the main thread may wake late under load)
+        assert 1 <= polls <= 20 * slept, (polls, slept)
         os.close(w)                # the module: not the helper's file now
         c.until(lambda: c.t.hangup())
+        # hangup() sets the flag, then writes the eventfd: wait for both
+        assert select.select([c.efd], [], [], 2.0)[0], "spill loop not woken"
         assert os.eventfd_read(c.efd) >= 1    # the spill loop woken
     finally:
         c.close()
@@ -330,6 +349,8 @@ def test_kgpu_mode_failed_doorbell_is_hangup():
         c.answer(1)
         c.until(lambda: c.t.hangup())
         assert c.t.snapshot()["bells"] == 0
+        # hangup() sets the flag, then writes the eventfd: wait for both
+        assert select.select([c.efd], [], [], 2.0)[0], "spill loop not woken"
         assert os.eventfd_read(c.efd) >= 1
     finally:
         c.close()

@@ -1,6 +1,7 @@
 """The ring transport and the user-space ring driver (no helper logic)."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -63,7 +64,11 @@ def test_second_helper_is_busy(drv):
             err.append(str(e))
     th = threading.Thread(target=second)
     th.start()
-    drv.wait(timeout=0.5)  # the driver answers while it waits
+    # the driver answers while it waits: until the second one has its
+    # answer (a single 0.5 s wait missed a thread that connected later)
+    end = time.monotonic() + 5
+    while th.is_alive() and time.monotonic() < end:
+        drv.wait(timeout=0.05)
     th.join(5)
     assert err and "busy" in err[0]
     t.close()
