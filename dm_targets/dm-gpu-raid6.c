@@ -50,6 +50,7 @@
 #include <linux/mutex.h>
 #include <linux/raid/md_p.h>
 #include <linux/raid/pq.h>
+#include <linux/random.h>
 #include <linux/slab.h>
 #include <linux/timekeeping.h>
 #include <linux/wait.h>
@@ -74,9 +75,9 @@
 #define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
 
 /* Background work on the whole array, as dm-raid spells it. */
-enum gr_action { GR_IDLE, GR_RESYNC, GR_CHECK, GR_REPAIR };
+enum gr_action { GR_IDLE, GR_RESYNC, GR_RECOVER, GR_CHECK, GR_REPAIR };
 static const char *const gr_action_name[] = {
-	"idle", "resync", "check", "repair",
+	"idle", "resync", "recover", "check", "repair",
 };
 
 /* md's RAID6 algorithms (include/linux/raid/md_p.h numbering). */
@@ -158,6 +159,9 @@ struct gr_ctx {
 	struct dm_dev *devs[GR_MAX_DEVS];	/* NULL: given as "-" */
 	unsigned long missing;	/* given as "-" */
 	unsigned long failed;	/* missing, stale or dead; atomic bitops */
+	unsigned long rebuild_req;	/* "rebuild <idx>" in the table */
+	unsigned long rebuilding;	/* being rebuilt: good below rec_cp */
+	sector_t rec_cp;		/* per-member sectors rebuilt, whole rows */
 	sector_t sync_rows;	/* rows that resync and check cover */
 	u32 rate_min, rate_max;	/* KiB/s per member for background work */
 	bool rate_min_set, rate_max_set;
@@ -186,6 +190,7 @@ struct gr_ctx {
 	sector_t resync_cp;
 	sector_t written_cp;		/* resync_cp the superblocks hold */
 	unsigned long recorded;
+	bool sb_new;			/* a rebuilt member's superblock to write */
 	atomic_t writes;		/* user writes in flight */
 	struct workqueue_struct *mdwq;
 	struct delayed_work safemode;
@@ -194,6 +199,7 @@ struct gr_ctx {
 	/* background work, started and stopped under sync_lock */
 	struct mutex sync_lock;
 	struct work_struct sync_work;
+	struct work_struct kick_work;	/* gr_sync_kick from the sync work */
 	int action;			/* enum gr_action */
 	bool sync_stop;
 	bool frozen;
@@ -327,6 +333,20 @@ static void gr_fail(struct gr_ctx *c, unsigned int m)
 static unsigned int gr_nfailed(struct gr_ctx *c)
 {
 	return hweight_long(READ_ONCE(c->failed));
+}
+
+/*
+ * The members that row cannot use: the failed ones, and those being
+ * rebuilt unless the rebuild has passed the row (it goes a whole row at a
+ * time, under the row's lock).
+ */
+static unsigned long gr_failed_row(struct gr_ctx *c, sector_t row)
+{
+	unsigned long failed = READ_ONCE(c->failed);
+
+	if (((row + 1) << c->chunk_shift) > READ_ONCE(c->rec_cp))
+		failed |= READ_ONCE(c->rebuilding);
+	return failed;
 }
 
 /* ---- buffers and member I/O ---------------------------------------------- */
@@ -626,7 +646,7 @@ static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	len = (uhi - ulo) << 9;
 
 redo:
-	failed = READ_ONCE(c->failed);
+	failed = gr_failed_row(c, row);
 	if (!gr_lost(c, failed, r, &fa, &fb))
 		return -EIO;
 	gr_ptrs(c, buf, r, ptrs);
@@ -677,7 +697,7 @@ redo:
 				gr_mio(c, b, r->phys[s], REQ_OP_READ, row, ulo,
 				       buf->blk[s], len);
 	}
-	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
+	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
 		goto redo;
 
 	/* compute */
@@ -761,7 +781,7 @@ static int gr_read_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	bool dead, xor;
 
 redo:
-	failed = READ_ONCE(c->failed);
+	failed = gr_failed_row(c, row);
 	dead = test_bit(m, &failed);
 	if (dead && !gr_lost(c, failed, r, &fa, &fb))
 		return -EIO;
@@ -775,7 +795,7 @@ redo:
 		gr_mio(c, b, i, REQ_OP_READ, row, col, buf->blk[r->slot[i]],
 		       len);
 	}
-	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
+	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
 		goto redo;
 	if (xor) {
 		memcpy(buf->blk[s], buf->blk[P], len);
@@ -874,21 +894,79 @@ static int gr_sb_find(struct gr_ctx *c, unsigned int m)
 }
 
 /*
+ * A new superblock for member m, to be rebuilt: the array's (f), with the
+ * role's device slot (the replaced device's, or the first free one), a new
+ * device UUID, this device's offsets, and a recovery offset of 0. The
+ * slot is m's in f's roles from now on.
+ */
+static int gr_sb_new(struct gr_ctx *c, unsigned int m,
+		     struct mdp_superblock_1 *f, char **error)
+{
+	struct mdp_superblock_1 *sb = page_address(c->sb[m].page);
+	sector_t size = bdev_nr_sectors(c->devs[m]->bdev), at, avail;
+	u32 max_dev = le32_to_cpu(f->max_dev), dn;
+	unsigned int i;
+
+	dn = c->devnum[m] >= 0 ? c->devnum[m] : max_dev;
+	for (i = 0; dn == max_dev && i < max_dev; i++) {
+		u16 role = le16_to_cpu(f->dev_roles[i]);
+
+		if (role == MD_DISK_ROLE_SPARE || role == MD_DISK_ROLE_FAULTY)
+			dn = i;
+	}
+	if (dn >= max_dev) {
+		*error = "No free device slot in the md superblocks";
+		return -EINVAL;
+	}
+	/* 1.1 and 1.2 keep the superblock before the data, 1.0 at the end */
+	at = le64_to_cpu(f->super_offset);
+	if (at > c->data_offset) {
+		at = (size - 16) & ~(sector_t)7;
+		avail = at - c->data_offset;
+	} else {
+		avail = size - c->data_offset;
+	}
+	if (size < 16 || avail < le64_to_cpu(f->size)) {
+		*error = "Member to rebuild is too small for the md array";
+		return -EINVAL;
+	}
+	memcpy(sb, f, MD_SB_BYTES);
+	sb->dev_number = cpu_to_le32(dn);
+	get_random_bytes(sb->device_uuid, sizeof(sb->device_uuid));
+	sb->feature_map = cpu_to_le32((le32_to_cpu(f->feature_map) &
+				       ~MD_FEATURE_BAD_BLOCKS) |
+				      MD_FEATURE_RECOVERY_OFFSET);
+	sb->recovery_offset = 0;
+	sb->super_offset = cpu_to_le64(at);
+	sb->data_size = cpu_to_le64(avail);
+	sb->cnt_corrected_read = 0;
+	sb->devflags = 0;
+	f->dev_roles[dn] = cpu_to_le16(m);
+	sb->dev_roles[dn] = cpu_to_le16(m);
+	c->devnum[m] = dn;
+	c->sb[m].sector = at;
+	c->sb[m].size = round_up(256 + 2 * max_dev,
+				 bdev_logical_block_size(c->devs[m]->bdev));
+	return 0;
+}
+
+/*
  * Read and check the members' superblocks; set the array's state from
  * them. 0, or -EINVAL with *error set.
  */
 static int gr_md_load(struct gr_ctx *c, char **error)
 {
 	struct mdp_superblock_1 *sb, *f = NULL;
-	unsigned long bad = 0, stale = 0, failed;
+	unsigned long bad = 0, stale = 0, rebuilding = 0, failed;
+	u64 rec = GR_IN_SYNC;
 	unsigned int m, fresh = 0, nsb = 0, max_dev;
 	u64 ev, max_ev = 0, size, cp;
 	u32 features, dn;
 	u16 role;
 
 	for (m = 0; m < c->ndevs; m++) {
-		if (!c->devs[m])
-			continue;
+		if (!c->devs[m] || test_bit(m, &c->rebuild_req))
+			continue;	/* a rebuilt member gets a new superblock */
 		switch (gr_sb_find(c, m)) {
 		case GR_SB_OK:
 			break;
@@ -923,6 +1001,7 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 		return -EINVAL;
 	}
 	f = page_address(c->sb[fresh].page);
+	bad |= c->rebuild_req;		/* no superblock of theirs to check */
 	for (m = 0; m < c->ndevs; m++) {
 		if (!c->devs[m] || test_bit(m, &bad))
 			continue;
@@ -987,24 +1066,33 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 			return -EINVAL;
 		}
 		ev = le64_to_cpu(sb->events);
-		if (role != m || gr_sb_role(f, dn) != m || ev + 1 < max_ev ||
-		    ((le32_to_cpu(sb->feature_map) & MD_FEATURE_RECOVERY_OFFSET) &&
-		     le64_to_cpu(sb->recovery_offset) < le64_to_cpu(f->size))) {
+		if (role != m || gr_sb_role(f, dn) != m || ev + 1 < max_ev) {
 			DMERR("member %u (%s) is stale (events %llu of %llu, role %x by the array): out until rebuilt",
 			      m, c->devs[m]->name, ev, max_ev,
 			      gr_sb_role(f, dn));
 			__set_bit(m, &stale);
+		} else if ((le32_to_cpu(sb->feature_map) &
+			    MD_FEATURE_RECOVERY_OFFSET) &&
+			   le64_to_cpu(sb->recovery_offset) <
+			   le64_to_cpu(f->size)) {
+			/* an interrupted rebuild: it goes on from there */
+			__set_bit(m, &rebuilding);
+			rec = min_t(u64, rec, le64_to_cpu(sb->recovery_offset) &
+				    ~(u64)(c->chunk - 1));
 		}
 	}
-	failed = c->missing | bad | stale;
-	if (hweight_long(failed) > 2) {
-		*error = "More than two members missing or stale";
+	rebuilding |= c->rebuild_req;
+	if (c->rebuild_req)
+		rec = 0;
+	failed = (c->missing | bad | stale) & ~c->rebuild_req;
+	if (hweight_long(failed | rebuilding) > 2) {
+		*error = "More than two members missing, stale or rebuilding";
 		return -EINVAL;
 	}
 	cp = le64_to_cpu(f->resync_offset);
 	if (cp >= size << c->chunk_shift)
 		cp = GR_IN_SYNC;
-	if (cp != GR_IN_SYNC && hweight_long(failed) > 1) {
+	if (cp != GR_IN_SYNC && hweight_long(failed | rebuilding) > 1) {
 		*error = "Dirty md array with two members out: parity cannot be trusted";
 		return -EINVAL;
 	}
@@ -1018,8 +1106,12 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 		if (role < c->ndevs)
 			c->devnum[role] = dn;
 	}
+	for_each_set_bit(m, &c->rebuild_req, c->ndevs)
+		if (gr_sb_new(c, m, f, error))
+			return -EINVAL;
 	for (m = 0; m < c->ndevs; m++) {
-		if (!c->devs[m] || test_bit(m, &failed) || m == fresh)
+		if (!c->devs[m] || test_bit(m, &failed) || m == fresh ||
+		    test_bit(m, &c->rebuild_req))
 			continue;
 		sb = page_address(c->sb[m].page);
 		memcpy(sb->dev_roles, f->dev_roles,
@@ -1028,6 +1120,9 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 	c->stale = stale;
 	c->failed = failed;
 	c->recorded = failed;
+	c->rebuilding = rebuilding;
+	c->rec_cp = rec;
+	c->sb_new = c->rebuild_req != 0;
 	c->events = max_ev;
 	c->in_sync = true;
 	c->resync_cp = cp;
@@ -1064,6 +1159,15 @@ static void gr_sb_update(struct gr_ctx *c)
 			sb->utime = cpu_to_le64(now);
 			sb->resync_offset = cpu_to_le64(c->in_sync ?
 							c->resync_cp : 0);
+			if (test_bit(m, &c->rebuilding)) {
+				sb->feature_map |=
+					cpu_to_le32(MD_FEATURE_RECOVERY_OFFSET);
+				sb->recovery_offset = cpu_to_le64(c->rec_cp);
+			} else {
+				sb->feature_map &=
+					~cpu_to_le32(MD_FEATURE_RECOVERY_OFFSET);
+				sb->recovery_offset = 0;
+			}
 			for_each_set_bit(i, &failed, c->ndevs)
 				if (c->devnum[i] >= 0 &&
 				    c->devnum[i] < le32_to_cpu(sb->max_dev))
@@ -1166,7 +1270,7 @@ static bool gr_sync_seg(struct gr_ctx *c, struct gr_buf *buf,
 	bool hp, hq;
 
 redo:
-	failed = READ_ONCE(c->failed);
+	failed = gr_failed_row(c, row);
 	if (hweight_long(failed) > 2)
 		return false;
 	for (i = 0; i < c->ndata; i++)
@@ -1179,7 +1283,7 @@ redo:
 		if (!test_bit(m, &failed))
 			gr_mio(c, b, m, REQ_OP_READ, row, col,
 			       buf->blk[r->slot[m]], len);
-	if (!gr_batch_wait(c, b) || READ_ONCE(c->failed) != failed)
+	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
 		goto redo;
 	memcpy(buf->nd[0], buf->blk[P], len);
 	memcpy(buf->nd[1], buf->blk[Q], len);
@@ -1208,6 +1312,44 @@ redo:
 }
 
 /*
+ * Rebuild one segment of the members being rebuilt: read the others,
+ * recover the lost slots (RAID6_REC: up to two, rebuilt or dead), write
+ * the rebuilt ones. False when the array has lost too much.
+ */
+static bool gr_recover_seg(struct gr_ctx *c, struct gr_buf *buf,
+			   const struct gr_row *r, sector_t row, sector_t col,
+			   unsigned int nsec)
+{
+	unsigned int len = nsec << 9, m, fa, fb;
+	struct gr_batch *b = &buf->batch;
+	void *ptrs[GR_MAX_SLOTS];
+	unsigned long failed, todo;
+
+redo:
+	failed = gr_failed_row(c, row);
+	todo = READ_ONCE(c->rebuilding) & ~READ_ONCE(c->failed);
+	if (!gr_lost(c, failed, r, &fa, &fb))
+		return false;
+	if (!todo)
+		return true;
+	gr_batch_start(b);
+	for (m = 0; m < c->ndevs; m++)
+		if (!test_bit(m, &failed))
+			gr_mio(c, b, m, REQ_OP_READ, row, col,
+			       buf->blk[r->slot[m]], len);
+	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
+		goto redo;
+	gr_ptrs(c, buf, r, ptrs);
+	gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
+	gr_batch_start(b);
+	for_each_set_bit(m, &todo, c->ndevs)
+		gr_mio(c, b, m, REQ_OP_WRITE, row, col, buf->blk[r->slot[m]],
+		       len);
+	gr_batch_wait(c, b);	/* a rebuilt member that fails is dead */
+	return true;
+}
+
+/*
  * md's speed limits, per member: at most rate_max KiB/s, and no more than
  * rate_min while user I/O came in since the last look. Measured over
  * windows of about a second; one sleep is at most 100 ms, so a stop is
@@ -1230,6 +1372,22 @@ static void gr_throttle(struct gr_ctx *c, sector_t pos, sector_t *wpos,
 	}
 }
 
+/* A rebuild checkpoint; done (GR_IN_SYNC): the members are in the array. */
+static void gr_rec_cp(struct gr_ctx *c, sector_t cp)
+{
+	mutex_lock(&c->sb_lock);
+	if (cp == GR_IN_SYNC)
+		WRITE_ONCE(c->rebuilding, 0);
+	WRITE_ONCE(c->rec_cp, cp);
+	gr_sb_update(c);
+	mutex_unlock(&c->sb_lock);
+}
+
+/*
+ * Resync, rebuild, check or repair: a whole row at a time under the row's
+ * lock (a rebuilt row must not see a write between its segments), from
+ * sync_pos to the end of the members' data.
+ */
 static void gr_sync_run(struct work_struct *work)
 {
 	struct gr_ctx *c = container_of(work, struct gr_ctx, sync_work);
@@ -1243,25 +1401,38 @@ static void gr_sync_run(struct work_struct *work)
 	DMINFO("%s: %s from sector %llu of %llu per member",
 	       dm_table_device_name(c->ti->table), gr_action_name[action],
 	       (unsigned long long)pos, (unsigned long long)end);
-	while (pos < end && !READ_ONCE(c->sync_stop)) {
-		sector_t row = pos >> c->chunk_shift, col = pos & (c->chunk - 1);
-		unsigned int n = min_t(sector_t, c->seg_sectors, c->chunk - col);
+	while (ok && pos < end && !READ_ONCE(c->sync_stop)) {
+		sector_t row = pos >> c->chunk_shift, col;
 		struct mutex *lock = &c->locks[row % GR_LOCKS];
 		struct gr_buf *buf;
 		struct gr_row r;
+		unsigned int n;
 
 		gr_map_row(c, row, &r);
 		mutex_lock(lock);
 		buf = gr_buf_get(c);
-		ok = gr_sync_seg(c, buf, &r, row, col, n, action);
+		for (col = pos & (c->chunk - 1); ok && col < c->chunk;
+		     col += n) {
+			n = min_t(sector_t, c->seg_sectors, c->chunk - col);
+			if (action == GR_RECOVER)
+				ok = gr_recover_seg(c, buf, &r, row, col, n);
+			else
+				ok = gr_sync_seg(c, buf, &r, row, col, n,
+						 action);
+		}
+		if (ok) {
+			pos = (row + 1) << c->chunk_shift;
+			if (action == GR_RECOVER)
+				WRITE_ONCE(c->rec_cp, pos);
+		}
 		gr_buf_put(c, buf);
 		mutex_unlock(lock);
-		if (!ok)
-			break;
-		pos += n;
 		WRITE_ONCE(c->sync_pos, pos);
-		if (action == GR_RESYNC && time_after(jiffies, ck + HZ)) {
-			gr_resync_cp(c, pos);
+		if (time_after(jiffies, ck + HZ)) {
+			if (action == GR_RESYNC)
+				gr_resync_cp(c, pos);
+			else if (action == GR_RECOVER)
+				gr_rec_cp(c, pos);
 			ck = jiffies;
 		}
 		gr_throttle(c, pos, &wpos, &wt, &ios);
@@ -1270,6 +1441,8 @@ static void gr_sync_run(struct work_struct *work)
 	gr_sb_settle(c);
 	if (action == GR_RESYNC)
 		gr_resync_cp(c, pos >= end ? GR_IN_SYNC : pos);
+	else if (action == GR_RECOVER)
+		gr_rec_cp(c, pos >= end ? GR_IN_SYNC : pos);
 	DMINFO("%s: %s %s at sector %llu, %llu mismatched sectors",
 	       dm_table_device_name(c->ti->table), gr_action_name[action],
 	       pos >= end ? "done" : ok ? "interrupted" : "aborted",
@@ -1277,6 +1450,9 @@ static void gr_sync_run(struct work_struct *work)
 	       (unsigned long long)atomic64_read(&c->mismatches));
 	WRITE_ONCE(c->action, GR_IDLE);
 	schedule_work(&c->event_work);
+	/* a resync may be owed after a rebuild */
+	if (action == GR_RECOVER && pos >= end && ok)
+		queue_work(c->mdwq, &c->kick_work);
 }
 
 /* Start, stop and restart background work: sync_lock held. */
@@ -1284,6 +1460,8 @@ static void gr_sync_start(struct gr_ctx *c, int action)
 {
 	if (action == GR_RESYNC) {
 		c->sync_pos = READ_ONCE(c->resync_cp);
+	} else if (action == GR_RECOVER) {
+		c->sync_pos = READ_ONCE(c->rec_cp);
 	} else {
 		c->sync_pos = 0;
 		atomic64_set(&c->mismatches, 0);
@@ -1300,12 +1478,29 @@ static void gr_sync_stop(struct gr_ctx *c)
 	c->sync_stop = false;
 }
 
-/* A resync that the array needs starts unless frozen or suspended. */
+/*
+ * The work the array needs starts unless frozen or suspended: a rebuild
+ * first, then a resync.
+ */
 static void gr_sync_kick(struct gr_ctx *c)
 {
-	if (!c->frozen && !c->suspended && READ_ONCE(c->action) == GR_IDLE &&
-	    READ_ONCE(c->resync_cp) != GR_IN_SYNC && gr_nfailed(c) <= 2)
+	if (c->frozen || c->suspended || READ_ONCE(c->action) != GR_IDLE ||
+	    gr_nfailed(c) > 2)
+		return;
+	if ((READ_ONCE(c->rebuilding) & ~READ_ONCE(c->failed)) &&
+	    READ_ONCE(c->rec_cp) != GR_IN_SYNC)
+		gr_sync_start(c, GR_RECOVER);
+	else if (READ_ONCE(c->resync_cp) != GR_IN_SYNC)
 		gr_sync_start(c, GR_RESYNC);
+}
+
+static void gr_kick_work(struct work_struct *work)
+{
+	struct gr_ctx *c = container_of(work, struct gr_ctx, kick_work);
+
+	mutex_lock(&c->sync_lock);
+	gr_sync_kick(c);
+	mutex_unlock(&c->sync_lock);
 }
 
 static void gr_work(struct work_struct *work)
@@ -1388,6 +1583,7 @@ static void gr_dtr(struct dm_target *ti)
 		return;
 	/* presuspend stopped background work; a table never resumed has none */
 	cancel_work_sync(&c->sync_work);
+	cancel_work_sync(&c->kick_work);
 	cancel_delayed_work_sync(&c->safemode);
 	cancel_work_sync(&c->event_work);
 	if (c->mdwq)
@@ -1441,6 +1637,11 @@ static void gr_dtr(struct dm_target *ti)
  *			(metadata 1.0, 1.1, 1.2) and the target keeps the
  *			array's state in them as md does (see "md state");
  *			without it the array has no persistent state
+ *			rebuild <idx>: rebuild member idx (a new device) from
+ *			the others in the background (at most two; with
+ *			md_superblocks it gets a new superblock, and an
+ *			interrupted rebuild goes on at the next load without
+ *			this parameter, from its recovery_offset)
  *			min_recovery_rate <KiB/s>, max_recovery_rate <KiB/s>:
  *			per member, for resync, check and repair (dm-raid's
  *			names; md's speed_limit_min/max, 1000 and 200000)
@@ -1452,7 +1653,7 @@ static void gr_dtr(struct dm_target *ti)
 static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	static const struct dm_arg _args[] = {
-		{0, 7, "Invalid number of optional parameters"},
+		{0, 11, "Invalid number of optional parameters"},
 	};
 	struct dm_arg_set as = { .argc = argc, .argv = argv };
 	unsigned long long v;
@@ -1484,9 +1685,11 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	INIT_DELAYED_WORK(&c->safemode, gr_safemode);
 	INIT_WORK(&c->event_work, gr_event);
 	INIT_WORK(&c->sync_work, gr_sync_run);
+	INIT_WORK(&c->kick_work, gr_kick_work);
 	c->in_sync = true;
 	c->resync_cp = GR_IN_SYNC;
 	c->written_cp = GR_IN_SYNC;
+	c->rec_cp = GR_IN_SYNC;
 	c->rate_min = GR_RATE_MIN;
 	c->rate_max = GR_RATE_MAX;
 
@@ -1585,6 +1788,25 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				c->data_offset_set = true;
 			} else if (!strcasecmp(arg, "md_superblocks")) {
 				c->md = true;
+			} else if (!strcasecmp(arg, "rebuild")) {
+				if (!nopt--) {
+					ti->error = "rebuild needs a member index";
+					goto bad;
+				}
+				arg = dm_shift_arg(&as);
+				if (sscanf(arg, "%llu%c", &v, &dummy) != 1) {
+					ti->error = "Invalid rebuild index";
+					goto bad;
+				}
+				if (v >= ndevs) {
+					ti->error = "Rebuild index out of range";
+					goto bad;
+				}
+				if (test_bit(v, &c->missing)) {
+					ti->error = "Cannot rebuild a missing member (given as -)";
+					goto bad;
+				}
+				__set_bit(v, &c->rebuild_req);
 			} else if (!strcasecmp(arg, "min_recovery_rate") ||
 				   !strcasecmp(arg, "max_recovery_rate")) {
 				bool max = !strcasecmp(arg, "max_recovery_rate");
@@ -1632,6 +1854,17 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	c->rows = DIV_ROUND_UP_SECTOR_T(ti->len,
 					(sector_t)c->ndata << c->chunk_shift);
 	c->sync_rows = c->rows;
+	if (hweight_long(c->rebuild_req) > 2) {
+		ti->error = "More than two members to rebuild";
+		goto bad;
+	}
+	if (hweight_long(c->missing | c->rebuild_req) > 2) {
+		ti->error = "More than two members missing or rebuilding";
+		goto bad;
+	}
+	c->rebuilding = c->rebuild_req;	/* md_superblocks: set again below */
+	if (c->rebuilding)
+		c->rec_cp = 0;
 	/* one limit given: the other default gives way to it */
 	if (c->rate_min > c->rate_max) {
 		if (c->rate_min_set && c->rate_max_set) {
@@ -1705,6 +1938,7 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 	struct gr_ctx *c = ti->private;
 	struct gr_io *io = dm_per_bio_data(bio, sizeof(struct gr_io));
 	sector_t chunk, off, row;
+	unsigned long failed;
 	unsigned int j, m;
 	struct gr_row r;
 
@@ -1747,7 +1981,8 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 		m = r.data[j];
 		io->iter = bio->bi_iter;
 		io->bdev = bio->bi_bdev;
-		if (!gr_dead(c, m)) {
+		failed = gr_failed_row(c, row);
+		if (!test_bit(m, &failed)) {
 			io->remapped = true;
 			io->member = m;
 			bio_set_dev(bio, c->devs[m]->bdev);
@@ -1805,9 +2040,9 @@ static int gr_end_io(struct dm_target *ti, struct bio *bio,
  *   <helper_cpu> <kernel>
  * raid_type: dm-raid's name of the layout (raid6_ls, raid6_zr, ...);
  * health: per member, D (dead, missing or stale), a (alive, the array not
- * in sync yet), A (alive and in sync); sync_ratio: per-member sectors done
- * of the resync or check running, or in sync; sync_action: idle, frozen,
- * resync, check or repair; mismatch_cnt: sectors, as md's; journal: "-"
+ * in sync yet, or being rebuilt), A (alive and in sync); sync_ratio:
+ * per-member sectors done of the resync, rebuild or check running, or in
+ * sync; sync_action: idle, frozen, resync, recover, check or repair; mismatch_cnt: sectors, as md's; journal: "-"
  * (none); the last three count P/Q and recovery computations done by the
  * helper's GPU, the helper's CPU and the kernel's raid6_pq.
  */
@@ -1820,15 +2055,19 @@ static void gr_status(struct dm_target *ti, status_type_t type,
 	sector_t cp = READ_ONCE(c->resync_cp);
 	int action = READ_ONCE(c->action);
 	unsigned int sz = 0, i, nopt;
+	unsigned long rb;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
 		DMEMIT("%s %u ", c->layout->dmraid, c->ndevs);
 		for (i = 0; i < c->ndevs; i++)
 			DMEMIT("%c", gr_dead(c, i) ? 'D' :
-			       cp == GR_IN_SYNC ? 'A' : 'a');
+			       cp == GR_IN_SYNC &&
+			       !test_bit(i, &c->rebuilding) ? 'A' : 'a');
 		if (action != GR_IDLE)
 			cur = READ_ONCE(c->sync_pos);
+		else if (READ_ONCE(c->rebuilding))
+			cur = READ_ONCE(c->rec_cp);
 		else
 			cur = cp == GR_IN_SYNC ? total : cp;
 		DMEMIT(" %llu/%llu %s %llu %llu -", (unsigned long long)cur,
@@ -1848,8 +2087,9 @@ static void gr_status(struct dm_target *ti, status_type_t type,
 		DMEMIT("%s %u %u", c->layout->name, c->chunk, c->ndevs);
 		for (i = 0; i < c->ndevs; i++)
 			DMEMIT(" %s", c->devs[i] ? c->devs[i]->name : "-");
+		rb = READ_ONCE(c->rebuilding) & c->rebuild_req;
 		nopt = 2 * c->data_offset_set + c->md + 2 * c->rate_min_set +
-		       2 * c->rate_max_set;
+		       2 * c->rate_max_set + 2 * hweight_long(rb);
 		if (nopt)
 			DMEMIT(" %u", nopt);
 		if (c->data_offset_set)
@@ -1857,6 +2097,8 @@ static void gr_status(struct dm_target *ti, status_type_t type,
 			       (unsigned long long)c->data_offset);
 		if (c->md)
 			DMEMIT(" md_superblocks");
+		for_each_set_bit(i, &rb, c->ndevs)
+			DMEMIT(" rebuild %u", i);
 		if (c->rate_min_set)
 			DMEMIT(" min_recovery_rate %u", c->rate_min);
 		if (c->rate_max_set)
@@ -1909,6 +2151,10 @@ static int gr_message(struct dm_target *ti, unsigned int argc, char **argv,
 	} else if (READ_ONCE(c->action) != GR_IDLE) {
 		DMWARN("%s: %s is running ('idle' stops a check or repair)",
 		       argv[0], gr_action_name[READ_ONCE(c->action)]);
+		r = -EBUSY;
+	} else if (READ_ONCE(c->rebuilding) & ~READ_ONCE(c->failed)) {
+		DMWARN("%s: a member is being rebuilt ('idle' resumes it)",
+		       argv[0]);
 		r = -EBUSY;
 	} else if (READ_ONCE(c->resync_cp) != GR_IN_SYNC) {
 		DMWARN("%s: the array needs a resync first ('idle' starts it)",
@@ -1973,6 +2219,12 @@ static void gr_resume(struct dm_target *ti)
 	struct gr_ctx *c = ti->private;
 
 	c->activated = true;
+	mutex_lock(&c->sb_lock);
+	if (c->sb_new) {		/* the rebuilt members' superblocks */
+		gr_sb_update(c);
+		c->sb_new = false;
+	}
+	mutex_unlock(&c->sb_lock);
 	gr_sb_settle(c);
 	mutex_lock(&c->sync_lock);
 	c->suspended = false;

@@ -318,6 +318,63 @@ def remove(name):
     click.echo(f"removed {name}")
 
 
+def replace_member(table, index, new_device):
+    """``dmsetup table`` of a gpu-raid6 device with member ``index``
+    replaced by ``new_device`` and ``rebuild <index>`` among the options."""
+    f = table.split()
+    if len(f) < 6 or f[2] != "gpu-raid6":
+        raise Raid6Error(f"not a gpu-raid6 table: {table.strip()!r}")
+    n = int(f[5])
+    if not 0 <= index < n:
+        raise Raid6Error(f"member index {index} out of range: the array has "
+                         f"{n} members (0 to {n - 1})")
+    devs = f[6:6 + n]
+    opts = f[7 + n:] if len(f) > 6 + n else []
+    devs[index] = new_device
+    kept, i = [], 0
+    while i < len(opts):      # an earlier rebuild of this member goes
+        if opts[i] == "rebuild" and i + 1 < len(opts) \
+                and int(opts[i + 1]) == index:
+            i += 2
+            continue
+        kept.append(opts[i])
+        i += 1
+    kept += ["rebuild", str(index)]
+    return " ".join(f[:6] + devs + [str(len(kept))] + kept)
+
+
+@raid6.command("replace")
+@click.argument("name")
+@click.argument("index", type=click.IntRange(0))
+@click.argument("new_device")
+def replace(name, index, new_device):
+    """Replace member INDEX of NAME with NEW_DEVICE and rebuild it.
+
+    The table is reloaded live (suspend, load, resume) with the new member
+    and ``rebuild INDEX``; the rebuild runs in the background while I/O goes
+    on (follow it with ``kgpu raid6 status NAME --wait``). With md
+    superblocks the new member gets its own, and an interrupted rebuild
+    goes on from its checkpoint the next time the array is opened.
+    """
+    p = _run(["dmsetup", "table", name])
+    if p.returncode != 0:
+        raise click.ClickException(f"no device {name}: {p.stderr.strip()}")
+    try:
+        line = replace_member(p.stdout, index, new_device)
+    except Raid6Error as e:
+        raise click.ClickException(str(e)) from None
+    for argv in (["dmsetup", "load", name, "--table", line],
+                 ["dmsetup", "suspend", name], ["dmsetup", "resume", name]):
+        p = _run(argv)
+        if p.returncode != 0:
+            if argv[1] == "load":
+                _run(["dmsetup", "clear", name])
+            raise click.ClickException(
+                f"{' '.join(argv[:3])} failed: {p.stderr.strip()} (the "
+                f"kernel's reason is in dmesg; table: {line})")
+    click.echo(f"{name}: member {index} is now {new_device}, rebuilding")
+
+
 # dmsetup status of gpu-raid6: dm-raid's fields, then kgpu's counters.
 _STATUS_FIELDS = ("raid_type", "devices", "health", "sync_ratio", "action",
                   "mismatch_cnt", "data_offset", "journal", "stripes_written",

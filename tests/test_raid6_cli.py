@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kgpu_helper.cli import cli
 from kgpu_helper.raid6_cli import (Raid6Error, describe_status,
                                    geometry_from_examines, parse_status,
+                                   replace_member,
                                    length_from_members, parse_chunk,
                                    parse_examine, table_line)
 
@@ -194,3 +195,20 @@ def test_parse_status_reads_dm_raid_fields_then_counters():
     assert "out: 2" in text and "not in sync" in text and "25.0%" in text
     with pytest.raises(Raid6Error, match="not a gpu-raid6 status"):
         parse_status("0 100 crypt aes-xts-plain64 ...")
+
+
+def test_replace_member_adds_rebuild():
+    t = ("0 6144 gpu-raid6 left-symmetric 128 6 254:1 254:2 254:3 254:4 "
+         "254:5 254:6 3 data_offset 2048 md_superblocks\n")
+    assert replace_member(t, 2, "/dev/new") == (
+        "0 6144 gpu-raid6 left-symmetric 128 6 254:1 254:2 /dev/new 254:4 "
+        "254:5 254:6 5 data_offset 2048 md_superblocks rebuild 2")
+    t2 = ("0 6144 gpu-raid6 raid6_zr 128 4 a - c d 2 rebuild 1\n")
+    assert replace_member(t2, 1, "b") == \
+        "0 6144 gpu-raid6 raid6_zr 128 4 a b c d 2 rebuild 1"
+    assert replace_member("0 8 gpu-raid6 raid6_zr 128 4 a b c d", 3, "e") \
+        == "0 8 gpu-raid6 raid6_zr 128 4 a b c e 2 rebuild 3"
+    with pytest.raises(Raid6Error, match="out of range"):
+        replace_member(t, 6, "/dev/new")
+    with pytest.raises(Raid6Error, match="not a gpu-raid6 table"):
+        replace_member("0 8 linear /dev/a 0", 0, "b")

@@ -25,7 +25,7 @@ insmod $B/kgpu.ko timeout_ms=5000 || exit 1
 insmod $B/dm-gpu-raid6.ko || exit 1
 mkdir -p $W; mount -t tmpfs -o size=1g tmpfs $W
 
-mkmembers() {  # tag [random]: N loop files behind shims /dev/mapper/<tag>m<i>
+mkmembers() {  # tag [random]: $N loop files behind shims /dev/mapper/<tag>m<i>
     SH=""
     for i in $(seq 0 $((N-1))); do
         if [ "${2:-}" = random ]; then
@@ -81,6 +81,14 @@ exf() {  # member field: one field of mdadm --examine
     mdadm --examine $1 2>/dev/null | sed -n "s/^ *$2 : \([^ ]*\).*/\1/p" | head -1
 }
 sf() { dmsetup status $1 | awk "{print \$$2}"; }   # name field#
+resync_offset() {  # member: md 1.2's resync_offset (mdadm 4.2's --examine
+                   # shows only "active"), read from the superblock at 4 KiB
+    python3 -c 'import struct, sys
+f = open(sys.argv[1], "rb"); f.seek(4096); b = f.read(256)
+assert struct.unpack_from("<I", b, 0)[0] == 0xa92b4efc, "no superblock"
+v = struct.unpack_from("<Q", b, 208)[0]
+print("none" if v == (1 << 64) - 1 else v)' $1
+}
 open_md() {  # name: kgpu raid6 create --from-mdadm over $SH
     kgpu raid6 create $1 --from-mdadm $SH >> $O/create-$1.txt 2>&1
 }
@@ -192,14 +200,14 @@ mdstop
 echo 1000 > /proc/sys/dev/raid/speed_limit_min
 echo 200000 > /proc/sys/dev/raid/speed_limit_max
 mdadm --examine /dev/mapper/nm0 > $O/examine-initial.txt 2>&1
-ro0=$(exf /dev/mapper/nm0 "Resync Offset"); ro0=${ro0:-0}
+ro0=$(resync_offset /dev/mapper/nm0)
 LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SH | sed 's/ 3 data_offset \([0-9]*\) md_superblocks$/ 5 data_offset \1 md_superblocks max_recovery_rate 300/')
 dmsetup create r6 --table "$LINE" > $O/create-initial.txt 2>&1 && dmsetup mknodes r6
 sleep 3
 dmsetup status r6 > $O/status-initial-slow.txt
 pos1=$(sf r6 7 | cut -d/ -f1)
 dmsetup remove r6                    # interrupted
-ro1=$(exf /dev/mapper/nm0 "Resync Offset")
+ro1=$(resync_offset /dev/mapper/nm0)
 state1=$(exf /dev/mapper/nm0 State)
 open_md r6 || res initial FAIL create
 waitsync r6 initial
@@ -208,13 +216,13 @@ dmsetup status r6 > $O/status-initial-done.txt
 health3=$(sf r6 6)
 ratio3=$(sf r6 7)
 dmsetup remove r6
-ro2=$(exf /dev/mapper/nm0 "Resync Offset")
+ro2=$(resync_offset /dev/mapper/nm0)
 state2=$(exf /dev/mapper/nm0 State)
 mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
 mm_md=$(mdcheck)
 mdstop
 res initial ro0=$ro0 pos1=$pos1 ro1=$ro1 state1=$state1 from2=$from2
-res initial_done health=$health3 ratio=$ratio3 ro=${ro2:-none} state=$state2 md_mismatch=$mm_md
+res initial_done health=$health3 ratio=$ratio3 ro=$ro2 state=$state2 md_mismatch=$mm_md
 freemembers n
 
 stamp check
@@ -269,6 +277,80 @@ mdstop
 res check md=$mm_md gpu=$mm_check repair=$mm_repair after=$mm_after md_after=$mm_md2
 res scribble $(tail -1 $O/scribble.txt | tr ' ' _) msgrc=$msgrc
 freemembers k
+
+stamp rebuild
+# -- 5. rebuild: a failed member replaced under fio verify; two at once; an
+#    interrupted rebuild goes on from the new member's recovery_offset ------
+N=2 mkmembers q                      # the new disks: qm0, qm1
+mkmembers r
+mdcreate --assume-clean || exit 1
+mdstop
+open_md r6 || res rebuild FAIL create
+FIOV="fio --name=v --filename=/dev/mapper/r6 --direct=1 --ioengine=libaio \
+ --rw=randwrite --bsrange=4k-64k --iodepth=8 --numjobs=2 --size=2m \
+ --offset_increment=2m --verify=crc32c --verify_fatal=1 --do_verify=1"
+$FIOV --loops=4 > $O/fio-rebuild.txt 2>&1 &
+FP=$!
+sleep 2
+shim r 2 error
+for t in $(seq 50); do [ "$(sf r6 6)" = AADAAA ] && break; sleep 0.2; done
+h_failed=$(sf r6 6); arr_failed=$(exf /dev/mapper/rm0 "Array State")
+kgpu raid6 replace r6 2 /dev/mapper/qm0 > $O/replace.txt 2>&1; rrc=$?
+h_during=$(sf r6 6); a_during=$(sf r6 8)
+waitsync r6 rebuild
+wait $FP; frc=$?
+h_after=$(sf r6 6)
+dmsetup table r6 > $O/table-rebuilt.txt
+mdadm --examine /dev/mapper/qm0 > $O/examine-rebuilt.txt 2>&1
+role_new=$(exf /dev/mapper/qm0 "Device Role" | head -1)
+arr_after=$(exf /dev/mapper/rm0 "Array State"); ev_a=$(exf /dev/mapper/rm0 Events); ev_n=$(exf /dev/mapper/qm0 Events)
+res rebuild_one failed=$h_failed array_failed=$arr_failed replace_rc=$rrc during=$h_during action=$a_during after=$h_after fio_rc=$frc array=$arr_after ev_member=$ev_a ev_new=$ev_n
+# two at once: members 1 and 4 fail, two new disks, one table
+shim r 1 error; shim r 4 error
+dd if=/dev/urandom of=/dev/mapper/r6 bs=64k count=4 oflag=direct status=none
+h2_failed=$(sf r6 6)
+T=$(dmsetup table r6 | awk '{$8 = "/dev/mapper/qm1"; $11 = "/dev/mapper/rm4"; print}')
+echo "$T" > $O/table-two-before.txt
+shim r 4 linear                      # the disk at 4 is back, blank for us
+dd if=/dev/zero of=/dev/mapper/rm4 bs=1M count=1 oflag=direct status=none
+T=$(echo "$T" | sed 's/ 3 data_offset \([0-9]*\) md_superblocks$/ 7 data_offset \1 md_superblocks rebuild 1 rebuild 4/')
+dmsetup load r6 --table "$T" && dmsetup suspend r6 && dmsetup resume r6; trc=$?
+h2_during=$(sf r6 6)
+waitsync r6 rebuild-two
+h2_after=$(sf r6 6)
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refR
+dd if=$W/refR of=/dev/mapper/r6 bs=1M oflag=direct status=none
+dmsetup remove r6
+mdadm --assemble /dev/md0 --run /dev/mapper/rm0 /dev/mapper/qm1 /dev/mapper/qm0 /dev/mapper/rm3 /dev/mapper/rm4 /dev/mapper/rm5 > $O/mdadm-rebuilt.txt 2>&1
+mddeg=$(cat /sys/block/md0/md/degraded 2>/dev/null)
+cmp -s $W/refR /dev/md0 && mdcmp=ok || mdcmp=bad
+mm=$(mdcheck)
+mdstop
+res rebuild_two failed=$h2_failed load_rc=$trc during=$h2_during after=$h2_after md_degraded=$mddeg md_cmp=$mdcmp md_mismatch=$mm
+# interrupted: slow, cut after 3 s, opened again: it goes on from there
+SET="/dev/mapper/rm0 /dev/mapper/qm1 /dev/mapper/qm0 /dev/mapper/rm3 /dev/mapper/rm4 /dev/mapper/rm5"
+SH=$SET
+LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SET | awk '{$8 = "/dev/mapper/rm1"; print}' | sed 's/ 3 data_offset \([0-9]*\) md_superblocks$/ 7 data_offset \1 md_superblocks rebuild 1 max_recovery_rate 300/')
+SET="/dev/mapper/rm0 /dev/mapper/rm1 /dev/mapper/qm0 /dev/mapper/rm3 /dev/mapper/rm4 /dev/mapper/rm5"
+dmsetup create r6 --table "$LINE" > $O/create-slow-rebuild.txt 2>&1 && dmsetup mknodes r6
+sleep 3
+pos1=$(sf r6 7 | cut -d/ -f1); a1=$(sf r6 8)
+dmsetup remove r6
+mdadm --examine /dev/mapper/rm1 > $O/examine-interrupted.txt 2>&1
+rec1=$(exf /dev/mapper/rm1 "Recovery Offset")
+SH=$SET
+open_md r6 || res rebuild_resume FAIL create
+waitsync r6 rebuild-resumed
+from2=$(dmesg | grep -o 'recover from sector [0-9]*' | tail -1 | awk '{print $4}')
+h3=$(sf r6 6)
+cmp -s $W/refR /dev/mapper/r6 && c3=ok || c3=bad
+dmsetup remove r6
+mdadm --assemble /dev/md0 --run $SET > /dev/null 2>&1
+mm=$(mdcheck)
+mdstop
+res rebuild_resume action=$a1 pos1=$pos1 rec1=$rec1 from2=$from2 after=$h3 cmp=$c3 md_mismatch=$mm
+freemembers r
+N=2 freemembers q
 
 stamp bad
 # -- 5. bad input: refused with the reason, nothing written -----------------

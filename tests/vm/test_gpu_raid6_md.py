@@ -140,3 +140,33 @@ def test_no_kernel_complaints(guest):
     dmesg = guest[2]["dmesg.txt"]
     for bad in ("BUG:", "Oops", "WARNING:", "Call Trace", "hung_task"):
         assert bad not in dmesg, dmesg[-3000:]
+
+
+def test_rebuild_of_a_replaced_member_under_fio_verify(guest):
+    r = guest[0]["rebuild_one"]
+    assert r["failed"] == "AADAAA" and r["array_failed"] == "AA.AAA", r
+    assert r["replace_rc"] == "0", guest[2].get("replace.txt")
+    assert r["during"] in ("AAaAAA", "AAAAAA"), r
+    assert r["after"] == "AAAAAA" and r["array"] == "AAAAAA", r
+    assert r["ev_member"] == r["ev_new"], r          # one array, one story
+    assert r["fio_rc"] == "0", guest[2].get("fio-rebuild.txt", "")[-2000:]
+    assert "Active device 2" in guest[2]["examine-rebuilt.txt"]
+    assert "rebuild" not in guest[2]["table-rebuilt.txt"]   # done: gone
+
+
+def test_two_members_rebuilt_at_once_then_md_agrees(guest):
+    r = guest[0]["rebuild_two"]
+    assert r["failed"] == "ADAADA" and r["load_rc"] == "0", r
+    assert r["during"] in ("AaAAaA", "AAAAAA"), r
+    assert r["after"] == "AAAAAA", r
+    assert r["md_degraded"] == "0" and r["md_cmp"] == "ok", r
+    assert r["md_mismatch"] == "0", r
+
+
+def test_interrupted_rebuild_goes_on_from_its_checkpoint(guest):
+    r = guest[0]["rebuild_resume"]
+    assert r["action"] == "recover", r
+    pos1, rec1, from2 = int(r["pos1"]), int(r["rec1"]), int(r["from2"])
+    assert 0 < pos1 <= rec1 == from2 < 6144, r
+    assert r["after"] == "AAAAAA" and r["cmp"] == "ok", r
+    assert r["md_mismatch"] == "0", r
