@@ -73,6 +73,7 @@
 #define GR_SAFEMODE_MS	200		/* md's safe_mode_delay */
 #define GR_RATE_MIN	1000		/* KiB/s per member: md's speed_limit_min */
 #define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
+#define GR_READ_ERRORS	20		/* md's max_corrected_read_errors */
 
 /* Background work on the whole array, as dm-raid spells it. */
 enum gr_action { GR_IDLE, GR_RESYNC, GR_RECOVER, GR_CHECK, GR_REPAIR };
@@ -207,6 +208,8 @@ struct gr_ctx {
 	bool activated;			/* resumed once */
 	sector_t sync_pos;
 	atomic64_t mismatches;		/* sectors, as md's mismatch_cnt */
+	atomic_t read_errors[GR_MAX_DEVS];	/* corrected, per member */
+	atomic64_t corrected;
 	atomic64_t user_ios;
 
 	atomic64_t stripes_written;
@@ -227,6 +230,7 @@ struct gr_io {
 	unsigned int member;		/* remapped to this member */
 	bool remapped;			/* a read remapped to member */
 	bool flush;			/* an empty flush remapped to member */
+	bool fix;			/* its remapped read failed: correct it */
 };
 
 struct gr_wait {
@@ -764,6 +768,73 @@ redo:
 }
 
 /*
+ * md's read-error correction. Member m failed to read columns [col, col +
+ * nsec) of row: rebuild them from the others, write them back and read
+ * them again. The member fails only if that rewrite or re-read fails, or
+ * after GR_READ_ERRORS corrections. Row lock held; the buffer is free.
+ */
+static void gr_fix_block(struct gr_ctx *c, struct gr_buf *buf,
+			 const struct gr_row *r, sector_t row, sector_t col,
+			 unsigned int nsec, unsigned int m)
+{
+	unsigned int len = nsec << 9, s = r->slot[m], i, fa, fb;
+	struct gr_batch *b = &buf->batch;
+	void *ptrs[GR_MAX_SLOTS];
+	unsigned long failed;
+	bool ok;
+
+redo:
+	if (test_bit(m, &c->failed))
+		return;
+	failed = gr_failed_row(c, row) | BIT(m);
+	if (!gr_lost(c, failed, r, &fa, &fb)) {
+		gr_fail(c, m);		/* nothing to rebuild it from */
+		return;
+	}
+	gr_batch_start(b);
+	for (i = 0; i < c->ndevs; i++)
+		if (!test_bit(i, &failed))
+			gr_mio(c, b, i, REQ_OP_READ, row, col,
+			       buf->blk[r->slot[i]], len);
+	if (!gr_batch_wait(c, b))
+		goto redo;
+	gr_ptrs(c, buf, r, ptrs);
+	gr_compute(c, KGPU_SVC_RAID6_REC, ptrs, len, fa, fb);
+	gr_batch_start(b);
+	gr_mio(c, b, m, REQ_OP_WRITE | REQ_FUA, row, col, buf->blk[s], len);
+	ok = !gr_batch_end(b);
+	if (ok) {
+		gr_batch_start(b);
+		gr_mio(c, b, m, REQ_OP_READ, row, col, buf->nd[0], len);
+		ok = !gr_batch_end(b) && !memcmp(buf->nd[0], buf->blk[s], len);
+	}
+	if (!ok) {
+		DMERR("member %u (%s): read error at sector %llu not corrected: the rewrite failed",
+		      m, c->devs[m]->name, (unsigned long long)
+		      (c->data_offset + (row << c->chunk_shift) + col));
+		gr_fail(c, m);
+		return;
+	}
+	atomic64_inc(&c->corrected);
+	if (c->md) {
+		struct mdp_superblock_1 *sb = page_address(c->sb[m].page);
+
+		mutex_lock(&c->sb_lock);	/* md's count, written with the next update */
+		le32_add_cpu(&sb->cnt_corrected_read, 1);
+		mutex_unlock(&c->sb_lock);
+	}
+	if (atomic_inc_return(&c->read_errors[m]) > GR_READ_ERRORS) {
+		DMERR("member %u (%s): more than %d read errors corrected: failing it",
+		      m, c->devs[m]->name, GR_READ_ERRORS);
+		gr_fail(c, m);
+		return;
+	}
+	DMWARN_LIMIT("member %u (%s): read error at sector %llu (%u sectors) corrected from parity",
+		     m, c->devs[m]->name, (unsigned long long)
+		     (c->data_offset + (row << c->chunk_shift) + col), nsec);
+}
+
+/*
  * Read columns [col, col + nsec) of data block j of row, rebuilding it if
  * its member is dead: from P alone, with XOR on this CPU, when it is the
  * only data block lost and P is alive (the other data blocks and P are
@@ -1266,7 +1337,7 @@ static bool gr_sync_seg(struct gr_ctx *c, struct gr_buf *buf,
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
 	unsigned int i, m, bad = 0;
-	unsigned long failed;
+	unsigned long failed, errors;
 	bool hp, hq;
 
 redo:
@@ -1283,7 +1354,13 @@ redo:
 		if (!test_bit(m, &failed))
 			gr_mio(c, b, m, REQ_OP_READ, row, col,
 			       buf->blk[r->slot[m]], len);
-	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
+	errors = gr_batch_end(b);
+	if (errors) {			/* a scrub corrects what it finds */
+		for_each_set_bit(m, &errors, c->ndevs)
+			gr_fix_block(c, buf, r, row, col, nsec, m);
+		goto redo;
+	}
+	if (gr_failed_row(c, row) != failed)
 		goto redo;
 	memcpy(buf->nd[0], buf->blk[P], len);
 	memcpy(buf->nd[1], buf->blk[Q], len);
@@ -1534,6 +1611,9 @@ static void gr_work(struct work_struct *work)
 		atomic64_inc(&c->degraded_reads);
 		for (col = off; col < off + nsec && !ret; col += n) {
 			n = min_t(sector_t, c->seg_sectors, off + nsec - col);
+			if (io->fix)
+				gr_fix_block(c, buf, &r, row, col, n,
+					     io->member);
 			ret = gr_read_seg(c, io, buf, &r, row, j, col, n,
 					  (col - off) << 9);
 		}
@@ -1946,6 +2026,7 @@ static int gr_map(struct dm_target *ti, struct bio *bio)
 	io->bio = bio;
 	io->remapped = false;
 	io->flush = false;
+	io->fix = false;
 	if (unlikely(bio->bi_opf & REQ_PREFLUSH) && !bio_sectors(bio)) {
 		/* one flush per member; a dead member's goes to a live one */
 		m = dm_bio_get_target_bio_nr(bio);
@@ -2022,9 +2103,12 @@ static int gr_end_io(struct dm_target *ti, struct bio *bio,
 	}
 	if (!io->remapped)
 		return DM_ENDIO_DONE;
-	/* a healthy read failed: the member is dead, rebuild from the rest */
+	/*
+	 * A healthy read failed: not a dead disk yet. gr_work rebuilds the
+	 * block from the others and writes it back (gr_fix_block), then reads.
+	 */
 	io->remapped = false;
-	gr_fail(c, io->member);
+	io->fix = true;
 	bio->bi_iter = io->iter;
 	bio_set_dev(bio, io->bdev);
 	bio->bi_status = BLK_STS_OK;

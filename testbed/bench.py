@@ -160,6 +160,95 @@ fi
 """
 
 
+# Background maintenance, md beside gpu-raid6 on the same members: the
+# initial resync, a check, the rebuild of member 1. Each run leaves a line
+# "N target op rep kernel_ticks helper_ticks ticks_per_s seconds
+# member_sectors" in $KGPU_OUT/maint.txt (read_maint). md's speed limit and
+# gpu-raid6's max_recovery_rate are raised so that both run flat out.
+MAINT = r"""
+modprobe loop; modprobe dm_mod; modprobe raid6_pq; modprobe raid456
+insmod $B/kgpu.ko timeout_ms=30000
+insmod $B/dm-gpu-raid6.ko
+mkdir -p /tmp/r6m
+LOOPS=""
+for i in $(seq 0 $((NDEVS - 1))); do
+  truncate -s ${MEMBER_MB}M /tmp/r6m/m$i
+  LOOPS="$LOOPS $(losetup -f --show /tmp/r6m/m$i)"
+done
+LOOPS=${LOOPS# }
+M1=$(echo $LOOPS | cut -d' ' -f2)
+""" + "{helper}" + r"""
+HP=$(cat /tmp/helper.pid 2>/dev/null || echo 0)
+HZ=$(getconf CLK_TCK)
+N=0
+kcpu() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
+hcpu() { if [ "$HP" != 0 ]; then awk '{print $14 + $15}' /proc/$HP/stat; else echo 0; fi; }
+now() { cut -d' ' -f1 /proc/uptime; }
+T0=0; K0=0; H0=0
+start() { K0=$(kcpu); H0=$(hcpu); T0=$(now); }
+stop() {  # target op rep sectors
+  local t1=$(now) k1=$(kcpu) h1=$(hcpu)
+  N=$((N + 1))
+  echo "$N $1 $2 $3 $((k1 - K0)) $((h1 - H0)) $HZ $(awk "BEGIN {print $t1 - $T0}") $4" >> $KGPU_OUT/maint.txt
+}
+mdwait() { while [ "$(cat /sys/block/md0/md/sync_action)" != idle ]; do sleep 0.05; done; }
+grwait() { while [ "$(dmsetup status r6 | awk '{print $8}')" != idle ]; do sleep 0.05; done; }
+slow() { echo $1 > /proc/sys/dev/raid/speed_limit_min; echo $1 > /proc/sys/dev/raid/speed_limit_max; }
+md() { mdadm "$@" > /dev/null 2>&1; }
+for rep in $(seq $REPS); do
+  for l in $LOOPS; do md --zero-superblock $l; done
+  # md: create held back (speed limit 1), then the initial resync flat
+  # out; check; fail + re-add member 1 (rebuild)
+  slow 1
+  md --create /dev/md0 --run --level=6 --raid-devices=$NDEVS --chunk=$CHUNK_K \
+    --layout=left-symmetric --metadata=1.2 --bitmap=none $LOOPS
+  S=$(( $(cat /sys/block/md0/md/component_size) * 2 ))
+  start; slow 4000000; sleep 0.1; mdwait; stop md resync $rep $S
+  start; echo check > /sys/block/md0/md/sync_action; sleep 0.1; mdwait; stop md check $rep $S
+  md /dev/md0 --fail $M1; md /dev/md0 --remove $M1; md --zero-superblock $M1
+  start; md /dev/md0 --add $M1; sleep 0.1; mdwait; stop md rebuild $rep $S
+  md --stop /dev/md0
+  # gpu-raid6: an array mdadm created and stopped before any sync, opened
+  # with md_superblocks (the initial resync), check, rebuild of member 1
+  for l in $LOOPS; do md --zero-superblock $l; done
+  slow 1
+  md --create /dev/md0 --run --level=6 --raid-devices=$NDEVS --chunk=$CHUNK_K \
+    --layout=left-symmetric --metadata=1.2 --bitmap=none $LOOPS
+  OFF=$(cat /sys/block/md0/md/dev-*/offset | head -1)
+  LEN=$(cat /sys/block/md0/size)
+  md --stop /dev/md0
+  slow 4000000
+  T="0 $LEN gpu-raid6 left-symmetric $((CHUNK_K * 2)) $NDEVS $LOOPS"
+  O="data_offset $OFF md_superblocks max_recovery_rate 4000000"
+  start; dmsetup create r6 --table "$T 5 $O"; sleep 0.1; grwait; stop gpu-raid6 resync $rep $S
+  start; dmsetup message r6 0 check; sleep 0.1; grwait; stop gpu-raid6 check $rep $S
+  dmsetup status r6 > $KGPU_OUT/status-after-check.txt
+  dmsetup suspend r6
+  dmsetup load r6 --table "$T 7 $O rebuild 1"
+  start; dmsetup resume r6; sleep 0.1; grwait; stop gpu-raid6 rebuild $rep $S
+  dmsetup status r6 > $KGPU_OUT/status-after-rebuild.txt
+  dmsetup remove r6
+done
+kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
+"""
+
+
+def read_maint(files, ndevs):
+    """The runs of MAINT: one dict per run (target, op as rw, the bytes
+    of all members' data that the operation covered, seconds, CPU)."""
+    points = []
+    for line in files.get("maint.txt", b"").decode().splitlines():
+        f = line.split()
+        if len(f) != 9:
+            continue
+        n, t, op, rep, k, h, hz, secs, sectors = f
+        points.append(dict(
+            target=t, bs="all", rw=op, rep=int(rep),
+            bytes=int(sectors) * 512 * ndevs, seconds=float(secs),
+            kernel_cpu_s=int(k) / int(hz), helper_cpu_s=int(h) / int(hz)))
+    return points
+
+
 def guest_script(body, build, no_helper, **settings):
     """The guest's script: settings as shell variables, then ``body``."""
     lines = ["set -eu", f"B={build}"]
@@ -212,12 +301,12 @@ def _run(kernel, body, no_helper, json_path, what, **settings):
     build = build_modules(tb.kernel.headers_dir, tb.kernel.release)
     script = guest_script(body, build, no_helper, **settings)
     click.echo(f"benchmarking {what} in a {tb.kernel.release} guest "
-               f"({settings['reps']} runs of {settings['seconds_per_run']} s "
-               "per point)", err=True)
+               f"({settings['reps']} runs per point)", err=True)
     r = tb.run(script, echo=False)
     if r.rc:
         raise click.ClickException(f"the guest failed:\n{r.output[-3000:]}")
-    points = read_points(r.files)
+    points = (read_maint(r.files, settings["ndevs"]) if body is MAINT
+              else read_points(r.files))
     rows = summarize(points)
     where = (f"QEMU TCG guest, kernel {tb.kernel.release}, "
              f"{'no helper' if no_helper else 'helper with the cpu backend'}")
@@ -305,3 +394,36 @@ def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
                 ndevs=devs, member_mb=member_mb, chunk_k=chunk_k,
                 seconds_per_run=seconds, reps=reps, iodepth=iodepth,
                 crossover=crossover)
+
+
+@bench.command("raid6-maint")
+@click.option("--kernel", default="6.12", show_default=True,
+              help="Guest kernel series or release.")
+@click.option("--reps", default=3, show_default=True,
+              help="Runs of each operation (median and range are printed).")
+@click.option("--no-helper", is_flag=True,
+              help="Leave the helper out: gpu-raid6 on the kernel's CPU.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write every run and the summary here.")
+@click.option("--devs", default=6, show_default=True,
+              help="Members (loop devices in the guest's RAM).")
+@click.option("--member-mb", default=64, show_default=True)
+@click.option("--chunk-k", default=512, show_default=True,
+              help="Chunk size in KiB (mdadm's default).")
+def bench_raid6_maint(kernel, reps, no_helper, json_path, devs, member_mb,
+                      chunk_k):
+    """Resync, check and rebuild: md RAID6 beside gpu-raid6 on the same
+    loop devices in one guest, each flat out (md's speed_limit_min/max and
+    gpu-raid6's max_recovery_rate raised). MB/s counts the data of all
+    members that the operation covered; kernel CPU is system + irq +
+    softirq over all CPUs, per GB of it.
+
+    Under QEMU every instruction is emulated: compare the two with each
+    other, not with a real machine.
+    """
+    if not 4 <= devs <= 32:
+        raise click.BadParameter("--devs takes 4 to 32 members")
+    return _run(kernel, MAINT, no_helper, json_path,
+                "resync, check and rebuild of md RAID6 and gpu-raid6",
+                ndevs=devs, member_mb=member_mb, chunk_k=chunk_k, reps=reps,
+                seconds_per_run=0, iodepth=0, crossover=-1)

@@ -289,13 +289,14 @@ open_md r6 || res rebuild FAIL create
 FIOV="fio --name=v --filename=/dev/mapper/r6 --direct=1 --ioengine=libaio \
  --rw=randwrite --bsrange=4k-64k --iodepth=8 --numjobs=2 --size=2m \
  --offset_increment=2m --verify=crc32c --verify_fatal=1 --do_verify=1"
-$FIOV --loops=4 > $O/fio-rebuild.txt 2>&1 &
+$FIOV --loops=40 --rate=4m > $O/fio-rebuild.txt 2>&1 &
 FP=$!
 sleep 2
 shim r 2 error
-for t in $(seq 50); do [ "$(sf r6 6)" = AADAAA ] && break; sleep 0.2; done
+dd if=/dev/urandom of=/dev/mapper/r6 bs=64k seek=100 count=8 oflag=direct status=none
 h_failed=$(sf r6 6); arr_failed=$(exf /dev/mapper/rm0 "Array State")
 kgpu raid6 replace r6 2 /dev/mapper/qm0 > $O/replace.txt 2>&1; rrc=$?
+fr=no; kill -0 $FP 2>/dev/null && fr=yes
 h_during=$(sf r6 6); a_during=$(sf r6 8)
 waitsync r6 rebuild
 wait $FP; frc=$?
@@ -304,7 +305,7 @@ dmsetup table r6 > $O/table-rebuilt.txt
 mdadm --examine /dev/mapper/qm0 > $O/examine-rebuilt.txt 2>&1
 role_new=$(exf /dev/mapper/qm0 "Device Role" | head -1)
 arr_after=$(exf /dev/mapper/rm0 "Array State"); ev_a=$(exf /dev/mapper/rm0 Events); ev_n=$(exf /dev/mapper/qm0 Events)
-res rebuild_one failed=$h_failed array_failed=$arr_failed replace_rc=$rrc during=$h_during action=$a_during after=$h_after fio_rc=$frc array=$arr_after ev_member=$ev_a ev_new=$ev_n
+res rebuild_one fio_running=$fr failed=$h_failed array_failed=$arr_failed replace_rc=$rrc during=$h_during action=$a_during after=$h_after fio_rc=$frc array=$arr_after ev_member=$ev_a ev_new=$ev_n
 # two at once: members 1 and 4 fail, two new disks, one table
 shim r 1 error; shim r 4 error
 dd if=/dev/urandom of=/dev/mapper/r6 bs=64k count=4 oflag=direct status=none
@@ -328,6 +329,7 @@ mm=$(mdcheck)
 mdstop
 res rebuild_two failed=$h2_failed load_rc=$trc during=$h2_during after=$h2_after md_degraded=$mddeg md_cmp=$mdcmp md_mismatch=$mm
 # interrupted: slow, cut after 3 s, opened again: it goes on from there
+shim r 1 linear                      # the old disk at 1, as a new one
 SET="/dev/mapper/rm0 /dev/mapper/qm1 /dev/mapper/qm0 /dev/mapper/rm3 /dev/mapper/rm4 /dev/mapper/rm5"
 SH=$SET
 LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SET | awk '{$8 = "/dev/mapper/rm1"; print}' | sed 's/ 3 data_offset \([0-9]*\) md_superblocks$/ 7 data_offset \1 md_superblocks rebuild 1 max_recovery_rate 300/')
@@ -351,6 +353,48 @@ mdstop
 res rebuild_resume action=$a1 pos1=$pos1 rec1=$rec1 from2=$from2 after=$h3 cmp=$c3 md_mismatch=$mm
 freemembers r
 N=2 freemembers q
+
+stamp badsector
+# -- 6. a read error is not a dead disk: member 3 is an NBD disk with bad
+#    sectors (badsector_nbd.py) that heal on write, or do not ---------------
+modprobe nbd nbds_max=2
+mkmembers b
+mdcreate --assume-clean || exit 1
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refD
+dd if=$W/refD of=/dev/md0 bs=1M oflag=direct status=none
+mdstop
+: > $W/bad
+python3 $(dirname $0)/badsector_nbd.py /dev/nbd0 $W/b3 $W/bad > $O/nbd.txt 2>&1 &
+for t in $(seq 50); do grep -q serving $O/nbd.txt && break; sleep 0.2; done
+SRV=$(awk '/serving/ {print $4}' $O/nbd.txt)
+dmsetup load bm3 --table "0 $(blockdev --getsz /dev/nbd0) linear /dev/nbd0 0" &&
+    dmsetup suspend bm3 && dmsetup resume bm3
+open_md r6 || res badsector FAIL create
+# left-symmetric, 6 members: member 3 holds data in row 0, P in row 2
+S1=$((MDOFF + 10)); S2=$((MDOFF + 2 * 128 + 20)); S3=$((MDOFF + 6 * 128 + 5))
+echo "$S1 heal" > $W/bad; kill -USR1 $SRV; sleep 0.3
+dd if=/dev/mapper/r6 iflag=direct bs=64k status=none | cmp -s - $W/refD && c1=ok || c1=bad
+h1=$(sf r6 6)
+echo "$S2 heal" > $W/bad; kill -USR1 $SRV; sleep 0.3
+dmsetup message r6 0 check; waitsync r6 badsector-check
+h2=$(sf r6 6); mm2=$(sf r6 9)
+echo "$S3 stick" > $W/bad; kill -USR1 $SRV; sleep 0.3
+dd if=/dev/mapper/r6 iflag=direct bs=64k status=none | cmp -s - $W/refD && c3=ok || c3=bad
+h3=$(sf r6 6)
+dmsetup remove r6
+python3 -c "import fcntl, os; fcntl.ioctl(os.open('/dev/nbd0', os.O_RDWR), 0xab08)"
+wait
+shim b 3 linear
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+mddeg=$(cat /sys/block/md0/md/degraded 2>/dev/null)
+cmp -s $W/refD /dev/md0 && mdcmp=ok || mdcmp=bad
+mdstop
+corr=$(dmesg | grep -c "corrected from parity")
+notc=$(dmesg | grep -c "not corrected: the rewrite failed")
+res badsector read=$c1 health_read=$h1 health_check=$h2 check_mismatch=$mm2 corrected_logged=$corr
+res badsector_stuck read=$c3 health=$h3 not_corrected_logged=$notc md_degraded=$mddeg md_cmp=$mdcmp
+res badsector_nbd $(grep -v serving $O/nbd.txt | tr ' ' _ | tr '\n' ,) s1=$S1 s2=$S2 s3=$S3
+freemembers b
 
 stamp bad
 # -- 5. bad input: refused with the reason, nothing written -----------------

@@ -146,6 +146,7 @@ def test_rebuild_of_a_replaced_member_under_fio_verify(guest):
     r = guest[0]["rebuild_one"]
     assert r["failed"] == "AADAAA" and r["array_failed"] == "AA.AAA", r
     assert r["replace_rc"] == "0", guest[2].get("replace.txt")
+    assert r["fio_running"] == "yes", r              # rebuilt under fio
     assert r["during"] in ("AAaAAA", "AAAAAA"), r
     assert r["after"] == "AAAAAA" and r["array"] == "AAAAAA", r
     assert r["ev_member"] == r["ev_new"], r          # one array, one story
@@ -170,3 +171,22 @@ def test_interrupted_rebuild_goes_on_from_its_checkpoint(guest):
     assert 0 < pos1 <= rec1 == from2 < 6144, r
     assert r["after"] == "AAAAAA" and r["cmp"] == "ok", r
     assert r["md_mismatch"] == "0", r
+
+
+def test_read_error_is_corrected_and_the_member_stays(guest):
+    b = guest[0]["badsector"]
+    assert b["read"] == "ok" and b["health_read"] == "AAAAAA", b
+    assert b["health_check"] == "AAAAAA" and b["check_mismatch"] == "0", b
+    assert b["corrected_logged"] == "2", b          # a read, then a scrub
+    events = guest[1]["badsector_nbd"]
+    n = guest[0]["badsector_nbd"]
+    for s in ("s1", "s2"):                         # failed, then rewritten
+        assert f"read-error_{n[s]}" in events and f"healed_{n[s]}" in events
+    assert f"write-error_{n['s3']}" in events, events
+
+
+def test_read_error_that_cannot_be_rewritten_fails_the_member(guest):
+    b = guest[0]["badsector_stuck"]
+    assert b["read"] == "ok" and b["health"] == "AAADAA", b
+    assert b["not_corrected_logged"] == "1", b
+    assert b["md_degraded"] == "1" and b["md_cmp"] == "ok", b
