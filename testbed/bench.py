@@ -37,7 +37,7 @@ grep -q "INFO: serving" /tmp/helper.log
 POINT = r"""
 HP=$(cat /tmp/helper.pid 2>/dev/null || echo 0)
 PN=0
-HZ=$(getconf CLK_TCK)
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)   # USER_HZ
 kcpu() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
 hcpu() { if [ "$HP" != 0 ]; then awk '{print $14 + $15}' /proc/$HP/stat; else echo 0; fi; }
 point() {
@@ -178,8 +178,16 @@ done
 LOOPS=${LOOPS# }
 M1=$(echo $LOOPS | cut -d' ' -f2)
 """ + "{helper}" + r"""
+if [ "$(cat /sys/module/kgpu/parameters/region 2>/dev/null)" = ivshmem ]; then
+  # served by the host's helper through ivshmem: wait until it attaches
+  for i in $(seq 600); do
+    grep -q '^helper_pid: [1-9]' /sys/kernel/debug/kgpu/stats && break
+    sleep 0.2
+  done
+  cp /sys/kernel/debug/kgpu/stats $KGPU_OUT/stats-start.txt
+fi
 HP=$(cat /tmp/helper.pid 2>/dev/null || echo 0)
-HZ=$(getconf CLK_TCK)
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)   # USER_HZ
 N=0
 kcpu() { awk '/^cpu /{print $4 + $7 + $8}' /proc/stat; }
 hcpu() { if [ "$HP" != 0 ]; then awk '{print $14 + $15}' /proc/$HP/stat; else echo 0; fi; }
@@ -230,6 +238,7 @@ for rep in $(seq $REPS); do
   dmsetup remove r6
 done
 kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
+cp /sys/kernel/debug/kgpu/stats $KGPU_OUT/stats-end.txt 2>/dev/null || true
 """
 
 
@@ -290,15 +299,19 @@ def build_modules(headers_dir, release):
     return os.path.join(repo, "build", release)
 
 
-def _run(kernel, body, no_helper, json_path, what, **settings):
-    """Build the modules, boot, run the script, print and save the table."""
+def _run(kernel, body, no_helper, json_path, what, ivshmem=(), bundle=None,
+         **settings):
+    """Build the modules, boot, run the script, print and save the table.
+    With a bundle, its own modules ($KGPU_MODULES in the guest)."""
     from kgpu_testbed import Testbed, TestbedError
 
     try:
-        tb = Testbed(kernel=kernel, timeout=3600)
+        tb = Testbed(kernel=kernel, timeout=3600, ivshmem=ivshmem,
+                     bundle=bundle)
     except TestbedError as e:
         raise click.ClickException(str(e)) from None
-    build = build_modules(tb.kernel.headers_dir, tb.kernel.release)
+    build = ("$KGPU_MODULES" if bundle else
+             build_modules(tb.kernel.headers_dir, tb.kernel.release))
     script = guest_script(body, build, no_helper, **settings)
     click.echo(f"benchmarking {what} in a {tb.kernel.release} guest "
                f"({settings['reps']} runs per point)", err=True)
@@ -310,6 +323,9 @@ def _run(kernel, body, no_helper, json_path, what, **settings):
     rows = summarize(points)
     where = (f"QEMU TCG guest, kernel {tb.kernel.release}, "
              f"{'no helper' if no_helper else 'helper with the cpu backend'}")
+    if ivshmem:
+        where = (f"QEMU TCG guest, kernel {tb.kernel.release}, served by the "
+                 f"host's helper through ivshmem")
     if not no_helper and settings.get("crossover", -1) >= 0:
         where += f", crossover {settings['crossover']} bytes"
     click.echo(f"# {where}")
@@ -410,8 +426,15 @@ def bench_raid6(kernel, seconds, reps, iodepth, no_helper, json_path, devs,
 @click.option("--member-mb", default=64, show_default=True)
 @click.option("--chunk-k", default=512, show_default=True,
               help="Chunk size in KiB (mdadm's default).")
+@click.option("--ivshmem", metavar="SOCKET",
+              help="Serve the guest from the host's helper through ivshmem "
+                   "('kgpu helper --ivshmem SOCKET' runs on the host; no "
+                   "helper in the guest).")
+@click.option("--bundle", type=click.Path(dir_okay=False, exists=True),
+              help="Boot from this 'kgpu testbed bundle' (a GPU host "
+                   "without QEMU); its modules are used.")
 def bench_raid6_maint(kernel, reps, no_helper, json_path, devs, member_mb,
-                      chunk_k):
+                      chunk_k, ivshmem, bundle):
     """Resync, check and rebuild: md RAID6 beside gpu-raid6 on the same
     loop devices in one guest, each flat out (md's speed_limit_min/max and
     gpu-raid6's max_recovery_rate raised). MB/s counts the data of all
@@ -423,7 +446,8 @@ def bench_raid6_maint(kernel, reps, no_helper, json_path, devs, member_mb,
     """
     if not 4 <= devs <= 32:
         raise click.BadParameter("--devs takes 4 to 32 members")
-    return _run(kernel, MAINT, no_helper, json_path,
+    return _run(kernel, MAINT, no_helper or bool(ivshmem), json_path,
                 "resync, check and rebuild of md RAID6 and gpu-raid6",
+                ivshmem=(ivshmem,) if ivshmem else (), bundle=bundle,
                 ndevs=devs, member_mb=member_mb, chunk_k=chunk_k, reps=reps,
                 seconds_per_run=0, iodepth=0, crossover=-1)
