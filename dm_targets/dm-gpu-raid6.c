@@ -74,6 +74,7 @@
 #define GR_RATE_MIN	1000		/* KiB/s per member: md's speed_limit_min */
 #define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
 #define GR_READ_ERRORS	20		/* md's max_corrected_read_errors */
+#define GR_LANES	4		/* rows of background work at once */
 
 /* Background work on the whole array, as dm-raid spells it. */
 enum gr_action { GR_IDLE, GR_RESYNC, GR_RECOVER, GR_CHECK, GR_REPAIR };
@@ -136,6 +137,18 @@ struct gr_buf {
 	u8 *blk[GR_MAX_SLOTS];	/* GR_SEG bytes each, physically contiguous */
 	u8 *nd[GR_MAX_DEVS];	/* ndata more: new data (RMW), old P/Q (sync) */
 	struct gr_batch batch;
+};
+
+struct gr_ctx;
+
+/* One lane of background work (gr_lane_run). */
+struct gr_lane {
+	struct work_struct work;
+	struct gr_ctx *c;
+	sector_t next;		/* the next row it takes */
+	sector_t first_row;	/* where the work started: at first_col */
+	sector_t first_col;
+	bool ok;
 };
 
 /* A member's md v1.x superblock (md_superblocks). */
@@ -203,6 +216,15 @@ struct gr_ctx {
 	struct work_struct kick_work;	/* gr_sync_kick from the sync work */
 	int action;			/* enum gr_action */
 	bool sync_stop;
+	atomic64_t sync_done;		/* per-member sectors the lanes did */
+	unsigned long win_t;		/* speed limit: this window's start */
+	u64 win_done;			/* and sync_done then */
+	u32 sync_limit;			/* KiB/s per member now */
+	struct workqueue_struct *syncwq;	/* the lanes */
+	struct gr_lane lanes[GR_LANES];
+	atomic_t lanes_left;
+	struct completion lanes_done;
+	sector_t sync_pos0;
 	bool frozen;
 	bool suspended;
 	bool activated;			/* resumed once */
@@ -629,7 +651,7 @@ static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
 	unsigned int j, s, m, len, nw = 0, lo = GR_NONE, hi = 0, fa, fb;
-	unsigned long failed;
+	unsigned long failed, dead;
 	bool rmw, rec;
 
 	for (j = 0; j < k; j++) {
@@ -650,7 +672,8 @@ static int gr_write_seg(struct gr_ctx *c, struct gr_io *io, struct gr_buf *buf,
 	len = (uhi - ulo) << 9;
 
 redo:
-	failed = gr_failed_row(c, row);
+	dead = READ_ONCE(c->failed);
+	failed = gr_failed_row(c, row) | dead;
 	if (!gr_lost(c, failed, r, &fa, &fb))
 		return -EIO;
 	gr_ptrs(c, buf, r, ptrs);
@@ -747,11 +770,15 @@ redo:
 		gr_compute(c, KGPU_SVC_RAID6_GEN, ptrs, len, GR_NONE, GR_NONE);
 	}
 
-	/* write the new data, P and Q */
+	/*
+	 * Write the new data, P and Q: to every member that is not dead,
+	 * members being rebuilt included (a row rebuilt ahead of rec_cp by
+	 * another lane stays right; one not rebuilt yet is redone anyway).
+	 */
 	gr_batch_start(b);
 	for (j = 0; j < k; j++) {
 		m = r->data[j];
-		if (whi[j] <= wlo[j] || test_bit(m, &failed))
+		if (whi[j] <= wlo[j] || test_bit(m, &dead))
 			continue;
 		gr_mio(c, b, m, wopf, row, wlo[j],
 		       (rmw ? buf->nd[j] : buf->blk[r->slot[m]]) +
@@ -759,7 +786,7 @@ redo:
 		       (whi[j] - wlo[j]) << 9);
 	}
 	for (s = P; s <= Q; s++)
-		if (!test_bit(r->phys[s], &failed))
+		if (!test_bit(r->phys[s], &dead))
 			gr_mio(c, b, r->phys[s], wopf, row, ulo, buf->blk[s],
 			       len);
 	gr_batch_wait(c, b);
@@ -1428,24 +1455,34 @@ redo:
 
 /*
  * md's speed limits, per member: at most rate_max KiB/s, and no more than
- * rate_min while user I/O came in since the last look. Measured over
- * windows of about a second; one sleep is at most 100 ms, so a stop is
- * seen quickly.
+ * rate_min while user I/O came in since the last look (gr_sync_window,
+ * each tick of gr_sync_run). A lane waits before each row until the
+ * rate since the window's start is under the limit, in sleeps of at most
+ * 100 ms, so a stop is seen quickly; a window lasts about a second.
  */
-static void gr_throttle(struct gr_ctx *c, sector_t pos, sector_t *wpos,
-			unsigned long *wt, u64 *ios)
+static void gr_lane_throttle(struct gr_ctx *c)
+{
+	for (;;) {
+		unsigned long ms = jiffies_to_msecs(jiffies -
+						    READ_ONCE(c->win_t)) + 1;
+		u64 done = atomic64_read(&c->sync_done) - READ_ONCE(c->win_done);
+		u64 need = div_u64((done >> 1) * 1000, READ_ONCE(c->sync_limit));
+
+		if (need <= ms || READ_ONCE(c->sync_stop))
+			return;
+		msleep(min_t(u64, need - ms, 100));
+	}
+}
+
+static void gr_sync_window(struct gr_ctx *c, u64 *ios)
 {
 	u64 now_ios = atomic64_read(&c->user_ios);
-	u32 limit = now_ios != *ios ? c->rate_min : c->rate_max;
-	unsigned long ms = jiffies_to_msecs(jiffies - *wt) + 1;
-	u64 need = div_u64((u64)((pos - *wpos) >> 1) * 1000, limit);
 
+	WRITE_ONCE(c->sync_limit, now_ios != *ios ? c->rate_min : c->rate_max);
 	*ios = now_ios;
-	if (need > ms)
-		msleep(min_t(u64, need - ms, 100));
-	if (ms > 1000) {
-		*wt = jiffies;
-		*wpos = pos;
+	if (time_after(jiffies, READ_ONCE(c->win_t) + HZ)) {
+		WRITE_ONCE(c->win_done, atomic64_read(&c->sync_done));
+		WRITE_ONCE(c->win_t, jiffies);
 	}
 }
 
@@ -1461,50 +1498,107 @@ static void gr_rec_cp(struct gr_ctx *c, sector_t cp)
 }
 
 /*
- * Resync, rebuild, check or repair: a whole row at a time under the row's
- * lock (a rebuilt row must not see a write between its segments), from
- * sync_pos to the end of the members' data.
+ * One lane of background work: rows first, first + GR_LANES, ... to the
+ * end, a whole row at a time under the row's lock (a rebuilt row must not
+ * see a write between its segments). lane->next: the next row it takes;
+ * every row below the smallest lane->next is done.
+ */
+static void gr_lane_run(struct work_struct *work)
+{
+	struct gr_lane *lane = container_of(work, struct gr_lane, work);
+	struct gr_ctx *c = lane->c;
+	sector_t row;
+
+	for (row = lane->next; lane->ok && row < c->sync_rows &&
+	     !READ_ONCE(c->sync_stop); row += GR_LANES) {
+		struct mutex *lock = &c->locks[row % GR_LOCKS];
+		sector_t col = row == lane->first_row ? lane->first_col : 0;
+		struct gr_buf *buf;
+		struct gr_row r;
+		unsigned int n;
+
+		gr_lane_throttle(c);
+		gr_map_row(c, row, &r);
+		mutex_lock(lock);
+		buf = gr_buf_get(c);
+		for (; lane->ok && col < c->chunk; col += n) {
+			n = min_t(sector_t, c->seg_sectors, c->chunk - col);
+			if (c->action == GR_RECOVER)
+				lane->ok = gr_recover_seg(c, buf, &r, row, col,
+							  n);
+			else
+				lane->ok = gr_sync_seg(c, buf, &r, row, col, n,
+						       c->action);
+		}
+		gr_buf_put(c, buf);
+		mutex_unlock(lock);
+		if (lane->ok)
+			WRITE_ONCE(lane->next, row + GR_LANES);
+		atomic64_add(c->chunk, &c->sync_done);
+		cond_resched();
+	}
+	if (atomic_dec_and_test(&c->lanes_left))
+		complete(&c->lanes_done);
+}
+
+/* Per-member sectors done by all lanes: below the smallest next row. */
+static sector_t gr_lanes_done(struct gr_ctx *c)
+{
+	sector_t row = c->sync_rows;
+	unsigned int k;
+
+	for (k = 0; k < GR_LANES; k++)
+		row = min(row, READ_ONCE(c->lanes[k].next));
+	return max(row << c->chunk_shift, c->sync_pos0);
+}
+
+/*
+ * Resync, rebuild, check or repair, from sync_pos to the end of the
+ * members' data: GR_LANES lanes of rows at once (member I/O, copies and
+ * the helper's launches of one lane overlap the others'), watched here for
+ * progress, checkpoints (every second) and md's speed limits.
  */
 static void gr_sync_run(struct work_struct *work)
 {
 	struct gr_ctx *c = container_of(work, struct gr_ctx, sync_work);
 	sector_t end = c->sync_rows << c->chunk_shift, pos = c->sync_pos;
-	sector_t wpos = pos;
-	unsigned long wt = jiffies, ck = jiffies;
+	sector_t row0 = pos >> c->chunk_shift;
+	unsigned long ck = jiffies;
 	u64 ios = atomic64_read(&c->user_ios);
 	int action = c->action;
+	unsigned int k;
 	bool ok = true;
 
 	DMINFO("%s: %s from sector %llu of %llu per member",
 	       dm_table_device_name(c->ti->table), gr_action_name[action],
 	       (unsigned long long)pos, (unsigned long long)end);
-	while (ok && pos < end && !READ_ONCE(c->sync_stop)) {
-		sector_t row = pos >> c->chunk_shift, col;
-		struct mutex *lock = &c->locks[row % GR_LOCKS];
-		struct gr_buf *buf;
-		struct gr_row r;
-		unsigned int n;
+	c->sync_pos0 = pos;
+	atomic64_set(&c->sync_done, 0);
+	c->win_done = 0;
+	c->win_t = jiffies;
+	c->sync_limit = c->rate_max;
+	reinit_completion(&c->lanes_done);
+	atomic_set(&c->lanes_left, GR_LANES);
+	for (k = 0; k < GR_LANES; k++) {
+		struct gr_lane *lane = &c->lanes[k];
 
-		gr_map_row(c, row, &r);
-		mutex_lock(lock);
-		buf = gr_buf_get(c);
-		for (col = pos & (c->chunk - 1); ok && col < c->chunk;
-		     col += n) {
-			n = min_t(sector_t, c->seg_sectors, c->chunk - col);
-			if (action == GR_RECOVER)
-				ok = gr_recover_seg(c, buf, &r, row, col, n);
-			else
-				ok = gr_sync_seg(c, buf, &r, row, col, n,
-						 action);
-		}
-		if (ok) {
-			pos = (row + 1) << c->chunk_shift;
-			if (action == GR_RECOVER)
-				WRITE_ONCE(c->rec_cp, pos);
-		}
-		gr_buf_put(c, buf);
-		mutex_unlock(lock);
+		lane->c = c;
+		lane->ok = true;
+		lane->next = row0 + k;
+		lane->first_row = row0;
+		lane->first_col = pos & (c->chunk - 1);
+		INIT_WORK(&lane->work, gr_lane_run);
+		queue_work(c->syncwq, &lane->work);
+	}
+	for (;;) {
+		bool all = wait_for_completion_timeout(&c->lanes_done, HZ / 20);
+
+		pos = gr_lanes_done(c);
 		WRITE_ONCE(c->sync_pos, pos);
+		if (action == GR_RECOVER)
+			WRITE_ONCE(c->rec_cp, pos);
+		if (all)
+			break;
 		if (time_after(jiffies, ck + HZ)) {
 			if (action == GR_RESYNC)
 				gr_resync_cp(c, pos);
@@ -1512,9 +1606,10 @@ static void gr_sync_run(struct work_struct *work)
 				gr_rec_cp(c, pos);
 			ck = jiffies;
 		}
-		gr_throttle(c, pos, &wpos, &wt, &ios);
-		cond_resched();
+		gr_sync_window(c, &ios);
 	}
+	for (k = 0; k < GR_LANES; k++)
+		ok &= c->lanes[k].ok;
 	gr_sb_settle(c);
 	if (action == GR_RESYNC)
 		gr_resync_cp(c, pos >= end ? GR_IN_SYNC : pos);
@@ -1668,6 +1763,8 @@ static void gr_dtr(struct dm_target *ti)
 	cancel_work_sync(&c->event_work);
 	if (c->mdwq)
 		destroy_workqueue(c->mdwq);
+	if (c->syncwq)
+		destroy_workqueue(c->syncwq);
 	if (c->wq)
 		destroy_workqueue(c->wq);
 	for (i = 0; i < GR_NBUF; i++) {
@@ -1696,6 +1793,25 @@ static void gr_dtr(struct dm_target *ti)
 	mutex_destroy(&c->sync_lock);
 	kfree(c);
 	ti->private = NULL;
+}
+
+/* The number after an optional parameter's name: 0, or -EINVAL and *error. */
+static int gr_opt_number(struct dm_arg_set *as, unsigned int *nopt,
+			 unsigned long long *v, char **error, char *missing,
+			 char *invalid)
+{
+	char dummy;
+
+	if (!*nopt) {
+		*error = missing;
+		return -EINVAL;
+	}
+	(*nopt)--;
+	if (sscanf(dm_shift_arg(as), "%llu%c", v, &dummy) != 1) {
+		*error = invalid;
+		return -EINVAL;
+	}
+	return 0;
 }
 
 /*
@@ -1766,6 +1882,7 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	INIT_WORK(&c->event_work, gr_event);
 	INIT_WORK(&c->sync_work, gr_sync_run);
 	INIT_WORK(&c->kick_work, gr_kick_work);
+	init_completion(&c->lanes_done);
 	c->in_sync = true;
 	c->resync_cp = GR_IN_SYNC;
 	c->written_cp = GR_IN_SYNC;
@@ -1853,31 +1970,25 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 			goto bad;
 		r = -EINVAL;
 		while (nopt--) {
+			r = -EINVAL;
 			arg = dm_shift_arg(&as);
 			if (!strcasecmp(arg, "data_offset")) {
-				if (!nopt--) {
-					ti->error = "data_offset needs a value";
+				r = gr_opt_number(&as, &nopt, &v, &ti->error,
+						  "data_offset needs a value",
+						  "Invalid data_offset");
+				if (r)
 					goto bad;
-				}
-				arg = dm_shift_arg(&as);
-				if (sscanf(arg, "%llu%c", &v, &dummy) != 1) {
-					ti->error = "Invalid data_offset";
-					goto bad;
-				}
 				c->data_offset = v;
 				c->data_offset_set = true;
 			} else if (!strcasecmp(arg, "md_superblocks")) {
 				c->md = true;
 			} else if (!strcasecmp(arg, "rebuild")) {
-				if (!nopt--) {
-					ti->error = "rebuild needs a member index";
+				r = gr_opt_number(&as, &nopt, &v, &ti->error,
+						  "rebuild needs a member index",
+						  "Invalid rebuild index");
+				if (r)
 					goto bad;
-				}
-				arg = dm_shift_arg(&as);
-				if (sscanf(arg, "%llu%c", &v, &dummy) != 1) {
-					ti->error = "Invalid rebuild index";
-					goto bad;
-				}
+				r = -EINVAL;
 				if (v >= ndevs) {
 					ti->error = "Rebuild index out of range";
 					goto bad;
@@ -1891,16 +2002,15 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				   !strcasecmp(arg, "max_recovery_rate")) {
 				bool max = !strcasecmp(arg, "max_recovery_rate");
 
-				if (!nopt--) {
-					ti->error = "Recovery rate needs a value";
-					goto bad;
-				}
-				arg = dm_shift_arg(&as);
-				if (sscanf(arg, "%llu%c", &v, &dummy) != 1 ||
-				    !v || v > INT_MAX) {
+				r = gr_opt_number(&as, &nopt, &v, &ti->error,
+						  "Recovery rate needs a value",
+						  "Invalid recovery rate (KiB/s per member, 1 or more)");
+				if (!r && (!v || v > INT_MAX)) {
 					ti->error = "Invalid recovery rate (KiB/s per member, 1 or more)";
-					goto bad;
+					r = -EINVAL;
 				}
+				if (r)
+					goto bad;
 				if (max) {
 					c->rate_max = v;
 					c->rate_max_set = true;
@@ -1914,6 +2024,7 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 			}
 		}
 	}
+	r = -EINVAL;
 	if (as.argc) {
 		ti->error = "Too many arguments";
 		goto bad;
@@ -1997,7 +2108,9 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	}
 	c->wq = alloc_workqueue("kgpu_raid6", WQ_MEM_RECLAIM | WQ_UNBOUND, 0);
 	c->mdwq = alloc_ordered_workqueue("kgpu_raid6_md", WQ_MEM_RECLAIM);
-	if (!c->wq || !c->mdwq) {
+	c->syncwq = alloc_workqueue("kgpu_raid6_sync",
+				    WQ_UNBOUND | WQ_MEM_RECLAIM, GR_LANES);
+	if (!c->wq || !c->mdwq || !c->syncwq) {
 		ti->error = "Cannot allocate workqueue";
 		goto bad;
 	}

@@ -102,7 +102,8 @@ done
 kgpu status --json > $KGPU_OUT/kgpu-status.json 2>/dev/null || true
 """
 
-RAID6 = r"""
+# The modules, and $NDEVS loop devices of $MEMBER_MB MiB in $LOOPS.
+LOOP_MEMBERS = r"""
 modprobe loop; modprobe dm_mod; modprobe raid6_pq; modprobe raid456
 insmod $B/kgpu.ko timeout_ms=30000
 insmod $B/dm-gpu-raid6.ko
@@ -113,7 +114,9 @@ for i in $(seq 0 $((NDEVS - 1))); do
   LOOPS="$LOOPS $(losetup -f --show /tmp/r6b/m$i)"
 done
 LOOPS=${LOOPS# }
-""" + "{helper}" + POINT + r"""
+"""
+
+RAID6 = LOOP_MEMBERS + "{helper}" + POINT + r"""
 run_points() {  # run_points <label> <device> <MiB> [reads]
   local bs rw r
   for bs in 1m 4k; do
@@ -165,17 +168,7 @@ fi
 # "N target op rep kernel_ticks helper_ticks ticks_per_s seconds
 # member_sectors" in $KGPU_OUT/maint.txt (read_maint). md's speed limit and
 # gpu-raid6's max_recovery_rate are raised so that both run flat out.
-MAINT = r"""
-modprobe loop; modprobe dm_mod; modprobe raid6_pq; modprobe raid456
-insmod $B/kgpu.ko timeout_ms=30000
-insmod $B/dm-gpu-raid6.ko
-mkdir -p /tmp/r6m
-LOOPS=""
-for i in $(seq 0 $((NDEVS - 1))); do
-  truncate -s ${MEMBER_MB}M /tmp/r6m/m$i
-  LOOPS="$LOOPS $(losetup -f --show /tmp/r6m/m$i)"
-done
-LOOPS=${LOOPS# }
+MAINT = LOOP_MEMBERS + r"""
 M1=$(echo $LOOPS | cut -d' ' -f2)
 """ + "{helper}" + r"""
 if [ "$(cat /sys/module/kgpu/parameters/region 2>/dev/null)" = ivshmem ]; then

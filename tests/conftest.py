@@ -94,6 +94,25 @@ def keep_artifacts(label, files):
             f.write(data)
 
 
+def run_guest_script(kernel, script, label, timeout):
+    """Boot a testbed guest of ``kernel`` (skip if there is none), run
+    ``bash script <module build dir>`` in it, keep its files (see
+    keep_artifacts under ``label``) and insist that it exited 0. Returns
+    its $KGPU_OUT files as text (name -> str)."""
+    from kgpu_testbed import Testbed, TestbedError
+
+    try:
+        tb = Testbed(kernel=kernel, timeout=timeout)
+    except TestbedError as e:
+        pytest.skip(str(e))
+    build = build_modules(tb.kernel)
+    r = tb.run(f"bash {script} {build}", echo=False)
+    keep_artifacts(label, r.files)
+    print(f"guest {tb.kernel.release}: {r.seconds:.0f} s")
+    assert r.rc == 0, r.output[-4000:]
+    return {k: v.decode(errors="replace") for k, v in r.files.items()}
+
+
 @pytest.fixture(scope="session")
 def repo():
     return REPO

@@ -431,6 +431,8 @@ bad order "Member order differs" "$T $2 $1 $3 $4 $5 $6 $O3"
 bad twice "The same device is given as two members" "$T $1 $2 $3 $4 $5 $5 $O3"
 bad length "Target length" "0 $((XSIZE + 512)) gpu-raid6 left-symmetric 128 6 $XS $O3"
 bad rate "Invalid recovery rate" "$T $XS 5 data_offset $XOFF md_superblocks max_recovery_rate 0"
+bad rebuildidx "Rebuild index out of range" "$T $XS 5 data_offset $XOFF md_superblocks rebuild 6"
+bad rebuild3 "More than two members to rebuild" "$T $XS 9 data_offset $XOFF md_superblocks rebuild 0 rebuild 1 rebuild 2"
 ev_x2=$(exf $1 Events)
 freemembers y
 freemembers x

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from conftest import build_modules, keep_artifacts
+from conftest import run_guest_script
 
 pytestmark = pytest.mark.vm
 
@@ -30,18 +30,8 @@ BAD = ["cipher", "keylen", "keyhex", "keyring", "keyringtype", "sectorsize",
 
 @pytest.fixture(scope="module", params=["6.1", "6.12"])
 def guest(request):
-    from kgpu_testbed import Testbed, TestbedError
-
-    try:
-        tb = Testbed(kernel=request.param, timeout=1200)
-    except TestbedError as e:
-        pytest.skip(str(e))
-    build = build_modules(tb.kernel)
-    r = tb.run(f"bash {HERE}/gpu_crypt_guest.sh {build}", echo=False)
-    files = {k: v.decode(errors="replace") for k, v in r.files.items()}
-    keep_artifacts(f"gpu-crypt-{request.param}", r.files)
-    print(f"guest {tb.kernel.release}: {r.seconds:.0f} s")
-    assert r.rc == 0, r.output[-4000:]
+    files = run_guest_script(request.param, f"{HERE}/gpu_crypt_guest.sh",
+                             f"gpu-crypt-{request.param}", timeout=1200)
     results = {}
     for line in files.get("results", "").splitlines():
         verdict, _, rest = line.partition(" ")

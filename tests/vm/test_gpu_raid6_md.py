@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from conftest import build_modules, guest_results, keep_artifacts
+from conftest import guest_results, run_guest_script
 
 pytestmark = pytest.mark.vm
 
@@ -24,18 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module", params=["6.1", "6.12"])
 def guest(request):
-    from kgpu_testbed import Testbed, TestbedError
-
-    try:
-        tb = Testbed(kernel=request.param, timeout=1500)
-    except TestbedError as e:
-        pytest.skip(str(e))
-    build = build_modules(tb.kernel)
-    r = tb.run(f"bash {HERE}/raid6_md_guest.sh {build}", echo=False)
-    files = {k: v.decode(errors="replace") for k, v in r.files.items()}
-    keep_artifacts(f"gpu-raid6-md-{request.param}", r.files)
-    print(f"guest {tb.kernel.release}: {r.seconds:.0f} s")
-    assert r.rc == 0, r.output[-4000:]
+    files = run_guest_script(request.param, f"{HERE}/raid6_md_guest.sh",
+                             f"gpu-raid6-md-{request.param}", timeout=1500)
     res = {k: dict(kv.split("=", 1) for kv in v.split() if "=" in kv)
            for k, v in guest_results(files).items()}
     return res, guest_results(files), files
@@ -120,6 +110,8 @@ BAD = {
     "twice": "The same device is given as two members",
     "length": "Target length",
     "rate": "Invalid recovery rate",
+    "rebuildidx": "Rebuild index out of range",
+    "rebuild3": "More than two members to rebuild",
     "v090": "md 0.90 metadata is not supported",
     "bitmap": "write-intent bitmaps are not supported yet",
 }
