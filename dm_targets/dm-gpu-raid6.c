@@ -836,9 +836,9 @@ redo:
 		ok = !gr_batch_end(b) && !memcmp(buf->nd[0], buf->blk[s], len);
 	}
 	if (!ok) {
-		DMERR("member %u (%s): read error at sector %llu not corrected: the rewrite failed",
-		      m, c->devs[m]->name, (unsigned long long)
-		      (c->data_offset + (row << c->chunk_shift) + col));
+		DMERR_LIMIT("member %u (%s): read error at sector %llu not corrected: the rewrite failed",
+			    m, c->devs[m]->name, (unsigned long long)
+			    (c->data_offset + (row << c->chunk_shift) + col));
 		gr_fail(c, m);
 		return;
 	}
