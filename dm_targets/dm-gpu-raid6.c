@@ -197,7 +197,6 @@ struct gr_ctx {
 	bool md;
 	struct gr_sb sb[GR_MAX_DEVS];
 	int devnum[GR_MAX_DEVS];	/* role -> dev_number; -1: none */
-	unsigned long stale;		/* out by the superblocks */
 	struct mutex sb_lock;
 	u64 events;
 	bool in_sync;
@@ -231,7 +230,6 @@ struct gr_ctx {
 	sector_t sync_pos;
 	atomic64_t mismatches;		/* sectors, as md's mismatch_cnt */
 	atomic_t read_errors[GR_MAX_DEVS];	/* corrected, per member */
-	atomic64_t corrected;
 	atomic64_t user_ios;
 
 	atomic64_t stripes_written;
@@ -842,7 +840,6 @@ redo:
 		gr_fail(c, m);
 		return;
 	}
-	atomic64_inc(&c->corrected);
 	if (c->md) {
 		struct mdp_superblock_1 *sb = page_address(c->sb[m].page);
 
@@ -1215,7 +1212,6 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 		memcpy(sb->dev_roles, f->dev_roles,
 		       2 * min(max_dev, le32_to_cpu(sb->max_dev)));
 	}
-	c->stale = stale;
 	c->failed = failed;
 	c->recorded = failed;
 	c->rebuilding = rebuilding;
