@@ -793,6 +793,23 @@ redo:
 }
 
 /*
+ * Start a batch reading columns [col, col + len bytes) of row from every
+ * member not in failed, each into its slot of the stripe buffer.
+ */
+static void gr_read_row(struct gr_ctx *c, struct gr_buf *buf,
+			const struct gr_row *r, sector_t row, sector_t col,
+			unsigned int len, unsigned long failed)
+{
+	unsigned int m;
+
+	gr_batch_start(&buf->batch);
+	for (m = 0; m < c->ndevs; m++)
+		if (!test_bit(m, &failed))
+			gr_mio(c, &buf->batch, m, REQ_OP_READ, row, col,
+			       buf->blk[r->slot[m]], len);
+}
+
+/*
  * md's read-error correction. Member m failed to read columns [col, col +
  * nsec) of row: rebuild them from the others, write them back and read
  * them again. The member fails only if that rewrite or re-read fails, or
@@ -802,7 +819,7 @@ static void gr_fix_block(struct gr_ctx *c, struct gr_buf *buf,
 			 const struct gr_row *r, sector_t row, sector_t col,
 			 unsigned int nsec, unsigned int m)
 {
-	unsigned int len = nsec << 9, s = r->slot[m], i, fa, fb;
+	unsigned int len = nsec << 9, s = r->slot[m], fa, fb;
 	struct gr_batch *b = &buf->batch;
 	void *ptrs[GR_MAX_SLOTS];
 	unsigned long failed;
@@ -816,11 +833,7 @@ redo:
 		gr_fail(c, m);		/* nothing to rebuild it from */
 		return;
 	}
-	gr_batch_start(b);
-	for (i = 0; i < c->ndevs; i++)
-		if (!test_bit(i, &failed))
-			gr_mio(c, b, i, REQ_OP_READ, row, col,
-			       buf->blk[r->slot[i]], len);
+	gr_read_row(c, buf, r, row, col, len, failed);
 	if (!gr_batch_wait(c, b))
 		goto redo;
 	gr_ptrs(c, buf, r, ptrs);
@@ -1372,11 +1385,7 @@ redo:
 			return true;
 	hp = !test_bit(r->phys[P], &failed);
 	hq = !test_bit(r->phys[Q], &failed);
-	gr_batch_start(b);
-	for (m = 0; m < c->ndevs; m++)
-		if (!test_bit(m, &failed))
-			gr_mio(c, b, m, REQ_OP_READ, row, col,
-			       buf->blk[r->slot[m]], len);
+	gr_read_row(c, buf, r, row, col, len, failed);
 	errors = gr_batch_end(b);
 	if (errors) {			/* a scrub corrects what it finds */
 		for_each_set_bit(m, &errors, c->ndevs)
@@ -1432,11 +1441,7 @@ redo:
 		return false;
 	if (!todo)
 		return true;
-	gr_batch_start(b);
-	for (m = 0; m < c->ndevs; m++)
-		if (!test_bit(m, &failed))
-			gr_mio(c, b, m, REQ_OP_READ, row, col,
-			       buf->blk[r->slot[m]], len);
+	gr_read_row(c, buf, r, row, col, len, failed);
 	if (!gr_batch_wait(c, b) || gr_failed_row(c, row) != failed)
 		goto redo;
 	gr_ptrs(c, buf, r, ptrs);
