@@ -75,6 +75,11 @@
 #define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
 #define GR_READ_ERRORS	20		/* md's max_corrected_read_errors */
 #define GR_LANES	4		/* rows of background work at once */
+#define GR_BM_MAGIC	0x6d746962	/* "bitm": md's bitmap superblock */
+#define GR_BM_HDR	256		/* its size: the bits follow it */
+#define GR_BM_STALE	0x2		/* state: out of date, all dirty */
+#define GR_BM_BITS	(PAGE_SIZE * 8)
+#define GR_BM_MAX_BITS	(1UL << 22)	/* 512 KiB of bits, 12 MiB of counts */
 
 /* Background work on the whole array, as dm-raid spells it. */
 enum gr_action { GR_IDLE, GR_RESYNC, GR_RECOVER, GR_CHECK, GR_REPAIR };
@@ -151,6 +156,28 @@ struct gr_lane {
 	bool ok;
 };
 
+/*
+ * md's internal write-intent bitmap superblock (md-bitmap.h's
+ * bitmap_super_t, little endian), at the front of the bitmap area that
+ * each member carries bitmap_offset sectors from its own superblock.
+ */
+struct gr_bm_sb {
+	__le32 magic;
+	__le32 version;		/* 4: bits little endian; 3: host endian */
+	u8 uuid[16];		/* the array's */
+	__le64 events;		/* written before the md superblocks' */
+	__le64 events_cleared;	/* events when bits were last cleared */
+	__le64 sync_size;	/* per-member sectors the bits cover */
+	__le32 state;
+	__le32 chunksize;	/* bytes of each member per bit */
+	__le32 daemon_sleep;	/* seconds between clearing passes */
+	__le32 write_behind;
+	__le32 sectors_reserved;
+	__le32 nodes;		/* clustered md */
+	u8 cluster_name[64];
+	u8 pad[GR_BM_HDR - 136];
+} __packed;
+
 /* A member's md v1.x superblock (md_superblocks). */
 struct gr_sb {
 	struct page *page;	/* its block as last read or written */
@@ -208,6 +235,35 @@ struct gr_ctx {
 	struct workqueue_struct *mdwq;
 	struct delayed_work safemode;
 	struct work_struct event_work;
+
+	/*
+	 * md's write-intent bitmap, when the array has one: bm_img is the
+	 * bitmap (header and bits) as the members hold it or are about to;
+	 * bm_dirty its pages not written yet, bm_busy those being written
+	 * (under bm_lock, from bm_io copies). bm_cnt: user writes in flight
+	 * per bit; bm_age: clearing passes a bit has sat idle. Bits and
+	 * counts under bm_spin.
+	 */
+	bool bm;
+	s32 bm_offset;		/* sectors from each member's superblock */
+	unsigned int bm_shift;	/* per-member sectors of a bit: 1 << bm_shift */
+	unsigned long bm_bits;
+	unsigned int bm_bytes;	/* header and bits */
+	unsigned int bm_npages;
+	struct page **bm_img;
+	struct page **bm_io;
+	unsigned long *bm_dirty;
+	unsigned long *bm_busy;
+	unsigned long *bm_todo;	/* bm_lock */
+	u16 *bm_cnt;		/* at most c->wq's max_active */
+	u8 *bm_age;
+	struct page *bm_scratch;	/* a bitmap header read at load */
+	spinlock_t bm_spin;
+	struct mutex bm_lock;
+	unsigned int bm_sleep;	/* seconds: daemon_sleep */
+	struct delayed_work bm_work;
+	atomic64_t bm_rows_synced;	/* by the last resync, and passed over */
+	atomic64_t bm_rows_clean;
 
 	/* background work, started and stopped under sync_lock */
 	struct mutex sync_lock;
@@ -1029,8 +1085,15 @@ static int gr_sb_new(struct gr_ctx *c, unsigned int m,
 	/* 1.1 and 1.2 keep the superblock before the data, 1.0 at the end */
 	at = le64_to_cpu(f->super_offset);
 	if (at > c->data_offset) {
+		s32 off = (s32)le32_to_cpu(f->bitmap_offset);
+
 		at = (size - 16) & ~(sector_t)7;
 		avail = at - c->data_offset;
+		/* 1.0 keeps a bitmap before the superblock, after the data */
+		if ((le32_to_cpu(f->feature_map) & MD_FEATURE_BITMAP_OFFSET) &&
+		    off < 0)
+			avail = at > c->data_offset - off ?
+				at + off - c->data_offset : 0;
 	} else {
 		avail = size - c->data_offset;
 	}
@@ -1058,6 +1121,497 @@ static int gr_sb_new(struct gr_ctx *c, unsigned int m,
 	return 0;
 }
 
+/* ---- md's write-intent bitmap ----------------------------------------------
+ *
+ * Kept as md keeps its internal bitmap (md-bitmap.c): one bit per
+ * bitmap chunk of each member's data, the same bits on every member.
+ * Before a user write touches a region, its bit is set and written to
+ * every live member (flush, FUA), and the write waits for that. A bit is
+ * cleared lazily: after two clearing passes (daemon_sleep seconds apart)
+ * in which its region saw no write, if the region is in sync and no
+ * member is out (md keeps the bits of writes that missed a member). At
+ * suspend every clearable bit goes at once. The bitmap's events are
+ * written before the superblocks' at each superblock update, so md and
+ * this target take it as current; one older than the superblocks, or
+ * marked stale, counts as all dirty. After a crash, the resync passes
+ * over the rows whose bits are all clear.
+ */
+
+static unsigned long gr_bm_pageno(unsigned long b)
+{
+	return (b + GR_BM_HDR * 8) / GR_BM_BITS;
+}
+
+/* Bit b's page in pages, and its number there. */
+static void *gr_bm_at(struct page **pages, unsigned long b, unsigned int *nr)
+{
+	unsigned long pos = b + GR_BM_HDR * 8;
+
+	*nr = pos % GR_BM_BITS;
+	return page_address(pages[pos / GR_BM_BITS]);
+}
+
+static bool gr_bm_test(struct gr_ctx *c, unsigned long b)
+{
+	unsigned int nr;
+	void *pg = gr_bm_at(c->bm_img, b, &nr);
+
+	return test_bit_le(nr, pg);
+}
+
+static struct gr_bm_sb *gr_bm_hdr(struct gr_ctx *c)
+{
+	return page_address(c->bm_img[0]);
+}
+
+/* The bits of per-member sectors [s, e): first and last. */
+static void gr_bm_range(struct gr_ctx *c, sector_t s, sector_t e,
+			unsigned long *first, unsigned long *last)
+{
+	*first = s >> c->bm_shift;
+	*last = min_t(unsigned long, (e - 1) >> c->bm_shift, c->bm_bits - 1);
+}
+
+/*
+ * Write the pages marked dirty to every live member, and wait: the
+ * images as they are now (bm_io copies, so bits can change meanwhile).
+ * Anyone who set a bit before this took bm_lock finds it written when
+ * this returns. A member that cannot take it fails.
+ */
+static void gr_bm_flush(struct gr_ctx *c)
+{
+	unsigned long failed, errors;
+	unsigned int p, m, len;
+	struct gr_batch b;
+
+	mutex_lock(&c->bm_lock);
+	spin_lock(&c->bm_spin);
+	bitmap_copy(c->bm_todo, c->bm_dirty, c->bm_npages);
+	bitmap_zero(c->bm_dirty, c->bm_npages);
+	for_each_set_bit(p, c->bm_todo, c->bm_npages) {
+		copy_page(page_address(c->bm_io[p]),
+			  page_address(c->bm_img[p]));
+		__set_bit(p, c->bm_busy);
+	}
+	spin_unlock(&c->bm_spin);
+	for_each_set_bit(p, c->bm_todo, c->bm_npages) {
+		failed = READ_ONCE(c->failed);
+		gr_batch_start(&b);
+		for (m = 0; m < c->ndevs; m++) {
+			if (test_bit(m, &failed))
+				continue;
+			len = min_t(unsigned int, PAGE_SIZE,
+				    c->bm_bytes - p * PAGE_SIZE);
+			len = round_up(len, bdev_logical_block_size(
+					       c->devs[m]->bdev));
+			gr_mio_at(c, &b, m, REQ_OP_WRITE | REQ_SYNC |
+				  REQ_PREFLUSH | REQ_FUA,
+				  c->sb[m].sector + c->bm_offset +
+				  p * (PAGE_SIZE >> 9),
+				  page_address(c->bm_io[p]), len);
+		}
+		errors = gr_batch_end(&b);
+		for_each_set_bit(m, &errors, c->ndevs)
+			gr_fail(c, m);
+	}
+	spin_lock(&c->bm_spin);
+	bitmap_andnot(c->bm_busy, c->bm_busy, c->bm_todo, c->bm_npages);
+	spin_unlock(&c->bm_spin);
+	mutex_unlock(&c->bm_lock);
+}
+
+/*
+ * md's bitmap_startwrite: a user write to per-member sectors [s, e) of
+ * the rows it touches. Returns once their bits are on the members.
+ */
+static void gr_bm_start(struct gr_ctx *c, sector_t s, sector_t e)
+{
+	unsigned long b, last, p;
+	unsigned int nr;
+	bool wait = false;
+	void *pg;
+
+	if (!c->bm)
+		return;
+	gr_bm_range(c, s, e, &b, &last);
+	spin_lock(&c->bm_spin);
+	for (; b <= last; b++) {
+		c->bm_cnt[b]++;
+		c->bm_age[b] = 0;
+		pg = gr_bm_at(c->bm_img, b, &nr);
+		p = gr_bm_pageno(b);
+		if (!test_bit_le(nr, pg)) {
+			__set_bit_le(nr, pg);
+			__set_bit(p, c->bm_dirty);
+		}
+		/* set by someone else, and maybe not on the members yet */
+		if (test_bit(p, c->bm_dirty) || test_bit(p, c->bm_busy))
+			wait = true;
+	}
+	spin_unlock(&c->bm_spin);
+	if (wait)
+		gr_bm_flush(c);
+}
+
+static void gr_bm_end(struct gr_ctx *c, sector_t s, sector_t e)
+{
+	unsigned long b, last;
+
+	if (!c->bm)
+		return;
+	gr_bm_range(c, s, e, &b, &last);
+	spin_lock(&c->bm_spin);
+	for (; b <= last; b++)
+		c->bm_cnt[b]--;
+	spin_unlock(&c->bm_spin);
+}
+
+/*
+ * True if a bit of row is set: resync cannot pass it over (nor a row
+ * the bitmap does not cover, which load refuses).
+ */
+static bool gr_bm_row_dirty(struct gr_ctx *c, sector_t row)
+{
+	unsigned long b, last;
+	bool dirty;
+
+	gr_bm_range(c, row << c->chunk_shift, (row + 1) << c->chunk_shift,
+		    &b, &last);
+	dirty = b > last;
+	spin_lock(&c->bm_spin);
+	for (; b <= last && !dirty; b++)
+		dirty = gr_bm_test(c, b);
+	spin_unlock(&c->bm_spin);
+	return dirty;
+}
+
+/*
+ * A clearing pass: bits with no write in flight, in sync (below the
+ * resync checkpoint) and with no member out are cleared on their second
+ * pass idle, or now if force. Written before it returns.
+ */
+static void gr_bm_clear(struct gr_ctx *c, bool force)
+{
+	sector_t cp = READ_ONCE(c->resync_cp);
+	bool out = READ_ONCE(c->failed) || READ_ONCE(c->rebuilding);
+	unsigned long p, b, lo, hi, nr;
+	bool cleared = false;
+	void *pg;
+
+	if (out)
+		return;
+	spin_lock(&c->bm_spin);
+	for (p = 0; p < c->bm_npages; p++) {
+		pg = page_address(c->bm_img[p]);
+		lo = p ? 0 : GR_BM_HDR * 8;
+		hi = min_t(unsigned long, GR_BM_BITS,
+			   c->bm_bits + GR_BM_HDR * 8 - p * GR_BM_BITS);
+		for (nr = find_next_bit_le(pg, hi, lo); nr < hi;
+		     nr = find_next_bit_le(pg, hi, nr + 1)) {
+			b = p * GR_BM_BITS + nr - GR_BM_HDR * 8;
+			if (c->bm_cnt[b] ||
+			    (cp != GR_IN_SYNC &&
+			     ((sector_t)(b + 1) << c->bm_shift) > cp))
+				continue;
+			if (!force && ++c->bm_age[b] < 2)
+				continue;
+			__clear_bit_le(nr, pg);
+			__set_bit(p, c->bm_dirty);
+			cleared = true;
+		}
+	}
+	if (cleared) {
+		gr_bm_hdr(c)->events_cleared = gr_bm_hdr(c)->events;
+		__set_bit(0, c->bm_dirty);
+	}
+	spin_unlock(&c->bm_spin);
+	if (cleared)
+		gr_bm_flush(c);
+}
+
+static void gr_bm_daemon(struct work_struct *work)
+{
+	struct gr_ctx *c = container_of(to_delayed_work(work), struct gr_ctx,
+					bm_work);
+
+	gr_bm_clear(c, false);
+	if (!READ_ONCE(c->suspended))
+		queue_delayed_work(c->mdwq, &c->bm_work, c->bm_sleep * HZ);
+}
+
+/* The bitmap's events, before a superblock update writes them. */
+static void gr_bm_sync(struct gr_ctx *c)
+{
+	if (!c->bm)
+		return;
+	spin_lock(&c->bm_spin);
+	gr_bm_hdr(c)->events = cpu_to_le64(c->events);
+	__set_bit(0, c->bm_dirty);
+	spin_unlock(&c->bm_spin);
+	gr_bm_flush(c);
+}
+
+static unsigned long gr_bm_weight(struct gr_ctx *c)
+{
+	unsigned long b, n = 0;
+
+	for (b = 0; b < c->bm_bits; b++)
+		n += gr_bm_test(c, b);
+	return n;
+}
+
+static void gr_bm_free(struct gr_ctx *c)
+{
+	unsigned int p;
+
+	for (p = 0; p < c->bm_npages; p++) {
+		if (c->bm_img && c->bm_img[p])
+			__free_page(c->bm_img[p]);
+		if (c->bm_io && c->bm_io[p])
+			__free_page(c->bm_io[p]);
+	}
+	kfree(c->bm_img);
+	kfree(c->bm_io);
+	bitmap_free(c->bm_dirty);
+	bitmap_free(c->bm_busy);
+	bitmap_free(c->bm_todo);
+	kvfree(c->bm_cnt);
+	kvfree(c->bm_age);
+}
+
+static int gr_bm_alloc(struct gr_ctx *c)
+{
+	unsigned int p, n = c->bm_npages;
+
+	c->bm_img = kcalloc(n, sizeof(*c->bm_img), GFP_KERNEL);
+	c->bm_io = kcalloc(n, sizeof(*c->bm_io), GFP_KERNEL);
+	c->bm_dirty = bitmap_zalloc(n, GFP_KERNEL);
+	c->bm_busy = bitmap_zalloc(n, GFP_KERNEL);
+	c->bm_todo = bitmap_zalloc(n, GFP_KERNEL);
+	c->bm_cnt = kvcalloc(c->bm_bits, sizeof(*c->bm_cnt),
+			     GFP_KERNEL | __GFP_NOWARN);
+	c->bm_age = kvcalloc(c->bm_bits, sizeof(*c->bm_age),
+			     GFP_KERNEL | __GFP_NOWARN);
+	if (!c->bm_img || !c->bm_io || !c->bm_dirty || !c->bm_busy ||
+	    !c->bm_todo || !c->bm_cnt || !c->bm_age)
+		return -ENOMEM;
+	for (p = 0; p < n; p++) {
+		c->bm_img[p] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		c->bm_io[p] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		if (!c->bm_img[p] || !c->bm_io[p])
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+/* n pages of member m's bitmap into pages. */
+static int gr_bm_read(struct gr_ctx *c, unsigned int m, struct page **pages)
+{
+	struct gr_batch b;
+	unsigned int p, len;
+
+	for (p = 0; p < c->bm_npages; p++) {
+		len = min_t(unsigned int, PAGE_SIZE, c->bm_bytes - p * PAGE_SIZE);
+		len = round_up(len, bdev_logical_block_size(c->devs[m]->bdev));
+		gr_batch_start(&b);
+		gr_mio_at(c, &b, m, REQ_OP_READ, c->sb[m].sector + c->bm_offset +
+			  p * (PAGE_SIZE >> 9), page_address(pages[p]), len);
+		if (gr_batch_end(&b))
+			return -EIO;
+	}
+	return 0;
+}
+
+/* One block of member m at sector into the scratch page. */
+static int gr_bm_read_hdr(struct gr_ctx *c, unsigned int m, sector_t sector)
+{
+	struct gr_batch b;
+
+	gr_batch_start(&b);
+	gr_mio_at(c, &b, m, REQ_OP_READ, sector, page_address(c->bm_scratch),
+		  bdev_logical_block_size(c->devs[m]->bdev));
+	return gr_batch_end(&b) ? -EIO : 0;
+}
+
+/*
+ * The md array's bitmap (f: the freshest superblock), checked and read:
+ * the header from the first member of use (fresh first) that can be
+ * read, as md does, the bits or'ed over all of them (a bit set on any
+ * counts). placed: every member that gets the bitmap written. A table
+ * loaded before its first resume reads it again, and it must not have
+ * changed shape. 0, or -EINVAL with *error (-ENOMEM).
+ */
+static int gr_bm_load(struct gr_ctx *c, struct mdp_superblock_1 *f,
+		      unsigned int fresh, unsigned long use,
+		      unsigned long placed, u64 max_ev, char **error)
+{
+	s32 off = (s32)le32_to_cpu(f->bitmap_offset);
+	sector_t size = le64_to_cpu(f->size), s, e;
+	unsigned int npages, p, m, nr, shift, src = fresh;
+	unsigned long dirty, order[GR_MAX_DEVS];
+	u64 bits, bytes, ev;
+	struct gr_bm_sb *h;
+	u32 csize, version;
+	unsigned int n = 0;
+	int r;
+
+	if (!(le32_to_cpu(f->feature_map) & MD_FEATURE_BITMAP_OFFSET)) {
+		if (c->bm) {
+			*error = "The md bitmap went away since the table was loaded";
+			return -EINVAL;
+		}
+		return 0;
+	}
+	for_each_set_bit(m, &placed, c->ndevs) {
+		if ((s64)c->sb[m].sector + off < 0 ||
+		    c->sb[m].sector + off >= bdev_nr_sectors(c->devs[m]->bdev)) {
+			*error = "md bitmap offset points outside a member";
+			return -EINVAL;
+		}
+	}
+	if (test_bit(fresh, &use))
+		order[n++] = fresh;
+	for_each_set_bit(m, &use, c->ndevs)
+		if (m != fresh)
+			order[n++] = m;
+	for (p = 0; p < n; p++) {
+		src = order[p];
+		if (!gr_bm_read_hdr(c, src, c->sb[src].sector + off))
+			break;
+		DMERR("member %u (%s): bitmap unreadable: read from another",
+		      src, c->devs[src]->name);
+	}
+	if (p == n) {
+		*error = "Cannot read the md bitmap from any member";
+		return -EINVAL;
+	}
+	h = page_address(c->bm_scratch);
+	version = le32_to_cpu(h->version);
+	if (le32_to_cpu(h->magic) != GR_BM_MAGIC) {
+		*error = "md bitmap damaged: bad magic";
+		return -EINVAL;
+	}
+	if (version == 5 || le32_to_cpu(h->nodes) > 1) {
+		*error = "md clustered bitmaps are not supported";
+		return -EINVAL;
+	}
+	if (version != 3 && version != 4) {
+		*error = "md bitmap version not supported (3 and 4 are)";
+		return -EINVAL;
+	}
+	if (memcmp(h->uuid, f->set_uuid, sizeof(h->uuid))) {
+		*error = "md bitmap belongs to another array (UUID differs)";
+		return -EINVAL;
+	}
+	csize = le32_to_cpu(h->chunksize);
+	if (csize < 512 || !is_power_of_2(csize)) {
+		*error = "md bitmap chunk size is invalid";
+		return -EINVAL;
+	}
+	if (!le32_to_cpu(h->daemon_sleep)) {
+		*error = "md bitmap daemon sleep period out of range";
+		return -EINVAL;
+	}
+	shift = ilog2(csize >> 9);
+	bits = (size >> shift) + !!(size & ((1ULL << shift) - 1));
+	if (bits > GR_BM_MAX_BITS) {
+		*error = "md bitmap has too many chunks (more than 4194304)";
+		return -EINVAL;
+	}
+	bytes = GR_BM_HDR + DIV_ROUND_UP(bits, 8);
+	npages = DIV_ROUND_UP(bytes, PAGE_SIZE);
+	if (le32_to_cpu(h->sectors_reserved) &&
+	    bytes > (u64)le32_to_cpu(h->sectors_reserved) << 9) {
+		*error = "md bitmap larger than the space reserved for it";
+		return -EINVAL;
+	}
+	for_each_set_bit(m, &placed, c->ndevs) {
+		s = c->sb[m].sector + off;
+		e = s + (round_up(bytes, bdev_logical_block_size(
+					  c->devs[m]->bdev)) >> 9);
+		if (e > bdev_nr_sectors(c->devs[m]->bdev) ||
+		    (s < c->data_offset + size && c->data_offset < e) ||
+		    (s < c->sb[m].sector + (c->sb[m].size >> 9) &&
+		     c->sb[m].sector < e)) {
+			DMERR("member %u (%s): bitmap at sectors %llu-%llu overlaps its data or superblock",
+			      m, c->devs[m]->name, (unsigned long long)s,
+			      (unsigned long long)e);
+			*error = "md bitmap overlaps a member's data or superblock";
+			return -EINVAL;
+		}
+	}
+	if (c->bm_img) {
+		if (bits != c->bm_bits || shift != c->bm_shift ||
+		    off != c->bm_offset) {
+			*error = "The md bitmap changed since the table was loaded";
+			return -EINVAL;
+		}
+	} else {
+		c->bm_bits = bits;
+		c->bm_shift = shift;
+		c->bm_offset = off;
+		c->bm_bytes = bytes;
+		c->bm_npages = npages;
+		r = gr_bm_alloc(c);
+		if (r) {
+			*error = "Cannot allocate the md bitmap";
+			return r;
+		}
+	}
+
+	if (gr_bm_read(c, src, c->bm_img)) {
+		*error = "Cannot read the md bitmap";
+		return -EINVAL;
+	}
+	for_each_set_bit(m, &use, c->ndevs) {
+		if (m == src)
+			continue;
+		if (gr_bm_read(c, m, c->bm_io)) {
+			DMERR("member %u (%s): bitmap unreadable: the others' counts",
+			      m, c->devs[m]->name);
+			continue;
+		}
+		for (p = 0; p < npages; p++) {
+			unsigned long *d = page_address(c->bm_img[p]);
+			const unsigned long *o = page_address(c->bm_io[p]);
+			unsigned int w = p ? 0 : GR_BM_HDR / sizeof(long);
+
+			for (; w < PAGE_SIZE / sizeof(long); w++)
+				d[w] |= o[w];
+		}
+	}
+	/* nothing past the last bit */
+	for (p = bytes % PAGE_SIZE ? bytes % PAGE_SIZE : PAGE_SIZE;
+	     p < PAGE_SIZE; p++)
+		((u8 *)page_address(c->bm_img[npages - 1]))[p] = 0;
+	for (nr = (GR_BM_HDR * 8 + bits) % GR_BM_BITS; nr % 8; nr++)
+		__clear_bit_le(nr, page_address(c->bm_img[npages - 1]));
+
+	h = gr_bm_hdr(c);
+	ev = le64_to_cpu(h->events);
+	if ((le32_to_cpu(h->state) & GR_BM_STALE) || ev < max_ev) {
+		DMINFO("%s: md bitmap out of date (events %llu of %llu%s): every region counts as dirty",
+		       dm_table_device_name(c->ti->table), ev, max_ev,
+		       le32_to_cpu(h->state) & GR_BM_STALE ? ", stale" : "");
+		for (dirty = 0; dirty < bits; dirty++) {
+			void *pg = gr_bm_at(c->bm_img, dirty, &nr);
+
+			__set_bit_le(nr, pg);
+		}
+		h->state &= ~cpu_to_le32(GR_BM_STALE);
+	}
+	c->bm_sleep = clamp_t(u32, le32_to_cpu(h->daemon_sleep), 1, 3600);
+	bitmap_fill(c->bm_dirty, npages);	/* to every member at resume */
+	bitmap_zero(c->bm_busy, npages);
+	memset(c->bm_cnt, 0, bits * sizeof(*c->bm_cnt));
+	memset(c->bm_age, 0, bits);
+	c->bm = true;
+	dirty = gr_bm_weight(c);
+	DMINFO("%s: md bitmap: %lu of %llu chunks of %u KiB dirty",
+	       dm_table_device_name(c->ti->table), dirty, bits, csize >> 10);
+	return 0;
+}
+
 /*
  * Read and check the members' superblocks; set the array's state from
  * them. 0, or -EINVAL with *error set.
@@ -1065,8 +1619,9 @@ static int gr_sb_new(struct gr_ctx *c, unsigned int m,
 static int gr_md_load(struct gr_ctx *c, char **error)
 {
 	struct mdp_superblock_1 *sb, *f = NULL;
-	unsigned long bad = 0, stale = 0, rebuilding = 0, failed;
+	unsigned long bad = 0, stale = 0, rebuilding = 0, failed, placed;
 	u64 rec = GR_IN_SYNC;
+	int r;
 	unsigned int m, fresh = 0, nsb = 0, max_dev;
 	u64 ev, max_ev = 0, size, cp;
 	u32 features, dn;
@@ -1147,10 +1702,6 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 		*error = "md journal, PPL and clustered arrays are not supported";
 		return -EINVAL;
 	}
-	if (features & MD_FEATURE_BITMAP_OFFSET) {
-		*error = "md write-intent bitmaps are not supported yet (mdadm --grow --bitmap=none)";
-		return -EINVAL;
-	}
 	size = le64_to_cpu(f->size) >> c->chunk_shift;	/* rows */
 	if (c->ti->len > (size * c->ndata) << c->chunk_shift) {
 		*error = "Target length exceeds the md array";
@@ -1163,6 +1714,13 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 		sb = page_address(c->sb[m].page);
 		if (le64_to_cpu(sb->data_offset) != c->data_offset) {
 			*error = "data_offset differs from the md superblocks";
+			return -EINVAL;
+		}
+		if (le64_to_cpu(f->size) > bdev_nr_sectors(c->devs[m]->bdev) -
+		    min(c->data_offset, bdev_nr_sectors(c->devs[m]->bdev))) {
+			DMERR("member %u (%s) is smaller than the array's data",
+			      m, c->devs[m]->name);
+			*error = "Member is smaller than the md array's data";
 			return -EINVAL;
 		}
 		dn = le32_to_cpu(sb->dev_number);
@@ -1217,6 +1775,14 @@ static int gr_md_load(struct gr_ctx *c, char **error)
 	for_each_set_bit(m, &c->rebuild_req, c->ndevs)
 		if (gr_sb_new(c, m, f, error))
 			return -EINVAL;
+	placed = 0;
+	for (m = 0; m < c->ndevs; m++)
+		if (c->devs[m] && !test_bit(m, &failed))
+			__set_bit(m, &placed);
+	r = gr_bm_load(c, f, fresh, placed & ~rebuilding, placed, max_ev,
+		       error);
+	if (r)
+		return r;
 	for (m = 0; m < c->ndevs; m++) {
 		if (!c->devs[m] || test_bit(m, &failed) || m == fresh ||
 		    test_bit(m, &c->rebuild_req))
@@ -1255,6 +1821,8 @@ static void gr_sb_update(struct gr_ctx *c)
 		if (!c->md)
 			break;
 		c->events++;
+		gr_bm_sync(c);	/* the bitmap's events first, as md */
+		failed = READ_ONCE(c->failed);
 		gr_batch_start(&b);
 		for (m = 0; m < c->ndevs; m++) {
 			struct mdp_superblock_1 *sb;
@@ -1518,6 +2086,16 @@ static void gr_lane_run(struct work_struct *work)
 		struct gr_row r;
 		unsigned int n;
 
+		if (c->action == GR_RESYNC && c->bm) {
+			/* md's bitmap_start_sync: a clean region is in sync */
+			if (!gr_bm_row_dirty(c, row)) {
+				atomic64_inc(&c->bm_rows_clean);
+				WRITE_ONCE(lane->next, row + GR_LANES);
+				cond_resched();
+				continue;
+			}
+			atomic64_inc(&c->bm_rows_synced);
+		}
 		gr_lane_throttle(c);
 		gr_map_row(c, row, &r);
 		mutex_lock(lock);
@@ -1621,6 +2199,11 @@ static void gr_sync_run(struct work_struct *work)
 	       pos >= end ? "done" : ok ? "interrupted" : "aborted",
 	       (unsigned long long)pos,
 	       (unsigned long long)atomic64_read(&c->mismatches));
+	if (action == GR_RESYNC && c->bm)
+		DMINFO("%s: resync by the bitmap: %llu rows resynced, %llu clean rows passed over",
+		       dm_table_device_name(c->ti->table),
+		       (unsigned long long)atomic64_read(&c->bm_rows_synced),
+		       (unsigned long long)atomic64_read(&c->bm_rows_clean));
 	WRITE_ONCE(c->action, GR_IDLE);
 	schedule_work(&c->event_work);
 	/* a resync may be owed after a rebuild */
@@ -1633,6 +2216,8 @@ static void gr_sync_start(struct gr_ctx *c, int action)
 {
 	if (action == GR_RESYNC) {
 		c->sync_pos = READ_ONCE(c->resync_cp);
+		atomic64_set(&c->bm_rows_synced, 0);
+		atomic64_set(&c->bm_rows_clean, 0);
 	} else if (action == GR_RECOVER) {
 		c->sync_pos = READ_ONCE(c->rec_cp);
 	} else {
@@ -1697,8 +2282,19 @@ static void gr_work(struct work_struct *work)
 		return;
 	}
 	gr_map_row(c, row, &r);
-	if (bio_data_dir(bio) == WRITE)
+	/* columns that a write touches: all of them if it spans chunks */
+	if (off + nsec <= c->chunk) {
+		col = off;
+		end = off + nsec;
+	} else {
+		col = 0;
+		end = c->chunk;
+	}
+	if (bio_data_dir(bio) == WRITE) {
 		gr_write_start(c);
+		gr_bm_start(c, (row << c->chunk_shift) + col,
+			    (row << c->chunk_shift) + end);
+	}
 	lock = &c->locks[row % GR_LOCKS];
 	mutex_lock(lock);
 	buf = gr_buf_get(c);
@@ -1714,26 +2310,24 @@ static void gr_work(struct work_struct *work)
 					  (col - off) << 9);
 		}
 	} else {
-		/* columns that the bio touches: all of them if it spans chunks */
-		if (off + nsec <= c->chunk) {
-			col = off;
-			end = off + nsec;
-		} else {
-			col = 0;
-			end = c->chunk;
-		}
+		sector_t s = col;
+
 		for (; col < end && !ret; col += n) {
 			n = min_t(sector_t, c->seg_sectors, end - col);
 			ret = gr_write_seg(c, io, buf, &r, row, col, n);
 		}
 		atomic64_inc(&c->stripes_written);
+		col = s;
 	}
 	gr_buf_put(c, buf);
 	mutex_unlock(lock);
 	/* a failure this write counted on is on the superblocks first */
 	gr_sb_settle(c);
-	if (bio_data_dir(bio) == WRITE)
+	if (bio_data_dir(bio) == WRITE) {
+		gr_bm_end(c, (row << c->chunk_shift) + col,
+			  (row << c->chunk_shift) + end);
 		gr_write_end(c);
+	}
 	bio->bi_status = ret ? BLK_STS_IOERR : BLK_STS_OK;
 	bio_endio(bio);
 }
@@ -1761,6 +2355,7 @@ static void gr_dtr(struct dm_target *ti)
 	cancel_work_sync(&c->sync_work);
 	cancel_work_sync(&c->kick_work);
 	cancel_delayed_work_sync(&c->safemode);
+	cancel_delayed_work_sync(&c->bm_work);
 	cancel_work_sync(&c->event_work);
 	if (c->mdwq)
 		destroy_workqueue(c->mdwq);
@@ -1783,6 +2378,9 @@ static void gr_dtr(struct dm_target *ti)
 			memzero_page(c->sb[i].page, 0, PAGE_SIZE);
 			__free_page(c->sb[i].page);
 		}
+	gr_bm_free(c);
+	if (c->bm_scratch)
+		__free_page(c->bm_scratch);
 	if (c->bs_ready)
 		bioset_exit(&c->bs);
 	for (i = 0; i < GR_MAX_DEVS; i++)
@@ -1792,6 +2390,7 @@ static void gr_dtr(struct dm_target *ti)
 		mutex_destroy(&c->locks[i]);
 	mutex_destroy(&c->sb_lock);
 	mutex_destroy(&c->sync_lock);
+	mutex_destroy(&c->bm_lock);
 	kfree(c);
 	ti->private = NULL;
 }
@@ -1880,6 +2479,9 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	mutex_init(&c->sb_lock);
 	mutex_init(&c->sync_lock);
 	INIT_DELAYED_WORK(&c->safemode, gr_safemode);
+	INIT_DELAYED_WORK(&c->bm_work, gr_bm_daemon);
+	spin_lock_init(&c->bm_spin);
+	mutex_init(&c->bm_lock);
 	INIT_WORK(&c->event_work, gr_event);
 	INIT_WORK(&c->sync_work, gr_sync_run);
 	INIT_WORK(&c->kick_work, gr_kick_work);
@@ -2069,9 +2671,12 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 			c->rate_max = c->rate_min;
 	}
 
-	/* member bios: GR_NBUF stripe buffers' and one superblock update's */
+	/*
+	 * member bios: GR_NBUF stripe buffers', one superblock update's and
+	 * one bitmap write's
+	 */
 	r = -ENOMEM;
-	if (bioset_init(&c->bs, ndevs * (GR_NBUF + 1), 0, BIOSET_NEED_BVECS)) {
+	if (bioset_init(&c->bs, ndevs * (GR_NBUF + 2), 0, BIOSET_NEED_BVECS)) {
 		ti->error = "Cannot allocate bio set";
 		goto bad;
 	}
@@ -2085,6 +2690,11 @@ static int gr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				ti->error = "Cannot allocate superblock pages";
 				goto bad;
 			}
+		}
+		c->bm_scratch = alloc_page(GFP_KERNEL);
+		if (!c->bm_scratch) {
+			ti->error = "Cannot allocate superblock pages";
+			goto bad;
 		}
 		r = gr_md_load(c, &ti->error);
 		if (r)
@@ -2382,6 +2992,9 @@ static void gr_postsuspend(struct dm_target *ti)
 	struct gr_ctx *c = ti->private;
 
 	cancel_delayed_work_sync(&c->safemode);
+	cancel_delayed_work_sync(&c->bm_work);
+	if (c->bm)
+		gr_bm_clear(c, true);
 	mutex_lock(&c->sb_lock);
 	if (!c->in_sync || c->written_cp != c->resync_cp ||
 	    (c->failed & ~c->recorded)) {
@@ -2424,10 +3037,14 @@ static void gr_resume(struct dm_target *ti)
 	}
 	mutex_unlock(&c->sb_lock);
 	gr_sb_settle(c);
+	if (c->bm)
+		gr_bm_flush(c);		/* what the load found, to every member */
 	mutex_lock(&c->sync_lock);
 	c->suspended = false;
 	gr_sync_kick(c);
 	mutex_unlock(&c->sync_lock);
+	if (c->bm)
+		queue_delayed_work(c->mdwq, &c->bm_work, c->bm_sleep * HZ);
 }
 
 static int gr_iterate_devices(struct dm_target *ti,

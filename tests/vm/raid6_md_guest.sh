@@ -60,7 +60,7 @@ shim() {  # tag i linear|error|drop: what the member's shim maps to
 }
 mdcreate() {  # [mdadm options]: a RAID6 of $SH
     mdadm --create /dev/md0 --run --quiet --level=6 --raid-devices=$N \
-        --chunk=64 --metadata=1.2 "$@" $SH > $W/mdadm.txt 2>&1 || { cat $W/mdadm.txt; return 1; }
+        --chunk=64 --metadata=${MDMETA:-1.2} "$@" $SH > $W/mdadm.txt 2>&1 || { cat $W/mdadm.txt; return 1; }
     MDSIZE=$(cat /sys/block/md0/size)
     MDOFF=$(cat /sys/block/md0/md/dev-*/offset | head -1)
 }
@@ -94,6 +94,16 @@ open_md() {  # name: kgpu raid6 create --from-mdadm over $SH
 }
 waitsync() {  # name tag: until the background work ends
     kgpu raid6 status $1 --wait --interval 2 --timeout 600 > $O/wait-$2.txt 2>&1
+}
+torn() {  # tag: the sectors a check counts through a table that keeps no
+          # md state (no md_superblocks: no resync first), the damage seen
+    local line=$(kgpu raid6 create x --from-mdadm --dry-run $SH |
+        sed 's/ md_superblocks$//; s/ 3 data_offset/ 2 data_offset/')
+    dmsetup create r6x --table "$line"
+    dmsetup message r6x 0 check
+    waitsync r6x $1
+    sf r6x 9
+    dmsetup remove r6x
 }
 
 stamp start
@@ -168,13 +178,7 @@ dmsetup remove r6                    # its clean superblocks vanish too
 for i in $(seq 0 $((N-1))); do shim c $i linear; done
 mdadm --examine /dev/mapper/cm0 > $O/examine-crash.txt 2>&1
 state_crash=$(exf /dev/mapper/cm0 State)
-# the oracle first sees the damage: a table without md_superblocks
-LINE=$(kgpu raid6 create x --from-mdadm --dry-run $SH | sed 's/ md_superblocks$//; s/ 3 data_offset/ 2 data_offset/')
-dmsetup create r6x --table "$LINE"
-dmsetup message r6x 0 check
-waitsync r6x crash-check
-mm_crash=$(sf r6x 9)
-dmsetup remove r6x
+mm_crash=$(torn crash-check)
 open_md r6 || res crash_reopen FAIL create
 waitsync r6 crash-resync
 resync_log=$(dmesg | grep -o 'resync from sector [0-9]*\|resync done at sector [0-9]*' | tr ' ' _ | tr '\n' ,)
@@ -396,8 +400,96 @@ res badsector_stuck read=$c3 health=$h3 not_corrected_logged=$notc md_degraded=$
 res badsector_nbd $(grep -v serving $O/nbd.txt | tr ' ' _ | tr '\n' ,) s1=$S1 s2=$S2 s3=$S3
 freemembers b
 
+stamp bitmap
+# -- 7. md's write-intent bitmap: a bit set on the members while its region
+#    is written, cleared lazily after; after a power cut only the regions
+#    with a bit set resync, and md's own check finds nothing left ---------
+dirty() {  # member: dirty bits, as mdadm -X counts them
+    mdadm -X $1 2>/dev/null | sed -n 's/.* \([0-9]*\) dirty.*/\1/p'
+}
+mkmembers w
+mdcreate --assume-clean --bitmap=internal --bitmap-chunk=64K || exit 1
+mdstop
+mdadm -X /dev/mapper/wm0 > $O/bitmap-created.txt 2>&1
+bits=$(mdadm -X /dev/mapper/wm0 | sed -n 's/.*: \([0-9]*\) bits.*/\1/p')
+open_md r6 || res bitmap FAIL create
+# two writers, rows 0 and 8 (256 KiB of data a row): two bits
+FIOB="fio --name=b --filename=/dev/mapper/r6 --direct=1 --ioengine=libaio \
+ --rw=randwrite --bs=4k --iodepth=4 --numjobs=2 --size=256k \
+ --offset_increment=2m"
+$FIOB --rate_iops=50 --runtime=6 --time_based > /dev/null 2>&1 &
+FP=$!
+busy=0; busy5=0
+for t in $(seq 10); do
+    sleep 0.5
+    d0=$(dirty /dev/mapper/wm0); d5=$(dirty /dev/mapper/wm5)
+    [ "${d0:-0}" -gt $busy ] && busy=$d0
+    [ "${d5:-0}" -gt $busy5 ] && busy5=$d5
+done
+wait $FP
+t0=$(cut -d' ' -f1 /proc/uptime)
+for t in $(seq 60); do [ "$(dirty /dev/mapper/wm0)" = 0 ] && break; sleep 0.5; done
+idle=$(dirty /dev/mapper/wm0)
+clear_s=$(awk -v a=$t0 -v b=$(cut -d' ' -f1 /proc/uptime) 'BEGIN {printf "%.1f", b - a}')
+res bitmap_lazy bits=$bits busy=$busy busy_m5=$busy5 idle=$idle clear_s=$clear_s
+# the power cut, under the same two writers
+$FIOB --runtime=30 --time_based > /dev/null 2>&1 &
+FP=$!
+sleep 3
+for i in $(seq 0 $((N-1))); do shim w $i drop; done
+kill $FP; wait $FP
+dmsetup remove r6
+for i in $(seq 0 $((N-1))); do shim w $i linear; done
+mdadm -X /dev/mapper/wm0 > $O/bitmap-crash.txt 2>&1
+cut_dirty=$(dirty /dev/mapper/wm0)
+cut_state=$(exf /dev/mapper/wm0 State)
+mm_cut=$(torn bitmap-check)
+open_md r6 || res bitmap_resync FAIL create
+waitsync r6 bitmap-resync
+bmlog=$(dmesg | grep -o 'resync by the bitmap: .*' | tail -1 | tr -d ',')
+synced=$(echo "$bmlog" | awk '{print $5}'); passed=$(echo "$bmlog" | awk '{print $8}')
+for t in $(seq 60); do [ "$(dirty /dev/mapper/wm0)" = 0 ] && break; sleep 0.5; done
+after=$(dirty /dev/mapper/wm0)
+# a member out: the bits of the writes that missed it stay
+shim w 2 error
+dd if=/dev/urandom of=/dev/mapper/r6 bs=64k seek=20 count=4 oflag=direct status=none
+sleep 12
+deg=$(dirty /dev/mapper/wm0)
+dmsetup remove r6
+shim w 2 linear
+mdadm -X /dev/mapper/wm0 > $O/bitmap-degraded.txt 2>&1
+mdadm --examine /dev/mapper/wm0 > $O/examine-bitmap.txt 2>&1
+dmesg >> $O/dmesg.txt; dmesg -C
+mdadm --assemble /dev/md0 --run $SH > $O/bitmap-mdadm.txt 2>&1
+md_old=$(dmesg | grep -c 'bitmap file is out of date')
+md_bm=$(grep -o 'bitmap: [0-9]*/[0-9]* pages' /proc/mdstat | tr -d ' ')
+mddeg=$(cat /sys/block/md0/md/degraded 2>/dev/null)
+mm_md=$(mdcheck)
+mdstop
+res bitmap_crash dirty=$cut_dirty state=$cut_state stale_sectors=$mm_cut synced=$synced passed=$passed after=$after
+res bitmap_degraded dirty=$deg md_bitmap=$md_bm md_out_of_date=$md_old md_degraded=$mddeg md_mismatch=$mm_md
+freemembers w
+# metadata 1.0: the superblock at the end, the bitmap just before it
+mkmembers v
+MDMETA=1.0 mdcreate --assume-clean --bitmap=internal || exit 1
+mdstop
+open_md r6 || res bitmap_v10 FAIL create
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refV
+dd if=$W/refV of=/dev/mapper/r6 bs=1M oflag=direct status=none
+dmsetup remove r6
+mdadm -X /dev/mapper/vm3 > $O/bitmap-v10.txt 2>&1
+v_ev=$(sed -n 's/^ *Events : \([0-9]*\).*/\1/p' $O/bitmap-v10.txt)
+v_dirty=$(dirty /dev/mapper/vm3)
+v_sb=$(exf /dev/mapper/vm3 Events)
+mdadm --assemble /dev/md0 --run $SH > /dev/null 2>&1
+cmp -s $W/refV /dev/md0 && v_cmp=ok || v_cmp=bad
+v_mm=$(mdcheck)
+mdstop
+res bitmap_v10 version=$(exf /dev/mapper/vm3 Version) bm_events=$v_ev sb_events=$v_sb dirty=$v_dirty md_cmp=$v_cmp md_mismatch=$v_mm
+freemembers v
+
 stamp bad
-# -- 5. bad input: refused with the reason, nothing written -----------------
+# -- 8. bad input: refused with the reason, nothing written -----------------
 mkmembers x
 mdcreate --assume-clean || exit 1
 mdstop
@@ -444,7 +536,12 @@ bad v090 "md 0.90 metadata is not supported" "0 $ZSIZE gpu-raid6 left-symmetric 
 for l in $SH; do mdadm --zero-superblock $l > /dev/null 2>&1; done
 mdcreate --assume-clean --bitmap=internal || exit 1
 mdstop
-bad bitmap "write-intent bitmaps are not supported yet" "0 $MDSIZE gpu-raid6 left-symmetric 128 6 $SH 3 data_offset $MDOFF md_superblocks"
+set -- $SH
+BMAT=$(( ($(exf $1 "Super Offset") + $(exf $1 "Internal Bitmap")) * 512 ))
+printf 'junk' | dd of=$1 bs=1 seek=$BMAT conv=notrunc oflag=direct status=none 2>/dev/null ||
+    printf 'junk' | dd of=$1 bs=1 seek=$BMAT conv=notrunc status=none
+sync
+bad bitmap "md bitmap damaged: bad magic" "0 $MDSIZE gpu-raid6 left-symmetric 128 6 $SH 3 data_offset $MDOFF md_superblocks"
 freemembers z
 res bad_nothing_written before=$ev_x after=$ev_x2
 
