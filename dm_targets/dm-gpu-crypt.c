@@ -89,7 +89,7 @@ struct gc_ctx {
 	char *cipher_string;	/* as given, for the table line */
 	char *key_string;	/* "logon:desc" of a keyring key, or NULL */
 	unsigned int key_size;
-	u8 *key;		/* K1 || K2, key_size bytes */
+	u8 *key;		/* a hex key (K1 || K2, key_size bytes); zeros for a keyring key */
 	int key_slot;		/* kgpu key slot, or -1: CPU only */
 
 	struct crypto_skcipher *tfm;
@@ -217,7 +217,12 @@ static int gc_keyring_key(struct gc_ctx *cc, const char *spec, u8 *key,
 	return ret;
 }
 
-/* Takes a hex or keyring key into cc->key, the cipher and the key slot. */
+/*
+ * Takes a hex or keyring key into the cipher and the key slot. Only a hex
+ * key is kept in cc->key as well (the table line shows it, as dm-crypt's);
+ * of a keyring key no raw copy stays behind here, as in dm-crypt: the
+ * table shows its description, and the stack copy is wiped.
+ */
 static int gc_set_key(struct gc_ctx *cc, const char *spec, char **error)
 {
 	char *key_string = NULL;
@@ -259,7 +264,9 @@ static int gc_set_key(struct gc_ctx *cc, const char *spec, char **error)
 	kfree_sensitive(cc->key_string);
 	cc->key_string = key_string;
 	cc->key_size = size;
-	memcpy(cc->key, key, size);
+	memzero_explicit(cc->key, 64);
+	if (!key_string)
+		memcpy(cc->key, key, size);
 	if (cc->key_slot < 0)
 		cc->key_slot = kgpu_key_get();	/* none free: CPU only */
 	if (cc->key_slot >= 0 && kgpu_key_set(cc->key_slot, key, size)) {

@@ -283,7 +283,9 @@ def takeover(name, key_file):
     and left untouched. `kgpu crypt release NAME` moves it back.
     """
     t = _swap(name, "crypt", "gpu-crypt", key_file)
-    click.echo(f"{name}: now served by gpu-crypt ({t['cipher']})")
+    click.echo(f"{name}: now served by gpu-crypt ({t['cipher']}); "
+               f"cryptsetup status and close know only dm-crypt: "
+               f"`kgpu crypt release {name}` first")
 
 
 @crypt.command("release")

@@ -285,6 +285,90 @@ kgpu crypt takeover cbc > $O/takeover-cbc.txt 2>&1 && fail takeover-refused "acc
 	  ok takeover-refused || fail takeover-refused "$(cat $O/takeover-cbc.txt)"; }
 dmsetup remove cbc
 
+# ---- the LUKS volumes people have: taken over and released under fio -------
+# luks_case <name> <takeover key args> <luksFormat args...>: format, open,
+# ext4, fio verify running across takeover and release; cryptsetup status
+# while taken over and after; close; stock crypt reads what fio left.
+luks_case() {
+	local n=$1 kargs=$2; shift 2
+	wipefs -qa "$L"
+	cryptsetup luksFormat -q --cipher aes-xts-plain64 --key-size 512 \
+		--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file $W/pass \
+		"$@" "$L" > $O/luks-$n-format.txt 2>&1 || { fail luks-$n "luksFormat: $(cat $O/luks-$n-format.txt)"; return; }
+	[ "$1" = "--type" ] && [ "$2" = luks1 ] && local t=luks1 || local t=luks2
+	cryptsetup open --key-file $W/pass "$L" lv
+	cryptsetup luksDump --dump-volume-key --volume-key-file $W/vk-$n \
+		--key-file $W/pass --batch-mode "$L" > /dev/null
+	dmsetup table lv | cut -d' ' -f1-4,6- > $O/luks-$n-table.txt
+	mkfs.ext4 -q -F /dev/mapper/lv
+	mount /dev/mapper/lv /mnt/lv
+	fio --name=$n --directory=/mnt/lv --size=16m --direct=1 \
+		--ioengine=libaio --iodepth=8 --rw=randwrite --bsrange=4k-128k \
+		--verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json \
+		--output=$O/fio-luks-$n.json > $O/fio-luks-$n.log 2>&1 &
+	local fp=$!
+	sleep 2
+	kgpu crypt takeover lv $kargs > $O/luks-$n-takeover.txt 2>&1
+	[ "$(target lv)" = gpu-crypt ] && ok luks-$n-takeover ||
+		fail luks-$n-takeover "$(cat $O/luks-$n-takeover.txt)"
+	cryptsetup status lv > $O/luks-$n-status-taken.txt 2>&1
+	echo "rc=$?" >> $O/luks-$n-status-taken.txt
+	sleep 2
+	kgpu crypt release lv $kargs > $O/luks-$n-release.txt 2>&1
+	[ "$(target lv)" = crypt ] && ok luks-$n-release ||
+		fail luks-$n-release "$(cat $O/luks-$n-release.txt)"
+	wait $fp && ok luks-$n-fio || fail luks-$n-fio "fio status $?"
+	cryptsetup status lv > $O/luks-$n-status-released.txt 2>&1 &&
+		grep -q "type: *${t^^}" $O/luks-$n-status-released.txt &&
+		ok luks-$n-status || fail luks-$n-status "$(cat $O/luks-$n-status-released.txt | tr '\n' ' ')"
+	(cd /mnt/lv && ls -l > $W/ls-$n && md5sum $n.* > $W/sums-$n 2>/dev/null)
+	umount /mnt/lv
+	check luks-$n-fsck fsck.ext4 -fn /dev/mapper/lv
+	check luks-$n-close cryptsetup close lv
+	# stock crypt, opened afresh, reads what fio wrote through both targets
+	cryptsetup open --key-file $W/pass "$L" lv
+	mount -o ro /dev/mapper/lv /mnt/lv
+	check luks-$n-reopen sh -c "cd /mnt/lv && md5sum --quiet -c $W/sums-$n"
+	umount /mnt/lv
+	cryptsetup close lv
+}
+luks_case luks2-4k "--key-file $W/vk-luks2-4k" --type luks2 --sector-size 4096
+luks_case luks1 "" --type luks1
+# LUKS2 with its key in the kernel keyring: cryptsetup unlinks it once the
+# volume is open, so a takeover without --key-file is refused, saying so
+wipefs -qa "$L"
+cryptsetup luksFormat -q --type luks2 --cipher aes-xts-plain64 --key-size 512 \
+	--pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file $W/pass "$L"
+cryptsetup open --key-file $W/pass "$L" lv
+dmsetup table lv | cut -d' ' -f5 | cut -d: -f1-3 > $O/luks-keyring-key.txt
+kgpu crypt takeover lv > $O/luks-keyring-nokey.txt 2>&1 && fail luks-keyring-nokey "accepted" ||
+	{ [ "$(target lv)" = crypt ] && grep -q -- "--key-file" $O/luks-keyring-nokey.txt &&
+	  ok luks-keyring-nokey || fail luks-keyring-nokey "$(cat $O/luks-keyring-nokey.txt)"; }
+cryptsetup close lv
+luks_case luks2-keyring "--key-file $W/vk-luks2-keyring" --type luks2
+
+# ---- discards end to end: fstrim through gpu-crypt reaches the backing file --
+# trim_case <name> <opt params>: allocated KiB of a sparse backing file
+# after a 24 MiB file is written, and after it is deleted and fstrim ran
+trim_case() {
+	local n=$1 lt; shift
+	rm -f $W/trim.img; truncate -s 64M $W/trim.img
+	lt=$(losetup -f --show $W/trim.img)
+	mk t "0 $(( (64 << 11) - 8 )) gpu-crypt aes-xts-plain64 $KEY 0 $lt 8 $*"
+	mkfs.ext4 -q -F -E nodiscard /dev/mapper/t
+	mkdir -p /mnt/t; mount /dev/mapper/t /mnt/t
+	head -c 24M /dev/urandom > /mnt/t/f; sync
+	local full=$(du -k $W/trim.img | cut -f1)
+	rm /mnt/t/f; sync
+	fstrim -v /mnt/t > $O/fstrim-$n.txt 2>&1; local rc=$?
+	sync
+	local after=$(du -k $W/trim.img | cut -f1)
+	umount /mnt/t; dmsetup remove t; losetup -d $lt
+	echo "$n full=$full after=$after fstrim_rc=$rc" >> $O/trim.txt
+}
+trim_case allow 1 allow_discards
+trim_case none
+
 kgpu status --json > $O/kgpu-status.json
 kill -TERM $HP
 wait $HP
