@@ -26,15 +26,18 @@
  * still have: a write from the caller's pages, a read by reading the sectors
  * again into the caller's pages. Either way the result is the same bytes.
  *
- * Contexts. kgpu calls our done() in the helper's completion ioctl; it only
- * queues work. Two workqueues, as dm-crypt has two: "crypt" starts I/O (it
- * may wait for region space, our page mempool, or the CPU cipher) and "io"
- * finishes it (copies out, submits clones made ready by the crypt queue,
- * puts requests, ends bios), never allocates, and
- * never waits on anything the crypt queue holds, so region space and pages
- * are always given back. Both are WQ_MEM_RECLAIM: writeback through this
- * target makes progress under memory pressure. Nothing in the I/O path
- * allocates outside per-bio data, the bio_set and the page mempool.
+ * Contexts. kgpu calls our done() in the helper's completion ioctl (or
+ * at a timeout); it never sleeps: it gives back what a failed request's io
+ * holds and queues work. Three workqueues: "crypt" starts I/O (it may wait
+ * for region space, our page mempool, or the CPU cipher), "io" finishes it
+ * (copies out, submits clones made ready by the crypt queue, puts
+ * requests, ends bios), never allocates, and never waits on anything the
+ * crypt queue holds, so region space and pages are always given back;
+ * "fb" redoes on the CPU what the helper did not answer, holding nothing
+ * of the pools until it runs (gc_kgpu_done()). All are WQ_MEM_RECLAIM:
+ * writeback through this target makes progress under memory pressure.
+ * Nothing in the I/O path allocates outside per-bio data, the bio_set
+ * (64 in reserve, as dm-crypt) and the page mempool (256 pages).
  */
 #include <crypto/skcipher.h>
 #include <keys/user-type.h>
@@ -59,6 +62,7 @@
 /* Bytes of one clone at most: a bio of BIO_MAX_VECS pages. */
 #define GC_MAX_IO	(BIO_MAX_VECS << PAGE_SHIFT)
 #define GC_MAX_PAGES	BIO_MAX_VECS
+#define GC_MIN_IOS	64	/* the bio_set's reserve, as dm-crypt's */
 /* Scatterlist entries for one data unit (4096 bytes over 512-byte bvecs). */
 #define GC_UNIT_SEGS	9
 
@@ -98,6 +102,7 @@ struct gc_ctx {
 	struct mutex page_lock;	/* one multi-page allocation at a time */
 	struct workqueue_struct *crypt_wq;
 	struct workqueue_struct *io_wq;
+	struct workqueue_struct *fb_wq;	/* fallbacks: see gc_kgpu_done() */
 
 	/* Requests (bios after splitting) by who did the crypto. */
 	atomic64_t n_gpu;
@@ -500,15 +505,8 @@ static void gc_read_copyout_work(struct work_struct *work)
 static void gc_fallback_work(struct work_struct *work)
 {
 	struct gc_io *io = container_of(work, struct gc_io, work);
-	struct bio *clone = io->clone;
 
 	atomic64_inc(&io->cc->n_fallback);
-	if (clone) {	/* the write clone made ready for the helper's result */
-		io->clone = NULL;
-		if (io->own_pages)
-			gc_free_clone_pages(io->cc, clone);
-		bio_put(clone);
-	}
 	if (bio_data_dir(io->base) == WRITE)
 		gc_write_cpu(io);
 	else
@@ -525,13 +523,27 @@ static void gc_kgpu_done(struct kgpu_request *req, int status)
 
 	if (status) {
 		/*
-		 * Give the region space back now (the core keeps the buffer
-		 * while the helper may still write it): crypt queue workers
-		 * may be waiting for space in kgpu_request_get().
+		 * Everything the io holds goes back here, before the fallback
+		 * is queued: its region space (the core keeps the buffer while
+		 * the helper may still write it), and a write's clone, its bio
+		 * from our bio_set and, bounced, its pages from our page pool
+		 * (bio_put and mempool_free do not sleep). Crypt queue workers
+		 * may be waiting in kgpu_request_get() or mempool_alloc() for
+		 * exactly these. The fallback then holds nothing but the io,
+		 * and runs on a queue of its own (WQ_MEM_RECLAIM: a rescuer),
+		 * never behind workers that wait for pool space: whatever it
+		 * waits for is given back by I/O already submitted or by
+		 * another done(), never by a fallback. So it cannot deadlock.
 		 */
 		kgpu_request_put(req);
 		io->req = NULL;
-		gc_queue(io, cc->crypt_wq, gc_fallback_work);
+		if (io->clone) {
+			if (io->own_pages)
+				gc_free_clone_pages(cc, io->clone);
+			bio_put(io->clone);
+			io->clone = NULL;
+		}
+		gc_queue(io, cc->fb_wq, gc_fallback_work);
 		return;
 	}
 	if (req->cqe_flags & KGPU_CQE_CPU)
@@ -775,6 +787,8 @@ static void gc_dtr(struct dm_target *ti)
 		return;
 	if (cc->crypt_wq)
 		destroy_workqueue(cc->crypt_wq);
+	if (cc->fb_wq)
+		destroy_workqueue(cc->fb_wq);
 	if (cc->io_wq)
 		destroy_workqueue(cc->io_wq);
 	bioset_exit(&cc->bs);
@@ -960,7 +974,7 @@ static int gc_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		goto bad;
 	}
 
-	ret = bioset_init(&cc->bs, BIO_POOL_SIZE, 0, BIOSET_NEED_BVECS);
+	ret = bioset_init(&cc->bs, GC_MIN_IOS, 0, BIOSET_NEED_BVECS);
 	if (!ret)
 		ret = mempool_init_page_pool(&cc->page_pool, GC_MAX_PAGES, 0);
 	if (ret) {
@@ -973,7 +987,10 @@ static int gc_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				       num_online_cpus());
 	cc->io_wq = alloc_workqueue("kgpucrypt_io", WQ_MEM_RECLAIM |
 				    WQ_UNBOUND, num_online_cpus());
-	if (!cc->crypt_wq || !cc->io_wq) {
+	cc->fb_wq = alloc_workqueue("kgpucrypt_fb", WQ_MEM_RECLAIM |
+				   WQ_UNBOUND | WQ_CPU_INTENSIVE,
+				   num_online_cpus());
+	if (!cc->crypt_wq || !cc->io_wq || !cc->fb_wq) {
 		ti->error = "Cannot allocate the workqueues";
 		goto bad;
 	}

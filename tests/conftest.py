@@ -94,15 +94,17 @@ def keep_artifacts(label, files):
             f.write(data)
 
 
-def run_guest_script(kernel, script, label, timeout):
+def run_guest_script(kernel, script, label, timeout, memory_mb=None):
     """Boot a testbed guest of ``kernel`` (skip if there is none), run
-    ``bash script <module build dir>`` in it, keep its files (see
+    ``bash script <module build dir>`` in it (``memory_mb``: the guest's
+    memory, else the testbed's default), keep its files (see
     keep_artifacts under ``label``) and insist that it exited 0. Returns
     its $KGPU_OUT files as text (name -> str)."""
     from kgpu_testbed import Testbed, TestbedError
 
     try:
-        tb = Testbed(kernel=kernel, timeout=timeout)
+        tb = Testbed(kernel=kernel, timeout=timeout,
+                     **({"memory_mb": memory_mb} if memory_mb else {}))
     except TestbedError as e:
         pytest.skip(str(e))
     build = build_modules(tb.kernel)
