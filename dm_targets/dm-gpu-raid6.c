@@ -74,7 +74,7 @@
 #define GR_RATE_MIN	1000		/* KiB/s per member: md's speed_limit_min */
 #define GR_RATE_MAX	200000		/* KiB/s per member: md's speed_limit_max */
 #define GR_READ_ERRORS	20		/* md's max_corrected_read_errors */
-#define GR_LANES	4		/* rows of background work at once */
+#define GR_LANES	8		/* rows of background work at once */
 #define GR_BM_MAGIC	0x6d746962	/* "bitm": md's bitmap superblock */
 #define GR_BM_HDR	256		/* its size: the bits follow it */
 #define GR_BM_STALE	0x2		/* state: out of date, all dirty */
@@ -140,7 +140,7 @@ struct gr_batch {
 struct gr_buf {
 	struct list_head node;
 	u8 *blk[GR_MAX_SLOTS];	/* GR_SEG bytes each, physically contiguous */
-	u8 *nd[GR_MAX_DEVS];	/* ndata more: new data (RMW), old P/Q (sync) */
+	u8 *nd[GR_MAX_DEVS];	/* ndata more: new data (RMW), new P/Q (sync) */
 	struct gr_batch batch;
 };
 
@@ -1962,9 +1962,10 @@ redo:
 	}
 	if (gr_failed_row(c, row) != failed)
 		goto redo;
-	memcpy(buf->nd[0], buf->blk[P], len);
-	memcpy(buf->nd[1], buf->blk[Q], len);
+	/* P and Q as they should be, beside P and Q as read */
 	gr_ptrs(c, buf, r, ptrs);
+	ptrs[P] = buf->nd[0];
+	ptrs[Q] = buf->nd[1];
 	gr_compute(c, KGPU_SVC_RAID6_GEN, ptrs, len, GR_NONE, GR_NONE);
 	for (i = 0; i < len; i += PAGE_SIZE) {
 		unsigned int n = min_t(unsigned int, PAGE_SIZE, len - i);
@@ -1983,7 +1984,7 @@ redo:
 	for (i = P; i <= Q; i++)
 		if (!test_bit(r->phys[i], &failed))
 			gr_mio(c, b, r->phys[i], REQ_OP_WRITE, row, col,
-			       buf->blk[i], len);
+			       buf->nd[i - P], len);
 	gr_batch_wait(c, b);
 	return true;
 }
