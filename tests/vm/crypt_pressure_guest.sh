@@ -32,11 +32,12 @@ dd if=/dev/urandom of=/dev/mapper/g bs=1M count=4 oflag=direct status=none
 served0=$(st helper_cpu)
 kill -STOP $HP
 
-# the hog: all but 48 MiB of what is available, touched, first to go if
-# the OOM killer must choose
+# the hog: all but 128 MiB of what is available, touched, first to go if
+# the OOM killer must choose (dirty pages written back through requests
+# that time out are slow to free: a tighter hog gets killed)
 sync; echo 3 > /proc/sys/vm/drop_caches
 avail=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
-python3 - $((avail - 48)) > $O/hog.txt 2>&1 <<'PY' &
+python3 - $((avail - 128)) > $O/hog.txt 2>&1 <<'PY' &
 import os, sys, time
 open("/proc/self/oom_score_adj", "w").write("1000")
 mb = int(sys.argv[1])
@@ -71,8 +72,9 @@ done
 after=$(st helper_cpu)
 blocked=$(dmesg | grep -c "blocked for more than")
 oom=$(dmesg | grep -c "Out of memory")
+victims=$(dmesg | sed -n 's/.*Killed process \([0-9]*\).*/\1/p' | sort -u | tr '\n' ,)
 secs=$(awk -v a=$t0 -v b=$t1 'BEGIN {printf "%.0f", b - a}')
-res pressure fio_rc=$frc secs=$secs served_before=$served0 fallback=$fb kernel=$kern hog_alive=$hog_alive oom=$oom blocked=$blocked
+res pressure fio_rc=$frc secs=$secs served_before=$served0 fallback=$fb kernel=$kern hog_alive=$hog_alive hog=$HOG oom=$oom victims=${victims:-none} blocked=$blocked
 res resumed before=$before after=$after
 kill -TERM $HP; wait $HP
 dmsetup remove g
