@@ -8,6 +8,7 @@ from kgpu_helper import __version__
 from kgpu_helper.bench import bench
 from kgpu_helper.commands import helper_cmd, status
 from kgpu_helper.crypt_cli import crypt
+from kgpu_helper.doctor import doctor
 from kgpu_helper.raid6_cli import raid6
 from kgpu_helper.ringbench import ring
 
@@ -30,6 +31,7 @@ cli.add_command(helper_cmd)
 cli.add_command(status)
 cli.add_command(crypt)
 cli.add_command(raid6)
+cli.add_command(doctor)
 
 
 def _add_testbed():

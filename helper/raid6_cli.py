@@ -224,6 +224,104 @@ def _dmsetup_create(name, line, dry_run):
     click.echo(f"/dev/mapper/{name}: {line}")
 
 
+def _line_from_mdadm(devices):
+    """The md_superblocks table line of the md array of ``devices``."""
+    examines = {}
+    for dev in devices:
+        if dev == MISSING:
+            continue
+        p = _run(["mdadm", "--examine", dev])
+        if p.returncode != 0:
+            raise Raid6Error(f"mdadm --examine {dev} failed: "
+                             f"{(p.stderr or p.stdout).strip()}")
+        examines[dev] = parse_examine(p.stdout)
+    g = geometry_from_examines(examines)
+    return table_line(g["layout"], g["chunk_sectors"], g["devices"],
+                      g["length"], g["data_offset"], md_superblocks=True)
+
+
+def parse_examine_scan(text):
+    """``mdadm --examine --scan --verbose`` as a list of arrays: dicts of
+    its key=value words (uuid, level, name, ...) with ``devices`` a list."""
+    arrays = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "ARRAY":
+            a = {"devices": []}
+            for w in words[2:]:
+                k, eq, v = w.partition("=")
+                if eq:
+                    a[k.lower().replace("-", "_")] = v
+            arrays.append(a)
+        elif arrays and words[0].startswith("devices="):
+            arrays[-1]["devices"] += [d for d in
+                                      words[0][len("devices="):].split(",")
+                                      if d]
+    return arrays
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_UUID = re.compile(r"^[0-9a-f]{8}(:[0-9a-f]{8}){3}$")
+
+
+def parse_assemble_config(text, where="config"):
+    """The arrays to open as gpu-raid6: {uuid: name}, from lines
+    ``ARRAY <name> UUID=<md's array UUID>`` (# starts a comment)."""
+    arrays, names = {}, set()
+    for n, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if (len(words) != 3 or words[0] != "ARRAY" or
+                not words[2].upper().startswith("UUID=")):
+            raise Raid6Error(f"{where}:{n}: expected 'ARRAY <name> "
+                             f"UUID=<uuid>', got {raw.strip()!r}")
+        name, uuid = words[1], words[2][5:].lower()
+        if not _NAME.match(name):
+            raise Raid6Error(f"{where}:{n}: {name!r} is not a device name "
+                             f"(letters, digits, _ . + -)")
+        if not _UUID.match(uuid):
+            raise Raid6Error(f"{where}:{n}: {uuid!r} is not an md array "
+                             f"UUID (as mdadm --examine shows it)")
+        if uuid in arrays or name in names:
+            raise Raid6Error(f"{where}:{n}: {name} or its UUID is listed "
+                             f"twice")
+        arrays[uuid] = name
+        names.add(name)
+    return arrays
+
+
+def md_array_name(name, uuid):
+    """A device name from md's array name ("host:name"), else the UUID."""
+    short = (name or "").rpartition(":")[2]
+    if short.isdigit():
+        short = f"md{short}"
+    return short if short and _NAME.match(short) else \
+        "md-" + uuid.replace(":", "")[:8]
+
+
+def plan_assemble(scan, config, take_all):
+    """[(name, uuid, devices)] to open and [(uuid, why)] left alone, from
+    the scan and the config ({uuid: name})."""
+    todo, skipped = [], []
+    for a in scan:
+        uuid = (a.get("uuid") or "").lower()
+        if a.get("level") not in ("raid6", "6"):
+            skipped.append((uuid, f"{a.get('level')}, not raid6: md's"))
+            continue
+        if uuid in config:
+            name = config[uuid]
+        elif take_all:
+            name = md_array_name(a.get("name"), uuid)
+        else:
+            skipped.append((uuid, "not in the config: md's"))
+            continue
+        todo.append((name, uuid, a["devices"]))
+    return todo, skipped
+
+
 @click.group("raid6")
 def raid6():
     """Open md RAID6 arrays (or new ones) with the gpu-raid6 target.
@@ -271,19 +369,7 @@ def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
                 raise Raid6Error("--from-mdadm reads the geometry itself; "
                                  "leave out --layout/--chunk/--data-offset/"
                                  "--sectors")
-            examines = {}
-            for dev in devices:
-                if dev == MISSING:
-                    continue
-                p = _run(["mdadm", "--examine", dev])
-                if p.returncode != 0:
-                    raise Raid6Error(f"mdadm --examine {dev} failed: "
-                                     f"{(p.stderr or p.stdout).strip()}")
-                examines[dev] = parse_examine(p.stdout)
-            g = geometry_from_examines(examines)
-            line = table_line(g["layout"], g["chunk_sectors"], g["devices"],
-                              g["length"], g["data_offset"],
-                              md_superblocks=True)
+            line = _line_from_mdadm(devices)
         else:
             if not layout or not chunk:
                 raise Raid6Error("give --layout and --chunk, or --from-mdadm")
@@ -299,6 +385,67 @@ def create(name, devices, from_mdadm, layout, chunk, data_offset, sectors,
     except Raid6Error as e:
         raise click.ClickException(str(e)) from None
     _dmsetup_create(name, line, dry_run)
+
+
+@raid6.command("assemble")
+@click.option("--scan", is_flag=True, required=True,
+              help="Find md RAID6 members by their superblocks (mdadm "
+                   "--examine --scan) and group them by array UUID.")
+@click.option("--config", "config_path", default="/etc/kgpu/raid6.conf",
+              show_default=True,
+              help="Arrays to open: lines 'ARRAY <name> UUID=<uuid>'.")
+@click.option("--all", "take_all", is_flag=True,
+              help="Open every md RAID6 found, those not in the config "
+                   "named from md's array name.")
+@click.option("--dry-run", is_flag=True, help="Print the table lines only.")
+def assemble(scan, config_path, take_all, dry_run):
+    """Open md RAID6 arrays as gpu-raid6, as mdadm --assemble --scan.
+
+    Arrays listed in the config are opened under their names there; the
+    others are left to md unless --all. An array whose device exists
+    already is passed over. Exits 1 if an array could not be opened.
+
+    \b
+    # /etc/kgpu/raid6.conf
+    ARRAY data UUID=c749f278:8a387146:b7514ee2:044bcc46
+    """
+    try:
+        with open(config_path) as f:
+            config = parse_assemble_config(f.read(), config_path)
+    except FileNotFoundError:
+        if not take_all:
+            raise click.ClickException(
+                f"no {config_path}: list the arrays to open there "
+                f"('ARRAY <name> UUID=<uuid>', the UUID from mdadm "
+                f"--examine), or give --all") from None
+        config = {}
+    except Raid6Error as e:
+        raise click.ClickException(str(e)) from None
+    p = _run(["mdadm", "--examine", "--scan", "--verbose"])
+    if p.returncode != 0:
+        raise click.ClickException("mdadm --examine --scan failed: "
+                                   f"{(p.stderr or p.stdout).strip()}")
+    todo, skipped = plan_assemble(parse_examine_scan(p.stdout), config,
+                                  take_all)
+    for uuid, why in skipped:
+        click.echo(f"{uuid}: left alone ({why})")
+    failed = 0
+    for name, uuid, devices in todo:
+        if _run(["dmsetup", "info", name]).returncode == 0:
+            click.echo(f"{name} ({uuid}): already open, passed over")
+            continue
+        try:
+            _dmsetup_create(name, _line_from_mdadm(devices), dry_run)
+        except (Raid6Error, click.ClickException) as e:
+            click.echo(f"{name} ({uuid}): not opened: "
+                       f"{getattr(e, 'message', e)}", err=True)
+            failed += 1
+    missing = set(config) - {u for _n, u, _d in todo}
+    for uuid in sorted(missing):
+        click.echo(f"{config[uuid]} ({uuid}): no members found", err=True)
+        failed += 1
+    if failed:
+        sys.exit(1)
 
 
 @raid6.command("remove")

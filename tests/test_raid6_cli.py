@@ -12,9 +12,11 @@ from click.testing import CliRunner
 from kgpu_helper.cli import cli
 from kgpu_helper.raid6_cli import (Raid6Error, describe_status,
                                    geometry_from_examines, parse_status,
-                                   replace_member,
+                                   replace_member, md_array_name,
                                    length_from_members, parse_chunk,
-                                   parse_examine, table_line)
+                                   parse_assemble_config, parse_examine,
+                                   parse_examine_scan, plan_assemble,
+                                   table_line)
 
 EXAMINE_12 = """\
 /dev/loop{role}:
@@ -212,3 +214,68 @@ def test_replace_member_adds_rebuild():
         replace_member(t, 6, "/dev/new")
     with pytest.raises(Raid6Error, match="not a gpu-raid6 table"):
         replace_member("0 8 linear /dev/a 0", 0, "b")
+
+
+# ---- kgpu raid6 assemble --scan ---------------------------------------------
+
+SCAN = """\
+ARRAY /dev/md/0  level=raid6 metadata=1.2 num-devices=6 UUID=c749f278:8a387146:b7514ee2:044bcc46 name=kgpu-testbed:0
+   devices=/dev/dm-5,/dev/dm-4,/dev/dm-3,/dev/dm-2,/dev/dm-1,/dev/dm-0
+ARRAY /dev/md/data  level=raid6 metadata=1.2 num-devices=4 UUID=0aa11bb2:33cc44dd:55ee66ff:77889900 name=host:data
+   devices=/dev/sdb,/dev/sdc,/dev/sdd,/dev/sde
+ARRAY /dev/md/1  level=raid1 metadata=1.2 num-devices=2 UUID=11111111:22222222:33333333:44444444 name=host:1
+   devices=/dev/sdf,/dev/sdg
+"""
+U0 = "c749f278:8a387146:b7514ee2:044bcc46"
+UD = "0aa11bb2:33cc44dd:55ee66ff:77889900"
+
+
+def test_examine_scan_groups_members_by_array():
+    arrays = parse_examine_scan(SCAN)
+    assert [a["uuid"] for a in arrays] == [U0, UD,
+                                           "11111111:22222222:33333333:44444444"]
+    assert arrays[0]["devices"] == [f"/dev/dm-{i}" for i in (5, 4, 3, 2, 1, 0)]
+    assert arrays[0]["level"] == "raid6" and arrays[0]["num_devices"] == "6"
+    assert arrays[1]["name"] == "host:data"
+
+
+def test_assemble_config_lines_and_their_errors():
+    assert parse_assemble_config(
+        f"# gpu-raid6 arrays\nARRAY r6 UUID={U0}  # the big one\n\n"
+        f"ARRAY data UUID={UD.upper()}\n") == {U0: "r6", UD: "data"}
+    for text, why in ((f"ARRAY r6 {U0}", "expected 'ARRAY <name>"),
+                      (f"ARRAY r/6 UUID={U0}", "is not a device name"),
+                      ("ARRAY r6 UUID=1234", "is not an md array UUID"),
+                      (f"ARRAY r6 UUID={U0}\nARRAY r7 UUID={U0}",
+                       "listed twice")):
+        with pytest.raises(Raid6Error, match=why) as e:
+            parse_assemble_config(text, "/etc/kgpu/raid6.conf")
+        assert str(e.value).startswith("/etc/kgpu/raid6.conf:")
+
+
+def test_assemble_takes_listed_arrays_and_leaves_the_rest_to_md():
+    scan = parse_examine_scan(SCAN)
+    todo, skipped = plan_assemble(scan, {U0: "r6"}, take_all=False)
+    assert todo == [("r6", U0, [f"/dev/dm-{i}" for i in (5, 4, 3, 2, 1, 0)])]
+    assert (UD, "not in the config: md's") in skipped
+    assert any("raid1, not raid6" in why for _u, why in skipped)
+    todo, _ = plan_assemble(scan, {U0: "r6"}, take_all=True)
+    assert [(n, u) for n, u, _d in todo] == [("r6", U0), ("data", UD)]
+
+
+def test_md_array_names_become_device_names():
+    assert md_array_name("host:data", UD) == "data"
+    assert md_array_name("kgpu-testbed:0", U0) == "md0"
+    assert md_array_name(None, U0) == "md-c749f278"
+    assert md_array_name("host:bad/name", U0) == "md-c749f278"
+
+
+def test_assemble_needs_a_config_or_all(tmp_path):
+    r = CliRunner().invoke(cli, ["raid6", "assemble", "--scan", "--config",
+                                 str(tmp_path / "none.conf")])
+    assert r.exit_code == 1 and "or give --all" in r.output
+    bad = tmp_path / "bad.conf"
+    bad.write_text("ARRAY r6\n")
+    r = CliRunner().invoke(cli, ["raid6", "assemble", "--scan", "--config",
+                                 str(bad)])
+    assert r.exit_code == 1 and f"{bad}:1: expected" in r.output

@@ -313,6 +313,10 @@ luks_case() {
 		fail luks-$n-takeover "$(cat $O/luks-$n-takeover.txt)"
 	cryptsetup status lv > $O/luks-$n-status-taken.txt 2>&1
 	echo "rc=$?" >> $O/luks-$n-status-taken.txt
+	if [ $n = luks1 ]; then   # kgpu doctor with a gpu-crypt mapping served
+		kgpu doctor > $O/doctor.txt 2>&1
+		echo "rc=$?" >> $O/doctor.txt
+	fi
 	sleep 2
 	kgpu crypt release lv $kargs > $O/luks-$n-release.txt 2>&1
 	[ "$(target lv)" = crypt ] && ok luks-$n-release ||

@@ -488,8 +488,56 @@ mdstop
 res bitmap_v10 version=$(exf /dev/mapper/vm3 Version) bm_events=$v_ev sb_events=$v_sb dirty=$v_dirty md_cmp=$v_cmp md_mismatch=$v_mm
 freemembers v
 
+stamp assemble
+# -- 8. kgpu raid6 assemble --scan: md RAID6 arrays found by their
+#    superblocks; those in the config open as gpu-raid6 under their names,
+#    the others stay md's unless --all ----------------------------------------
+mkloops() {  # tag: $N loop files (no shims: what a scan sees), into SH
+    SH=""
+    for i in $(seq 0 $((N-1))); do
+        truncate -s ${MB}M $W/$1$i
+        SH="$SH $(losetup -f --show $W/$1$i)"
+    done
+    SH=${SH# }
+}
+freeloops() {  # tag
+    for i in $(seq 0 $((N-1))); do
+        losetup -d $(losetup -j $W/$1$i | cut -d: -f1) 2>/dev/null
+        rm -f $W/$1$i
+    done
+}
+mkloops sa
+mdcreate --assume-clean || exit 1
+head -c $((MDSIZE * 512)) /dev/urandom > $W/refS
+dd if=$W/refS of=/dev/md0 bs=1M oflag=direct status=none
+set -- $SH; UA=$(exf $1 "Array UUID")
+mdstop
+mkloops sb
+mdcreate --assume-clean --name=spare || exit 1
+UB=$(exf $(echo $SH | cut -d' ' -f1) "Array UUID")
+mdstop
+mdadm --examine --scan --verbose > $O/examine-scan.txt 2>&1
+mkdir -p /etc/kgpu
+printf '# the arrays gpu-raid6 opens\nARRAY data UUID=%s\n' $UA > /etc/kgpu/raid6.conf
+kgpu raid6 assemble --scan > $O/assemble.txt 2>&1; arc=$?
+a_data=$(dmsetup table data 2>/dev/null | awk '{print $3}')
+a_spare=$(dmsetup info spare > /dev/null 2>&1 && echo open || echo absent)
+cmp -s $W/refS /dev/mapper/data && a_cmp=ok || a_cmp=bad
+grep -q "$UB: left alone (not in the config" $O/assemble.txt && a_left=yes || a_left=no
+kgpu raid6 assemble --scan > $O/assemble-again.txt 2>&1; arc2=$?
+grep -q "data ($UA): already open" $O/assemble-again.txt && a_again=yes || a_again=no
+kgpu raid6 assemble --scan --all > $O/assemble-all.txt 2>&1; arc3=$?
+a_all=$(dmsetup table spare 2>/dev/null | awk '{print $3}')
+dmsetup remove data; dmsetup remove spare
+printf 'ARRAY gone UUID=01234567:89abcdef:01234567:89abcdef\n' > /etc/kgpu/raid6.conf
+kgpu raid6 assemble --scan > $O/assemble-missing.txt 2>&1; arc4=$?
+rm -rf /etc/kgpu
+res assemble rc=$arc data=$a_data spare=$a_spare cmp=$a_cmp left_to_md=$a_left again_rc=$arc2 again=$a_again all_rc=$arc3 all_spare=$a_all missing_rc=$arc4
+freeloops sa
+freeloops sb
+
 stamp bad
-# -- 8. bad input: refused with the reason, nothing written -----------------
+# -- 9. bad input: refused with the reason, nothing written -----------------
 mkmembers x
 mdcreate --assume-clean || exit 1
 mdstop

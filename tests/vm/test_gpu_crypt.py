@@ -168,6 +168,18 @@ def test_cryptsetup_status_while_taken_over_fails_quietly(guest, case):
     assert "is active" not in taken, taken
 
 
+def test_doctor_in_the_guest_sees_modules_helper_and_mapping(guest):
+    """kgpu doctor on a host with the modules loaded, the helper attached
+    and a LUKS1 volume taken over: nothing broken (exit 0), and it says
+    who serves the mapping."""
+    text = guest[1]["doctor.txt"]
+    assert text.strip().splitlines()[-1] == "rc=0", text
+    assert re.search(r"ok  helper attached: pid \d+, backend cpu", text), text
+    assert re.search(r"ok  lv: gpu-crypt, served by helper pid \d+", text), \
+        text
+    assert "ok  module kgpu loaded" in text and "0 problem(s)" in text, text
+
+
 def _trim(files):
     out = {}
     for line in files["trim.txt"].splitlines():
@@ -186,7 +198,8 @@ def test_discards_reach_the_backing_file_with_allow_discards(guest):
 def test_no_discards_without_allow_discards(guest):
     t = _trim(guest[1])["none"]
     assert t["fstrim_rc"] != 0, t
-    assert t["after"] == t["full"], t
+    # nothing given back (the journal may still grow it a little)
+    assert t["after"] >= t["full"], t
     assert "not supported" in guest[1]["fstrim-none.txt"]
 
 

@@ -105,6 +105,23 @@ def test_bitmap_of_metadata_1_0_kept_where_md_keeps_it(guest):
     assert v["md_cmp"] == "ok" and v["md_mismatch"] == "0", v
 
 
+def test_assemble_scan_opens_the_configured_arrays_only(guest):
+    a = guest[0]["assemble"]
+    # the listed array opens as gpu-raid6 under its config name, its data
+    # as md wrote it; the unlisted one is left to md
+    assert a["rc"] == "0" and a["data"] == "gpu-raid6", guest[2].get(
+        "assemble.txt")
+    assert a["cmp"] == "ok" and a["spare"] == "absent", a
+    assert a["left_to_md"] == "yes", guest[2].get("assemble.txt")
+    # again: already open, passed over; --all takes md's own name
+    assert a["again_rc"] == "0" and a["again"] == "yes", a
+    assert a["all_rc"] == "0" and a["all_spare"] == "gpu-raid6", a
+    # a configured array with no members: said, and exit 1
+    assert a["missing_rc"] == "1", a
+    assert "gone (01234567:89abcdef:01234567:89abcdef): no members found" \
+        in guest[2]["assemble-missing.txt"]
+
+
 def test_initial_sync_of_an_unsynced_mdadm_array_resumes(guest):
     i = guest[0]["initial"]
     assert i["state1"] == "active", i               # checkpoint, not clean

@@ -1,0 +1,154 @@
+"""kgpu doctor against fake hosts: each finding, its fix, the exit status."""
+
+import resource
+
+from kgpu_helper import doctor
+
+
+class FakeHost(doctor.Host):
+    def __init__(self, files=(), commands=None, stats=None, cuda=None,
+                 memlock=resource.RLIM_INFINITY, euid=0):
+        self.files = dict(files)
+        self.commands = commands or {}
+        self._stats = stats
+        self._cuda = cuda
+        self._memlock = memlock
+        self._euid = euid
+
+    def release(self):
+        return "6.12.118+deb12-amd64"
+
+    def read(self, path):
+        return self.files.get(path)
+
+    def exists(self, path):
+        return path in self.files or any(
+            f.startswith(path.rstrip("/") + "/") for f in self.files)
+
+    def listdir(self, path):
+        kids = {f[len(path) + 1:].split("/")[0] for f in self.files
+                if f.startswith(path + "/")}
+        return sorted(kids) or None
+
+    def run(self, *argv):
+        return self.commands.get(argv, (127, ""))
+
+    def stats(self):
+        if isinstance(self._stats, Exception):
+            raise self._stats
+        return self._stats
+
+    def cuda(self):
+        if isinstance(self._cuda, Exception):
+            raise self._cuda
+        return self._cuda
+
+    def memlock(self):
+        return self._memlock
+
+    def euid(self):
+        return self._euid
+
+
+LOADED = {f"/sys/module/{m}": "" for m in doctor.MODULES}
+GOOD = dict(LOADED, **{"/dev/kgpu": "", "/proc/4242/cmdline":
+                       "python3\0-m\0kgpu\0helper\0--backend\0cupy\0",
+                       "/sys/kernel/iommu_groups/0/x": "",
+                       "/proc/cmdline": "root=/dev/sda1 iommu=pt"})
+STATS = {"helper_pid": 4242, "attaches": 1, "timeouts": 0,
+         "services": [{"name": "xts-enc", "crossover": 16384}]}
+TABLE = ("cr: 0 8192 gpu-crypt aes-xts-plain64 :64:logon:x 0 7:0 0\n"
+         "r6: 0 507904 gpu-raid6 left-symmetric 1024 6 - - - - - -\n"
+         "plain: 0 8 linear 7:0 0\n")
+MODINFO = {("modinfo", "-n", "kgpu"):
+           (0, "/lib/modules/6.12.118+deb12-amd64/updates/dkms/kgpu.ko\n"),
+           ("dmsetup", "table"): (0, TABLE)}
+
+
+def _says(text, *fragments):
+    for f in fragments:
+        assert f in text, (f, text)
+
+
+def run(host):
+    text, rc = doctor.report(doctor.diagnose(host, "/nowhere"))
+    return text, rc
+
+
+def test_a_good_gpu_host_exits_0_and_says_who_serves_what():
+    text, rc = run(FakeHost(GOOD, MODINFO, STATS,
+                            (12040, ["NVIDIA H100 80GB HBM3"])))
+    assert rc == 0, text
+    _says(text,
+          "updates/dkms/kgpu.ko",
+          "helper attached: pid 4242, backend cupy",
+          "CUDA driver 12040: 1 GPU(s): NVIDIA H100 80GB HBM3",
+          "IOMMU on (1 groups, passthrough)",
+          "crossover xts-enc: 16384 bytes",
+          "cr: gpu-crypt, served by helper pid 4242",
+          "r6: gpu-raid6, served by helper pid 4242")
+    assert "plain:" not in text
+    assert text.endswith("0 problem(s), 0 warning(s)")
+
+
+def test_no_modules_fails_with_the_install_fix():
+    text, rc = run(FakeHost({}, {}, None, RuntimeError("no cupy")))
+    assert rc == 1
+    _says(text,
+          "FAIL  no kgpu module built for this kernel",
+          "fix: make modules KDIR=",
+          "FAIL  module kgpu not loaded",
+          "fix: modprobe kgpu",
+          "warn  module dm_gpu_crypt not loaded",
+          "fix: modprobe dm-gpu-crypt")
+    # no GPU is a warning, not a failure: everything runs on the CPU
+    assert "warn  no CUDA in this Python" in text
+
+
+def test_no_helper_attached_fails_with_the_unit_to_start():
+    stats = dict(STATS, helper_pid=0)
+    text, rc = run(FakeHost(GOOD, MODINFO, stats, (12040, ["H100"])))
+    assert rc == 1
+    _says(text,
+          "no helper attached",
+          "fix: kgpu helper &",
+          "served by the kernel's CPU (no helper)")
+
+
+def test_a_stalled_helper_and_timeouts_are_reported():
+    stats = dict(STATS, helper_stalled=1, timeouts=7, timeout_ms=5000)
+    text, rc = run(FakeHost(GOOD, MODINFO, stats, (12040, ["H100"])))
+    assert rc == 1
+    assert "helper stalled" in text and "kill 4242" in text
+    assert "warn  7 requests timed out (timeout 5000 ms)" in text
+
+
+def test_statistics_unreadable_and_missing_dev_node():
+    files = dict(GOOD)
+    del files["/dev/kgpu"]
+    text, rc = run(FakeHost(files, MODINFO, PermissionError("not root"),
+                            (12040, ["H100"])))
+    assert rc == 1
+    _says(text,
+          "/dev/kgpu missing while kgpu is loaded",
+          "cannot read the module's statistics (not root)")
+
+
+def test_low_memlock_for_a_user_is_a_warning():
+    text, rc = run(FakeHost(GOOD, MODINFO, STATS, (12040, ["H100"]),
+                            memlock=64 << 10, euid=1000))
+    assert rc == 0
+    _says(text,
+          "warn  locked-memory limit 64 KiB",
+          "LimitMEMLOCK")
+
+
+def test_a_checkout_build_counts_when_nothing_is_installed(tmp_path):
+    host = FakeHost(dict(GOOD, **{
+        "/b/6.12.118+deb12-amd64/kgpu.ko": ""}), {
+        ("dmsetup", "table"): (0, "")}, STATS, (1, ["H100"]))
+    text, rc = doctor.report(doctor.diagnose(host, "/b"))
+    assert rc == 0, text
+    assert "modules for 6.12.118+deb12-amd64: /b/6.12.118+deb12-amd64/" \
+           "kgpu.ko" in text
+    assert "no gpu-crypt or gpu-raid6 mapping" in text
