@@ -97,10 +97,11 @@ def scribble(fd, mm, r):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fork_child(fd):
+def fork_child(fd, parent):
     """The parent attached and forked us (no exec), then exits: once it is
-    gone, the file we inherited must give us nothing."""
-    parent = os.getppid()
+    gone, the file we inherited must give us nothing. @parent is its pid
+    as taken before the fork: asked here, getppid() could already name
+    the reaper that adopted us, and we would wait for ever."""
     while os.getppid() == parent:
         time.sleep(0.05)
     time.sleep(0.5)
@@ -220,9 +221,10 @@ def main(mode):
     if mode == "scribble":
         scribble(fd, mm, r)
     if mode == "fork":
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            fork_child(fd)
+            fork_child(fd, parent)
         print(f"forked {pid}", flush=True)
         os._exit(0)     # without closing anything: exit detaches
     if mode == "probe":
