@@ -9,6 +9,7 @@ import sys
 import click
 
 from kgpu_helper import abi
+from kgpu_helper.sdnotify import notify
 
 log = logging.getLogger("kgpu.helper")
 
@@ -181,6 +182,11 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
     gpu_list = _parse_gpus(gpus)
     cross = _crossover_bytes(crossover)
     early_stop = _note_early_stop()
+    if ring_spec == "kernel":
+        # pyroute2 takes seconds to import on a slow machine: before we
+        # attach, since the kernel sends requests from then on and
+        # waits for them until we serve
+        import kgpu_helper.netlink  # noqa: F401
     try:
         t = open_transport(ring_spec)
     except TransportError as e:
@@ -213,6 +219,8 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
         if early_stop:
             h.request_stop()
         log.info("serving")
+        notify(READY=1, STATUS=f"serving {t.name} on {be.name}: "
+               f"{', '.join(names)}")
         try:
             n = h.serve(max_requests=max_requests)
         except TransportError as e:
@@ -222,6 +230,7 @@ def helper_cmd(backend, gpus, ring_spec, ivshmem, region_size, crossover,
             if res is not None:
                 res.stop()
             h.close()
+        notify(STOPPING=1)
         log.info("stopping: %d requests answered in %d batches", n,
                  h.stats["batches"])
         for line in h.report():
@@ -283,6 +292,7 @@ def _helper_ivshmem(backend, gpus, sockets, region_size, crossover, spin_us,
     log.info("backend %s on %s; serving %s", be.name, ", ".join(
         [be.device_name()] + [b.device_name() for b in extra]),
         ", ".join(sockets))
+    notify(READY=1, STATUS=f"serving {', '.join(sockets)} on {be.name}")
 
     def make_helper(t):
         return Helper(t, be, gpus=extra, spin=spin_us * 1e-6,

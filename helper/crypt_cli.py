@@ -8,6 +8,7 @@ so that no key ever appears on a command line (``ps``) or in a log.
 import ctypes
 import os
 import subprocess
+import tempfile
 
 import click
 
@@ -104,15 +105,18 @@ def device_sectors(device):
         os.close(fd)
 
 
-# add_key(2) and keyctl(2): x86_64 system call numbers.
-_SYS_ADD_KEY, _SYS_KEYCTL = 248, 250
-_KEY_SPEC_USER_KEYRING = -4
+# add_key(2), request_key(2) and keyctl(2): x86_64 system call numbers.
+_SYS_ADD_KEY, _SYS_REQUEST_KEY, _SYS_KEYCTL = 248, 249, 250
+# The session keyring: dmsetup, our child, inherits it, and the target's
+# request_key() searches it. (Not the user keyring: a systemd service's
+# private session keyring does not link it.)
+_KEY_SPEC_SESSION_KEYRING = -3
 _KEYCTL_REVOKE = 3
 
 
 class _LogonKey:
-    """A logon key in the user keyring for as long as the block runs: the
-    target copies it when it loads the table, so it is revoked after."""
+    """A logon key in our session keyring for as long as the block runs:
+    the target copies it when it loads the table, so it is revoked after."""
 
     def __init__(self, description, key):
         self.description, self.key, self.serial = description, key, None
@@ -122,7 +126,7 @@ class _LogonKey:
         self._libc = libc
         serial = libc.syscall(_SYS_ADD_KEY, b"logon",
                               self.description.encode(), self.key,
-                              len(self.key), _KEY_SPEC_USER_KEYRING)
+                              len(self.key), _KEY_SPEC_SESSION_KEYRING)
         if serial < 0:
             raise click.ClickException(
                 f"cannot add the key to the kernel keyring: "
@@ -135,7 +139,94 @@ class _LogonKey:
         return False
 
 
-def _swap(name, source, dest, key_file):
+def parse_crypttab(text):
+    """/etc/crypttab as {name: (source, key file or None, {option: value})}
+    (crypttab(5): name, device, key file, options; # starts a comment)."""
+    out = {}
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if len(words) < 2:
+            continue
+        key = words[2] if len(words) > 2 else None
+        if key in ("-", "none"):
+            key = None
+        opts = {}
+        if len(words) > 3:
+            for o in words[3].split(","):
+                k, _, v = o.partition("=")
+                opts[k] = v
+        out[words[0]] = (words[1], key, opts)
+    return out
+
+
+def volume_key_from_crypttab(name, size, crypttab):
+    """The LUKS volume key of ``name`` (``size`` bytes), read from its
+    header with the key file its /etc/crypttab line gives."""
+    try:
+        with open(crypttab) as f:
+            entry = parse_crypttab(f.read()).get(name)
+    except FileNotFoundError:
+        entry = None
+    how = ("give the volume key with --key-file (cryptsetup luksDump "
+           "--dump-volume-key --volume-key-file FILE DEV)")
+    if entry is None:
+        raise click.ClickException(
+            f"{name} is left as it is: its key is no longer in the kernel "
+            f"keyring and {crypttab} has no line for it; {how}")
+    source, key_file, opts = entry
+    if key_file is None or ":" in key_file:
+        raise click.ClickException(
+            f"{name} is left as it is: its key is no longer in the kernel "
+            f"keyring and its {crypttab} line has no key file (a passphrase "
+            f"or token unlocks it); {how}")
+    if "=" in source:           # UUID=..., PARTUUID=..., LABEL=...
+        p = subprocess.run(["findfs", source], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise click.ClickException(f"{name}: no device {source}")
+        source = p.stdout.strip()
+    argv = ["cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode",
+            "--key-file", key_file]
+    for opt, flag in (("keyfile-offset", "--keyfile-offset"),
+                      ("keyfile-size", "--keyfile-size"),
+                      ("header", "--header")):
+        if opts.get(opt):
+            argv += [flag, opts[opt]]
+    # cryptsetup writes the key to a new file: a private folder on a tmpfs
+    # (/run), read back and removed at once.
+    d = tempfile.mkdtemp(prefix="kgpu-vk-",
+                         dir="/run" if os.path.isdir("/run") else None)
+    path = os.path.join(d, "vk")
+    try:
+        p = subprocess.run(argv + ["--volume-key-file", path, source],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise click.ClickException(
+                f"{name} is left as it is: reading its volume key with the "
+                f"key file of {crypttab} failed: "
+                f"{(p.stderr or p.stdout).strip()}")
+        with open(path, "rb") as f:
+            key = f.read()
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(d)
+    if len(key) != size:
+        raise click.ClickException(
+            f"{name}: the volume key from {source} has {len(key)} bytes, "
+            f"the table {size}")
+    return key
+
+
+def _in_keyring(ktype, desc):
+    """Whether the target, loading a table from this process (or dmsetup,
+    its child), would find the key: the same search, request_key()
+    without a call-out."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_REQUEST_KEY, ktype.encode(), desc.encode(),
+                        None, 0) >= 0
+
+
+def _swap(name, source, dest, key_file, crypttab="/etc/crypttab"):
     """Swap mapping ``name`` from target ``source`` to ``dest``, live."""
     try:
         t = parse_crypt_table(_dmsetup("table", "--showkeys", name), source)
@@ -147,12 +238,18 @@ def _swap(name, source, dest, key_file):
         # ":<size>:<type>:<description>": the key must be in the keyring
         # when the new table loads. cryptsetup drops it after activating.
         size, ktype, desc = key[1:].split(":", 2)
+        if key_file and ktype != "logon":
+            raise click.ClickException(
+                f"{name} uses a '{ktype}' key; --key-file adds logon keys "
+                "only")
         if key_file:
-            if ktype != "logon":
-                raise click.ClickException(
-                    f"{name} uses a '{ktype}' key; --key-file adds logon "
-                    "keys only")
             with _LogonKey(desc, read_key_file(key_file, int(size))):
+                _load(name, new, key_hint=False)
+        elif ktype == "logon" and not _in_keyring(ktype, desc):
+            # Gone from the keyring: the volume key from the LUKS header,
+            # unlocked with the key file /etc/crypttab gives the volume.
+            with _LogonKey(desc, volume_key_from_crypttab(name, int(size),
+                                                          crypttab)):
                 _load(name, new, key_hint=False)
         else:
             _load(name, new, key_hint=True)
@@ -267,14 +364,20 @@ def close_cmd(name):
 _KEY_FILE_HELP = ("The volume key, raw, for a mapping whose key is a "
                   "keyring reference that is no longer in the keyring "
                   "(LUKS2: cryptsetup luksDump --dump-volume-key "
-                  "--volume-key-file FILE DEV).")
+                  "--volume-key-file FILE DEV). Without it, such a key is "
+                  "read from the LUKS header with the key file of NAME's "
+                  "line in --crypttab.")
+_CRYPTTAB_HELP = ("Where a LUKS2 volume's key file is found when its key "
+                  "has left the keyring (as after systemd-cryptsetup).")
 
 
 @crypt.command("takeover")
 @click.argument("name")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
               help=_KEY_FILE_HELP)
-def takeover(name, key_file):
+@click.option("--crypttab", default="/etc/crypttab", show_default=True,
+              help=_CRYPTTAB_HELP)
+def takeover(name, key_file, crypttab):
     """Move the open dm-crypt mapping NAME to gpu-crypt, live.
 
     Loads the same table with the target changed, then suspends and
@@ -282,7 +385,7 @@ def takeover(name, key_file):
     cannot serve (another cipher, integrity, several targets) is refused
     and left untouched. `kgpu crypt release NAME` moves it back.
     """
-    t = _swap(name, "crypt", "gpu-crypt", key_file)
+    t = _swap(name, "crypt", "gpu-crypt", key_file, crypttab)
     click.echo(f"{name}: now served by gpu-crypt ({t['cipher']}); "
                f"cryptsetup status and close know only dm-crypt: "
                f"`kgpu crypt release {name}` first")
@@ -292,7 +395,9 @@ def takeover(name, key_file):
 @click.argument("name")
 @click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
               help=_KEY_FILE_HELP)
-def release(name, key_file):
+@click.option("--crypttab", default="/etc/crypttab", show_default=True,
+              help=_CRYPTTAB_HELP)
+def release(name, key_file, crypttab):
     """Move the gpu-crypt mapping NAME back to stock dm-crypt, live."""
-    t = _swap(name, "gpu-crypt", "crypt", key_file)
+    t = _swap(name, "gpu-crypt", "crypt", key_file, crypttab)
     click.echo(f"{name}: now served by dm-crypt ({t['cipher']})")

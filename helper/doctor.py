@@ -91,7 +91,8 @@ def check_modules(host, results, build_dir=None):
         _check(results, OK, f"modules for {rel}: {built}")
     else:
         _check(results, FAIL, f"no kgpu module built for this kernel ({rel})",
-               "make modules KDIR=/lib/modules/$(uname -r)/build (in the "
+               "make install (DKMS builds it for every kernel with headers), "
+               "or make modules KDIR=/lib/modules/$(uname -r)/build (in the "
                "kgpu checkout; needs this kernel's headers)")
     for m in MODULES:
         if host.exists(f"/sys/module/{m}"):
@@ -121,8 +122,9 @@ def check_helper(host, results):
     pid = st.get("helper_pid")
     if not pid:
         _check(results, FAIL, "no helper attached: every request runs on "
-               "the kernel's CPU", "kgpu helper & (as root; --backend cpu "
-               "without a GPU)")
+               "the kernel's CPU", "systemctl enable --now kgpu-helper "
+               "(after make install), or by hand: kgpu helper & (as root; "
+               "--backend cpu without a GPU)")
         return st
     where = " on the host (ivshmem)" if st.get("provider") == "ivshmem" \
         else ""
@@ -182,6 +184,27 @@ def check_memory(host, results):
                "systemd's LimitMEMLOCK)")
 
 
+def check_units(host, results):
+    """Under systemd: are the units of make install there and running?"""
+    if not host.exists("/run/systemd/system"):
+        return
+    rc, state = host.run("systemctl", "is-active", "kgpu-helper.service")
+    state = state.strip() or "unknown"
+    if rc == 127:
+        return
+    _, enabled = host.run("systemctl", "is-enabled", "kgpu-helper.service")
+    enabled = enabled.strip() or "not installed"
+    if state == "active":
+        _check(results, OK, f"kgpu-helper.service active ({enabled})")
+    elif enabled == "not installed":
+        _check(results, WARN, "kgpu-helper.service not installed: nothing "
+               "starts the helper at boot", "make install")
+    else:
+        _check(results, WARN, f"kgpu-helper.service {state} ({enabled})",
+               "systemctl enable --now kgpu-helper; journalctl -u "
+               "kgpu-helper says why it stopped")
+
+
 def check_mappings(host, results, stats):
     rc, out = host.run("dmsetup", "table")
     if rc != 0:
@@ -208,6 +231,7 @@ def diagnose(host, build_dir=None):
     _check(results, OK, f"kernel {host.release()}")
     check_modules(host, results, build_dir)
     stats = check_helper(host, results)
+    check_units(host, results)
     check_cuda(host, results)
     check_memory(host, results)
     check_mappings(host, results, stats)

@@ -409,18 +409,14 @@ def assemble(scan, config_path, take_all, dry_run):
     # /etc/kgpu/raid6.conf
     ARRAY data UUID=c749f278:8a387146:b7514ee2:044bcc46
     """
-    try:
-        with open(config_path) as f:
-            config = parse_assemble_config(f.read(), config_path)
-    except FileNotFoundError:
+    config = _read_assemble_config(config_path)
+    if config is None:
         if not take_all:
             raise click.ClickException(
                 f"no {config_path}: list the arrays to open there "
                 f"('ARRAY <name> UUID=<uuid>', the UUID from mdadm "
-                f"--examine), or give --all") from None
+                f"--examine), or give --all")
         config = {}
-    except Raid6Error as e:
-        raise click.ClickException(str(e)) from None
     p = _run(["mdadm", "--examine", "--scan", "--verbose"])
     if p.returncode != 0:
         raise click.ClickException("mdadm --examine --scan failed: "
@@ -445,6 +441,53 @@ def assemble(scan, config_path, take_all, dry_run):
         click.echo(f"{config[uuid]} ({uuid}): no members found", err=True)
         failed += 1
     if failed:
+        sys.exit(1)
+
+
+def _read_assemble_config(config_path):
+    try:
+        with open(config_path) as f:
+            return parse_assemble_config(f.read(), config_path)
+    except FileNotFoundError:
+        return None
+    except Raid6Error as e:
+        raise click.ClickException(str(e)) from None
+
+
+@raid6.command("stop")
+@click.option("--scan", is_flag=True, required=True,
+              help="Every array of the config (as mdadm --stop --scan).")
+@click.option("--config", "config_path", default="/etc/kgpu/raid6.conf",
+              show_default=True, help="The arrays 'kgpu raid6 assemble "
+                                      "--scan' opens.")
+def stop(scan, config_path):
+    """Remove the gpu-raid6 devices of the config's arrays.
+
+    Their superblocks are marked clean as each is removed. Devices not
+    open are passed over; one still in use (mounted, or under another
+    mapping) is left open and reported. Exits 1 if any was left open.
+    """
+    config = _read_assemble_config(config_path)
+    if config is None:
+        raise click.ClickException(f"no {config_path}")
+    left = 0
+    for uuid, name in sorted(config.items(), key=lambda kv: kv[1]):
+        p = _run(["dmsetup", "table", name])
+        if p.returncode != 0:
+            continue
+        if " gpu-raid6 " not in f" {p.stdout} ":
+            click.echo(f"{name}: not a gpu-raid6 device, left alone",
+                       err=True)
+            left += 1
+            continue
+        p = _run(["dmsetup", "remove", "--retry", name])
+        if p.returncode != 0:
+            click.echo(f"{name} ({uuid}): not removed: {p.stderr.strip()}",
+                       err=True)
+            left += 1
+        else:
+            click.echo(f"{name} ({uuid}): removed")
+    if left:
         sys.exit(1)
 
 

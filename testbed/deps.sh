@@ -11,7 +11,8 @@ need_root() {
 }
 
 base_pkgs="qemu-system-x86 linux-image-amd64 linux-headers-amd64 fio dmsetup
-cryptsetup-bin mdadm busybox-static kmod cpio xz-utils zstd gcc make"
+cryptsetup-bin mdadm busybox-static kmod cpio xz-utils zstd gcc make
+dkms e2fsprogs systemd udev"
 
 missing=""
 for p in $base_pkgs; do

@@ -10,6 +10,14 @@
 # bundle's guest root instead of the host's, and the host's working
 # directory (tag hostcwd, its path in the run share's cwd file) is mounted
 # at the same path, read-only under its own tmpfs overlay.
+#
+# kgpu.upper=vdX: the overlay's upper layer is that disk's ext4 instead of
+# a tmpfs, so what one boot writes (an installed package, disk images,
+# the journal) is there at the next boot of the same disk.
+#
+# kgpu.init=systemd: systemd becomes PID 1 in the overlay (switch_root)
+# and the command runs as the unit kgpu-testbed.service once
+# multi-user.target is reached; the guest powers off through systemd.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -27,6 +35,8 @@ for arg in $(cat /proc/cmdline); do
 	kgpu.mode=*) mode="${arg#kgpu.mode=}" ;;
 	kgpu.overlay_mb=*) overlay_mb="${arg#kgpu.overlay_mb=}" ;;
 	kgpu.root=*) root="${arg#kgpu.root=}" ;;
+	kgpu.upper=*) upper="${arg#kgpu.upper=}" ;;
+	kgpu.init=*) init="${arg#kgpu.init=}" ;;
 	esac
 done
 
@@ -37,7 +47,11 @@ done < /modules/order
 mkdir -p /host /rw /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose \
 	hostroot /host || die "cannot mount the host root over 9p"
-mount -t tmpfs -o "size=${overlay_mb:-1024}m,mode=0755" tmpfs /rw
+if [ -n "$upper" ]; then
+	mount -t ext4 "/dev/$upper" /rw || die "cannot mount the upper disk $upper"
+else
+	mount -t tmpfs -o "size=${overlay_mb:-1024}m,mode=0755" tmpfs /rw
+fi
 mkdir -p /rw/upper /rw/work
 mount -t overlay overlay \
 	-o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot ||
@@ -49,6 +63,11 @@ mount -t sysfs sysfs $r/sys
 mount -t devtmpfs devtmpfs $r/dev
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts devpts $r/dev/pts
+# What udev would add: bash's <(...) and /dev/stdin need these.
+ln -sfn /proc/self/fd $r/dev/fd
+ln -sf /proc/self/fd/0 $r/dev/stdin
+ln -sf /proc/self/fd/1 $r/dev/stdout
+ln -sf /proc/self/fd/2 $r/dev/stderr
 mount -t tmpfs tmpfs $r/dev/shm
 # /tmp stays the host's, seen through the overlay (writes land in the
 # tmpfs upper layer): a checkout under the host's /tmp must stay visible.
@@ -69,6 +88,26 @@ if [ "$root" = bundle ] && [ -n "$cwd" ]; then
 		die "cannot mount the overlay on $cwd"
 fi
 hostname kgpu-testbed
+if [ "$init" = systemd ]; then
+	# The command as a unit after multi-user.target; its output on the
+	# console, where the host looks for the marker.
+	u=$r/etc/systemd/system
+	mkdir -p $u/multi-user.target.wants
+	cat > $u/kgpu-testbed.service <<-'EOF'
+	[Unit]
+	Description=kgpu testbed: the host's command
+	After=multi-user.target
+	[Service]
+	Type=oneshot
+	StandardOutput=journal+console
+	StandardError=journal+console
+	TimeoutStartSec=infinity
+	ExecStart=/bin/sh -c 'echo "kgpu-init: running the command"; /bin/bash /run/kgpu/cmd.sh </dev/null; echo $$? > /run/kgpu/rc; sync; systemctl --no-block poweroff'
+	EOF
+	ln -sf ../kgpu-testbed.service $u/multi-user.target.wants/
+	[ -x $r/lib/systemd/systemd ] || die "no systemd in the guest root"
+	exec switch_root $r /lib/systemd/systemd
+fi
 # PID 1 stays in the initramfs, and the kernel runs its modprobe helper
 # (crypto algorithms, dm targets on demand) from PID 1's root: send it to
 # the host's modprobe inside the overlay.

@@ -10,7 +10,9 @@ import tempfile
 
 # What the init needs before it can reach the host root; everything else
 # comes from the host's /lib/modules through the overlay.
-INIT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
+INIT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay",
+                # a persistent upper layer (Testbed(upper_disk=...))
+                "virtio_blk", "ext4"]
 BUSYBOX_CANDIDATES = ["/bin/busybox", "/usr/bin/busybox"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -125,10 +125,18 @@ class Testbed:
 
     def __init__(self, kernel=None, memory_mb=2048, cpus=None,
                  overlay_mb=1024, timeout=600, log=None, qemu=QEMU,
-                 boot_timeout=BOOT_TIMEOUT, ivshmem=(), bundle=None):
+                 boot_timeout=BOOT_TIMEOUT, ivshmem=(), bundle=None,
+                 disks=(), upper_disk=None, init=None):
         self.log = log or (lambda msg: print(f"testbed: {msg}", file=sys.stderr))
         # Sockets of ivshmem servers, one ivshmem-doorbell device each.
         self.ivshmem = [os.path.abspath(p) for p in ivshmem]
+        # Raw disk images: virtio disks in order after the upper disk (an
+        # ext4 image kept across boots, /dev/vda when given).
+        self.upper_disk = upper_disk and os.path.abspath(upper_disk)
+        self.disks = [os.path.abspath(p) for p in disks]
+        if init not in (None, "systemd"):
+            raise TestbedError(f"init {init!r}: only 'systemd' (or none)")
+        self.init = init
         self.bundle = None
         self.qemu_env = {}
         if bundle is not None:
@@ -181,7 +189,11 @@ class Testbed:
             "mitigations=off", "random.trust_cpu=on", "tsc=reliable",
             "no_timer_check", "8250.nr_uarts=1", "rdinit=/init",
             f"kgpu.mode={mode}", f"kgpu.overlay_mb={self.overlay_mb}",
-        ] + (["kgpu.root=bundle"] if self.bundle else []))
+        ] + (["kgpu.root=bundle"] if self.bundle else [])
+          + (["kgpu.upper=vda"] if self.upper_disk else [])
+          + (["kgpu.init=systemd", "systemd.show_status=0",
+              "systemd.mask=serial-getty@ttyS0.service"]
+             if self.init == "systemd" else []))
         # Multi-threaded TCG. Rarely, 6.12 oopses early (an int3 in
         # sched_clock_cpu while the kernel patches its code; once in 21
         # boots): run() boots such a guest again. thread=single, measured
@@ -213,6 +225,9 @@ class Testbed:
                 "-fsdev", f"local,id=hostcwd,path={_opt(cwd)},"
                           "security_model=none,readonly=on,multidevs=remap",
                 "-device", "virtio-9p-pci,fsdev=hostcwd,mount_tag=hostcwd"]
+        for path in ([self.upper_disk] if self.upper_disk else []) + self.disks:
+            argv += ["-drive", f"file={_opt(path)},if=virtio,format=raw,"
+                               "cache=unsafe"]
         argv += ivshmem_argv(self.ivshmem)
         if mode == "shell":
             argv += ["-serial", "mon:stdio"]

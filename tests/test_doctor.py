@@ -96,7 +96,7 @@ def test_no_modules_fails_with_the_install_fix():
     assert rc == 1
     _says(text,
           "FAIL  no kgpu module built for this kernel",
-          "fix: make modules KDIR=",
+          "fix: make install (DKMS builds it",
           "FAIL  module kgpu not loaded",
           "fix: modprobe kgpu",
           "warn  module dm_gpu_crypt not loaded",
@@ -111,7 +111,7 @@ def test_no_helper_attached_fails_with_the_unit_to_start():
     assert rc == 1
     _says(text,
           "no helper attached",
-          "fix: kgpu helper &",
+          "fix: systemctl enable --now kgpu-helper",
           "served by the kernel's CPU (no helper)")
 
 
@@ -152,3 +152,21 @@ def test_a_checkout_build_counts_when_nothing_is_installed(tmp_path):
     assert "modules for 6.12.118+deb12-amd64: /b/6.12.118+deb12-amd64/" \
            "kgpu.ko" in text
     assert "no gpu-crypt or gpu-raid6 mapping" in text
+
+
+def test_units_under_systemd():
+    sysd = dict(GOOD, **{"/run/systemd/system/x": ""})
+    active = dict(MODINFO)
+    active[("systemctl", "is-active", "kgpu-helper.service")] = (0, "active\n")
+    active[("systemctl", "is-enabled", "kgpu-helper.service")] = (0, "enabled\n")
+    text, rc = run(FakeHost(sysd, active, STATS, (12040, ["H100"])))
+    assert "ok  kgpu-helper.service active (enabled)" in text, text
+    failed = dict(MODINFO)
+    failed[("systemctl", "is-active", "kgpu-helper.service")] = (3, "failed\n")
+    failed[("systemctl", "is-enabled", "kgpu-helper.service")] = (0, "enabled\n")
+    text, rc = run(FakeHost(sysd, failed, STATS, (12040, ["H100"])))
+    assert "warn  kgpu-helper.service failed (enabled)" in text, text
+    assert "fix: systemctl enable --now kgpu-helper" in text, text
+    # no systemd here: no line about units
+    text, rc = run(FakeHost(GOOD, MODINFO, STATS, (12040, ["H100"])))
+    assert "kgpu-helper.service" not in text, text
