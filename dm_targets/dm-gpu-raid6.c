@@ -1014,14 +1014,22 @@ static u16 gr_sb_role(struct mdp_superblock_1 *sb, u32 dn)
 	return le16_to_cpu(sb->dev_roles[dn]);
 }
 
-static int gr_read_block(struct gr_ctx *c, unsigned int m, sector_t sector)
+/* len bytes (whole logical blocks) of member m from sector into buf. */
+static int gr_read_at(struct gr_ctx *c, unsigned int m, sector_t sector,
+		      void *buf, unsigned int len)
 {
 	struct gr_batch b;
 
 	gr_batch_start(&b);
-	gr_mio_at(c, &b, m, REQ_OP_READ, sector, page_address(c->sb[m].page),
-		  MD_SB_BYTES);
+	gr_mio_at(c, &b, m, REQ_OP_READ, sector, buf, len);
 	return gr_batch_end(&b) ? -EIO : 0;
+}
+
+/* A superblock's worth of member m at sector into its superblock page. */
+static int gr_read_block(struct gr_ctx *c, unsigned int m, sector_t sector)
+{
+	return gr_read_at(c, m, sector, page_address(c->sb[m].page),
+			  MD_SB_BYTES);
 }
 
 enum { GR_SB_OK, GR_SB_NONE, GR_SB_BAD, GR_SB_IOERR, GR_SB_090 };
@@ -1172,6 +1180,22 @@ static void gr_bm_range(struct gr_ctx *c, sector_t s, sector_t e,
 	*last = min_t(unsigned long, (e - 1) >> c->bm_shift, c->bm_bits - 1);
 }
 
+/* Where page p of the bitmap lies on member m, and its length there. */
+static sector_t gr_bm_page_sector(struct gr_ctx *c, unsigned int m,
+				  unsigned int p)
+{
+	return c->sb[m].sector + c->bm_offset + p * (PAGE_SIZE >> 9);
+}
+
+static unsigned int gr_bm_page_len(struct gr_ctx *c, unsigned int m,
+				   unsigned int p)
+{
+	unsigned int len = min_t(unsigned int, PAGE_SIZE,
+				 c->bm_bytes - p * PAGE_SIZE);
+
+	return round_up(len, bdev_logical_block_size(c->devs[m]->bdev));
+}
+
 /*
  * Write the pages marked dirty to every live member, and wait: the
  * images as they are now (bm_io copies, so bits can change meanwhile).
@@ -1181,7 +1205,7 @@ static void gr_bm_range(struct gr_ctx *c, sector_t s, sector_t e,
 static void gr_bm_flush(struct gr_ctx *c)
 {
 	unsigned long failed, errors;
-	unsigned int p, m, len;
+	unsigned int p, m;
 	struct gr_batch b;
 
 	mutex_lock(&c->bm_lock);
@@ -1200,15 +1224,11 @@ static void gr_bm_flush(struct gr_ctx *c)
 		for (m = 0; m < c->ndevs; m++) {
 			if (test_bit(m, &failed))
 				continue;
-			len = min_t(unsigned int, PAGE_SIZE,
-				    c->bm_bytes - p * PAGE_SIZE);
-			len = round_up(len, bdev_logical_block_size(
-					       c->devs[m]->bdev));
 			gr_mio_at(c, &b, m, REQ_OP_WRITE | REQ_SYNC |
 				  REQ_PREFLUSH | REQ_FUA,
-				  c->sb[m].sector + c->bm_offset +
-				  p * (PAGE_SIZE >> 9),
-				  page_address(c->bm_io[p]), len);
+				  gr_bm_page_sector(c, m, p),
+				  page_address(c->bm_io[p]),
+				  gr_bm_page_len(c, m, p));
 		}
 		errors = gr_batch_end(&b);
 		for_each_set_bit(m, &errors, c->ndevs)
@@ -1407,30 +1427,20 @@ static int gr_bm_alloc(struct gr_ctx *c)
 /* n pages of member m's bitmap into pages. */
 static int gr_bm_read(struct gr_ctx *c, unsigned int m, struct page **pages)
 {
-	struct gr_batch b;
-	unsigned int p, len;
+	unsigned int p;
 
-	for (p = 0; p < c->bm_npages; p++) {
-		len = min_t(unsigned int, PAGE_SIZE, c->bm_bytes - p * PAGE_SIZE);
-		len = round_up(len, bdev_logical_block_size(c->devs[m]->bdev));
-		gr_batch_start(&b);
-		gr_mio_at(c, &b, m, REQ_OP_READ, c->sb[m].sector + c->bm_offset +
-			  p * (PAGE_SIZE >> 9), page_address(pages[p]), len);
-		if (gr_batch_end(&b))
+	for (p = 0; p < c->bm_npages; p++)
+		if (gr_read_at(c, m, gr_bm_page_sector(c, m, p),
+			       page_address(pages[p]), gr_bm_page_len(c, m, p)))
 			return -EIO;
-	}
 	return 0;
 }
 
 /* One block of member m at sector into the scratch page. */
 static int gr_bm_read_hdr(struct gr_ctx *c, unsigned int m, sector_t sector)
 {
-	struct gr_batch b;
-
-	gr_batch_start(&b);
-	gr_mio_at(c, &b, m, REQ_OP_READ, sector, page_address(c->bm_scratch),
-		  bdev_logical_block_size(c->devs[m]->bdev));
-	return gr_batch_end(&b) ? -EIO : 0;
+	return gr_read_at(c, m, sector, page_address(c->bm_scratch),
+			  bdev_logical_block_size(c->devs[m]->bdev));
 }
 
 /*
@@ -2311,14 +2321,13 @@ static void gr_work(struct work_struct *work)
 					  (col - off) << 9);
 		}
 	} else {
-		sector_t s = col;
+		sector_t at;
 
-		for (; col < end && !ret; col += n) {
-			n = min_t(sector_t, c->seg_sectors, end - col);
-			ret = gr_write_seg(c, io, buf, &r, row, col, n);
+		for (at = col; at < end && !ret; at += n) {
+			n = min_t(sector_t, c->seg_sectors, end - at);
+			ret = gr_write_seg(c, io, buf, &r, row, at, n);
 		}
 		atomic64_inc(&c->stripes_written);
-		col = s;
 	}
 	gr_buf_put(c, buf);
 	mutex_unlock(lock);

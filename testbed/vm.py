@@ -17,6 +17,13 @@ hangs before init) never ran the command, so it is booted again, up to
 BOOTS boots in all. A guest that dies after the marker is never booted
 again: that is the command's failure, reported as such.
 
+A guest can have raw disk images as virtio disks (``disks=``), keep its
+overlay's upper layer on an ext4 image instead of a tmpfs
+(``upper_disk=``, /dev/vda: what one boot writes is there at the next
+boot of the same image), and boot systemd as PID 1 (``init="systemd"``):
+the command then runs as kgpu-testbed.service once multi-user.target is
+reached, and the guest powers off through systemd.
+
 Guests can have ivshmem-doorbell devices (``ivshmem=[SOCKET, ...]``),
 each the client of an ivshmem server such as ``kgpu helper --ivshmem``;
 ``run_together`` boots several guests at once under one hold of the lock.
