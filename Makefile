@@ -108,6 +108,8 @@ install-modules:
 	sed 's/@VERSION@/$(VERSION)/' kmod/dkms.conf > $(DKMS_SRC)/dkms.conf
 	dkms add kgpu/$(VERSION)
 	@for k in $(KERNELS); do \
+		[ -d /lib/modules/$$k/build/include ] || { \
+			echo "skipping $$k: its headers are gone (/lib/modules/$$k/build)"; continue; }; \
 		echo "dkms install kgpu/$(VERSION) -k $$k"; \
 		dkms install kgpu/$(VERSION) -k $$k || exit 1; \
 	done

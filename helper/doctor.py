@@ -8,6 +8,7 @@ checks run the same against a fake host in the unit tests.
 
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -149,14 +150,29 @@ def check_helper(host, results):
     return st
 
 
+def cuda_extra(host):
+    """The CuPy extra for this host's driver (its CUDA major, as
+    nvidia-smi says; make install picks the same), or None."""
+    rc, out = host.run("nvidia-smi")
+    m = re.search(r"CUDA Version: *(\d+)", out) if rc == 0 else None
+    if not m:
+        return None
+    return f"cuda{min(max(int(m.group(1)), 11), 13)}"
+
+
 def check_cuda(host, results):
     try:
         driver, gpus = host.cuda()
     except Exception as e:      # noqa: BLE001
+        extra = cuda_extra(host)
+        if extra:
+            fix = (f"make install CUDA={extra}, or pip install "
+                   f"'kgpu[{extra}]' (CuPy for this driver's CUDA)")
+        else:
+            fix = ("on a host with an NVIDIA driver: make install (CuPy "
+                   "for its CUDA), or pip install 'kgpu[cuda12]'")
         _check(results, WARN, f"no CUDA in this Python ({type(e).__name__}: "
-               f"{e}): the helper can run only its CPU backend",
-               "pip install 'kgpu[cuda12]' (CuPy for CUDA 12) on a host "
-               "with an NVIDIA driver")
+               f"{e}): the helper can run only its CPU backend", fix)
         return
     if not gpus:
         _check(results, WARN, f"CUDA driver {driver} but no GPU",

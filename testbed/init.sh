@@ -105,6 +105,11 @@ if [ "$init" = systemd ]; then
 	ExecStart=/bin/sh -c 'echo "kgpu-init: running the command"; /bin/bash /run/kgpu/cmd.sh </dev/null; echo $$? > /run/kgpu/rc; sync; systemctl --no-block poweroff'
 	EOF
 	ln -sf ../kgpu-testbed.service $u/multi-user.target.wants/
+	# Debian's tmpfiles.d/tmp.conf empties /tmp at boot ("D"): here that
+	# is the host's /tmp seen through the overlay, where a checkout (and
+	# the command's working directory) may live. Keep it.
+	mkdir -p $r/etc/tmpfiles.d
+	echo "d /tmp 1777 root root -" > $r/etc/tmpfiles.d/tmp.conf
 	[ -x $r/lib/systemd/systemd ] || die "no systemd in the guest root"
 	exec switch_root $r /lib/systemd/systemd
 fi

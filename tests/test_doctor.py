@@ -170,3 +170,15 @@ def test_units_under_systemd():
     # no systemd here: no line about units
     text, rc = run(FakeHost(GOOD, MODINFO, STATS, (12040, ["H100"])))
     assert "kgpu-helper.service" not in text, text
+
+
+def test_no_cupy_names_the_extra_for_this_driver():
+    smi = dict(MODINFO)
+    smi[("nvidia-smi",)] = (0, "| NVIDIA-SMI 580.159.04   Driver Version: "
+                               "580.159.04   CUDA Version: 13.0     |\n")
+    text, rc = run(FakeHost(GOOD, smi, STATS, RuntimeError("no cupy")))
+    assert "fix: make install CUDA=cuda13, or pip install 'kgpu[cuda13]'" \
+        in text, text
+    # no driver: the generic advice
+    text, rc = run(FakeHost(GOOD, MODINFO, STATS, RuntimeError("no cupy")))
+    assert "on a host with an NVIDIA driver: make install" in text, text

@@ -24,6 +24,15 @@ res "install seconds=$(( $(date +%s) - T0 ))"
 dkms status kgpu > $O/dkms-status.txt 2>&1
 modinfo -n kgpu dm-gpu-crypt dm-gpu-raid6 > $O/modinfo.txt 2>&1
 
+# dmsetup create loads a target's module by itself (device-mapper asks
+# for dm-<target>; depmod knows ours now), its dependencies with it.
+loaded() { for m in "$@"; do [ -d /sys/module/$m ] && echo -n "$m,"; done; }
+res "before-create loaded=$(loaded kgpu dm_gpu_crypt dm_gpu_raid6)"
+dmsetup create kt --readonly --table "0 8 gpu-crypt aes-xts-plain64 $(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n') 0 /dev/vdb 0" ||
+	fail "dmsetup create gpu-crypt"
+dmsetup remove kt
+res "after-crypt loaded=$(loaded kgpu dm_gpu_crypt dm_gpu_raid6)"
+
 # The array, made by mdadm: members of zeros, so parity of zeros is right
 # and --assume-clean tells the truth.
 modprobe raid456
@@ -37,6 +46,7 @@ echo "ARRAY r6 UUID=$UUID" > /etc/kgpu/raid6.conf
 res "array uuid=$UUID"
 kgpu raid6 assemble --scan > $O/assemble.txt 2>&1 ||
 	fail "assemble: $(cat $O/assemble.txt)"
+res "after-raid6 loaded=$(loaded kgpu dm_gpu_crypt dm_gpu_raid6)"
 
 # LUKS2 (a fast PBKDF: TCG), ext4 inside.
 head -c 64 /dev/urandom > /etc/kgpu-test.key

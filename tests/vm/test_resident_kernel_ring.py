@@ -175,9 +175,12 @@ def test_idle_host_thread_sleeps_in_poll(guest):
     assert d["bells"] == 0 and d["sleeps"] == 0, d
     # poll() on /dev/kgpu with a 100 ms timeout: about 10 a second
     assert 1 <= d["idle_polls"] <= 20, d
+    # CPU over that second: a thread spinning would take about all of
+    # it; asleep, a few ms (TCG on a loaded 2-core host: up to 23 ms of
+    # the whole process, measured in CI on 6.12, for 2% of 1.01 s)
     wall = idle["wall_s"]
-    assert idle["host_cpu_s"] < 0.02 * wall, idle
-    assert idle["process_cpu_s"] < 0.02 * wall, idle
+    assert idle["host_cpu_s"] < 0.05 * wall, idle
+    assert idle["process_cpu_s"] < 0.1 * wall, idle
 
 
 def test_no_kernel_complaints(guest):

@@ -88,6 +88,14 @@ def test_make_install_builds_through_dkms(boots):
     assert len(paths) == 3 and all("/updates/dkms/" in p for p in paths), paths
 
 
+def test_dmsetup_create_loads_the_target_module(boots):
+    res = boots["setup"][0]
+    assert res["before-create"] == "loaded=", res
+    # gpu-crypt's table loaded dm-gpu-crypt, and kgpu with it
+    assert res["after-crypt"] == "loaded=kgpu,dm_gpu_crypt,", res
+    assert res["after-raid6"] == "loaded=kgpu,dm_gpu_crypt,dm_gpu_raid6,", res
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_stack_comes_up_at_boot(boots, n):
     res, files = boots[n]
