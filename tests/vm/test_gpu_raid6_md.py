@@ -14,6 +14,7 @@ rows resync; bad tables are refused with the reason and nothing written.
 """
 
 import os
+import re
 
 import pytest
 
@@ -224,9 +225,19 @@ def test_read_error_is_corrected_and_the_member_stays(guest):
     b = guest[0]["badsector"]
     assert b["read"] == "ok" and b["health_read"] == "AAAAAA", b
     assert b["health_check"] == "AAAAAA" and b["check_mismatch"] == "0", b
-    assert b["corrected_logged"] == "2", b          # a read, then a scrub
     events = guest[1]["badsector_nbd"]
     n = guest[0]["badsector_nbd"]
+    # a read, then a scrub: the segment holding each bad sector was
+    # rewritten from parity. When the block layer merged a neighbour's
+    # read into the same NBD request, the neighbour failed with it and was
+    # rewritten too, with the same bytes (seen once in CI: 3 corrections)
+    fixed = [(int(a), int(a) + int(k)) for a, k in re.findall(
+        r"read error at sector (\d+) \((\d+) sectors\) corrected from "
+        r"parity", guest[2]["dmesg.txt"])]
+    assert 2 <= int(b["corrected_logged"]) <= 4 and \
+        len(fixed) == int(b["corrected_logged"]), (b, fixed)
+    for s in ("s1", "s2"):
+        assert any(a <= int(n[s]) < e for a, e in fixed), (n, fixed)
     for s in ("s1", "s2"):                         # failed, then rewritten
         assert f"read-error_{n[s]}" in events and f"healed_{n[s]}" in events
     assert f"write-error_{n['s3']}" in events, events
