@@ -152,12 +152,13 @@ def check_helper(host, results):
 
 def cuda_extra(host):
     """The CuPy extra for this host's driver (its CUDA major, as
-    nvidia-smi says; make install picks the same), or None."""
+    nvidia-smi says; a newer one than 13 takes cuda13), or None. The
+    Makefile's install-python picks the same in shell: keep them alike."""
     rc, out = host.run("nvidia-smi")
     m = re.search(r"CUDA Version: *(\d+)", out) if rc == 0 else None
-    if not m:
+    if not m or int(m.group(1)) < 11:
         return None
-    return f"cuda{min(max(int(m.group(1)), 11), 13)}"
+    return f"cuda{min(int(m.group(1)), 13)}"
 
 
 def check_cuda(host, results):

@@ -475,20 +475,28 @@ def stop(scan, config_path):
         p = _run(["dmsetup", "table", name])
         if p.returncode != 0:
             continue
-        if " gpu-raid6 " not in f" {p.stdout} ":
-            click.echo(f"{name}: not a gpu-raid6 device, left alone",
-                       err=True)
-            left += 1
-            continue
-        p = _run(["dmsetup", "remove", "--retry", name])
-        if p.returncode != 0:
-            click.echo(f"{name} ({uuid}): not removed: {p.stderr.strip()}",
-                       err=True)
+        try:
+            _remove_gpu_raid6(name, p.stdout, retry=True)
+        except click.ClickException as e:
+            click.echo(f"{name} ({uuid}): left open: {e.message}", err=True)
             left += 1
         else:
             click.echo(f"{name} ({uuid}): removed")
     if left:
         sys.exit(1)
+
+
+def _remove_gpu_raid6(name, table, retry=False):
+    """dmsetup remove NAME, whose `dmsetup table` is ``table``, if it is a
+    gpu-raid6 device (``retry``: while it is briefly busy); raises
+    ClickException saying why not."""
+    if " gpu-raid6 " not in f" {table} ":
+        raise click.ClickException(f"{name} is not a gpu-raid6 device: "
+                                   f"{table.strip()}")
+    p = _run(["dmsetup", "remove"] + (["--retry"] if retry else []) + [name])
+    if p.returncode != 0:
+        raise click.ClickException(f"dmsetup remove {name} failed: "
+                                   f"{p.stderr.strip()}")
 
 
 @raid6.command("remove")
@@ -498,13 +506,7 @@ def remove(name):
     p = _run(["dmsetup", "table", name])
     if p.returncode != 0:
         raise click.ClickException(f"no device {name}: {p.stderr.strip()}")
-    if " gpu-raid6 " not in f" {p.stdout} ":
-        raise click.ClickException(f"{name} is not a gpu-raid6 device: "
-                                   f"{p.stdout.strip()}")
-    p = _run(["dmsetup", "remove", name])
-    if p.returncode != 0:
-        raise click.ClickException(f"dmsetup remove {name} failed: "
-                                   f"{p.stderr.strip()}")
+    _remove_gpu_raid6(name, p.stdout)
     click.echo(f"removed {name}")
 
 

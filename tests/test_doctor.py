@@ -182,3 +182,13 @@ def test_no_cupy_names_the_extra_for_this_driver():
     # no driver: the generic advice
     text, rc = run(FakeHost(GOOD, MODINFO, STATS, RuntimeError("no cupy")))
     assert "on a host with an NVIDIA driver: make install" in text, text
+
+
+def test_a_driver_older_than_cuda_11_gets_no_extra():
+    smi = dict(MODINFO)
+    smi[("nvidia-smi",)] = (0, "| Driver Version: 450.80   CUDA Version: 11.0 |\n")
+    assert doctor.cuda_extra(FakeHost(GOOD, smi)) == "cuda11"
+    smi[("nvidia-smi",)] = (0, "| Driver Version: 440.33   CUDA Version: 10.2 |\n")
+    assert doctor.cuda_extra(FakeHost(GOOD, smi)) is None
+    smi[("nvidia-smi",)] = (0, "| CUDA Version: 14.1 |\n")
+    assert doctor.cuda_extra(FakeHost(GOOD, smi)) == "cuda13"

@@ -193,3 +193,34 @@ def test_takeover_without_key_or_crypttab_line_says_what_to_do(tmp_path):
         with pytest.raises(click.ClickException) as e:
             volume_key_from_crypttab(name, 64, str(tab))
         assert why in e.value.message and "--key-file" in e.value.message
+
+
+def test_raid6_stop_removes_the_configs_gpu_raid6_devices(tmp_path,
+                                                          monkeypatch):
+    import subprocess as sp
+
+    from kgpu_helper import raid6_cli
+    from kgpu_helper.cli import cli
+    conf = tmp_path / "raid6.conf"
+    conf.write_text("ARRAY a UUID=00000000:00000000:00000000:00000001\n"
+                    "ARRAY b UUID=00000000:00000000:00000000:00000002\n"
+                    "ARRAY c UUID=00000000:00000000:00000000:00000003\n")
+    tables = {"a": "0 8 gpu-raid6 left-symmetric 128 6 ...\n",
+              "b": "0 8 linear 7:0 0\n"}         # c: not open
+    calls = []
+
+    def run(argv):
+        calls.append(argv)
+        if argv[1] == "table":
+            t = tables.get(argv[2])
+            return sp.CompletedProcess(argv, 0 if t else 1, t or "", "")
+        return sp.CompletedProcess(argv, 0, "", "")
+    monkeypatch.setattr(raid6_cli, "_run", run)
+    r = CliRunner().invoke(cli, ["raid6", "stop", "--scan", "--config",
+                                 str(conf)])
+    # a removed (with --retry), b left open (not ours), c passed over
+    assert ["dmsetup", "remove", "--retry", "a"] in calls, calls
+    assert not any(c[1] == "remove" and c[-1] != "a" for c in calls), calls
+    assert "a (00000000:00000000:00000000:00000001): removed" in r.output
+    assert "b is not a gpu-raid6 device" in r.output, r.output
+    assert r.exit_code == 1, r.output
