@@ -7,8 +7,7 @@
 #   make demo       deps and the main job in the QEMU testbed
 #   make install    on a real host, as root: the modules through DKMS for
 #                   every kernel with headers, the kgpu command, the
-#                   systemd units and the udev rule (README: "Installing
-#                   on a real GPU host")
+#                   systemd units and the udev rule (helper/docs/install.md)
 #   make uninstall  all of that again (configuration in /etc is kept)
 #   make clean
 
@@ -48,7 +47,7 @@ modules: $(KSRC)
 	@echo "modules for $(KREL) in build/$(KREL)/"
 
 deps:
-	@bash testbed/deps.sh
+	@bash testbed/harness/deps.sh
 	@$(MAKE) -s pydeps
 
 # The Python package (editable, from this checkout) with its test
@@ -69,7 +68,7 @@ unit:
 demo: deps
 	$(PYTHON) -m kgpu_helper.cli demo
 
-# --- make install: a real host (README, "Installing on a real GPU host") ---
+# --- make install: a real host (helper/docs/install.md) ---
 VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
 # Installed by hand, not by a distribution package: under /usr/local
 # (systemd and udev look there, or in /etc for udev), the helper in a
@@ -139,7 +138,7 @@ install-units:
 	install -m 0755 helper/systemd/kgpu-raid6-member $(LIBEXECDIR)/
 	sed 's|@LIBEXECDIR@|$(LIBEXECDIR)|g' helper/systemd/63-kgpu-raid6.rules \
 		> $(UDEVDIR)/63-kgpu-raid6.rules
-	install -m 0644 README.md $(DOCDIR)/
+	install -m 0644 README.md helper/docs/*.md $(DOCDIR)/
 	test -e /etc/modprobe.d/kgpu.conf || \
 		install -m 0644 helper/systemd/kgpu-modprobe.conf /etc/modprobe.d/kgpu.conf
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

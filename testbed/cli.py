@@ -5,9 +5,9 @@ import sys
 
 import click
 
-from kgpu_testbed.bench import bench, build_modules
-from kgpu_testbed.kernels import list_kernels
-from kgpu_testbed.vm import Testbed, TestbedError
+from kgpu_testbed.demo.bench import bench, build_modules
+from kgpu_testbed.harness.kernels import list_kernels
+from kgpu_testbed.harness.vm import Testbed, TestbedError
 
 kernel_option = click.option(
     "--kernel", "-k", default=None, metavar="6.1|6.12|RELEASE",
@@ -137,8 +137,8 @@ def bundle_cmd(kernel, modules_dir, output):
     """
     import time
 
-    from kgpu_testbed import bundle as bundle_mod
-    from kgpu_testbed.kernels import find_kernel
+    from kgpu_testbed.harness import bundle as bundle_mod
+    from kgpu_testbed.harness.kernels import find_kernel
 
     try:
         k = find_kernel(kernel or "6.12")
@@ -172,7 +172,7 @@ def kernels():
 
 
 def _conclude(res, report_dir, progress):
-    from kgpu_testbed.report import write_report
+    from kgpu_testbed.demo.report import write_report
 
     paths = write_report(res, report_dir)
     v = res["verdict"]
@@ -216,11 +216,11 @@ def demo(kernel, report_dir, quick, reps, seconds_per_run, no_live):
       5. md assembles what gpu-raid6 wrote: parity check, reads
       6. member 2 fails under fio; reads and writes go on and verify
       7. each gpu target beside its stock twin across block sizes
-    The fio suite is testbed/jobs/*.fio, each with verify=crc32c. Ends with
+    The fio suite is testbed/demo/jobs/*.fio, each with verify=crc32c. Ends with
     a verdict, and writes report.md, report.json and PNG plots to
     --report-dir. Exit status 1 when any check failed.
     """
-    from kgpu_testbed.demo import Progress, run_in_testbed, settings_for
+    from kgpu_testbed.demo.run import Progress, run_in_testbed, settings_for
 
     settings = settings_for(quick, reps=reps,
                             seconds_per_run=seconds_per_run)
@@ -255,7 +255,7 @@ def report(report_dir, gpu_results):
     Then, where the report is:
       kgpu report --gpu-results compute.json --gpu-results ring.json
     """
-    from kgpu_testbed.report import add_gpu_results
+    from kgpu_testbed.demo.report import add_gpu_results
 
     try:
         res = add_gpu_results(report_dir, gpu_results)
@@ -321,7 +321,7 @@ def bench_stack(members, loop_mb, member_mb, force, backend, report_dir,
     """
     import platform
 
-    from kgpu_testbed.demo import Progress, run_on_host, settings_for
+    from kgpu_testbed.demo.run import Progress, run_on_host, settings_for
 
     if bool(members) == bool(loop_mb):
         raise click.UsageError("give --members or --loop (one of them)")

@@ -16,8 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @functools.lru_cache(maxsize=None)
 def vm_unavailable():
     """Why the testbed cannot boot here, or None if it can."""
-    from kgpu_testbed.kernels import list_kernels
-    from kgpu_testbed.vm import QEMU, qemu_available
+    from kgpu_testbed.harness.kernels import list_kernels
+    from kgpu_testbed.harness.vm import QEMU, qemu_available
 
     if not qemu_available():
         return f"{QEMU} is not installed (make deps)"

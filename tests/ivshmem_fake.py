@@ -4,7 +4,7 @@
 ivshmem-doorbell device does and checks the greeting message by message
 (docs/specs/ivshmem-spec.rst in QEMU). :class:`FakeGuest` maps the shared
 memory and plays the guest module's side of kmod/uapi/kgpu.h (the ABI
-that kgpu_helper.abi mirrors): it lays the region out as the module does
+that kgpu_helper.rings.abi mirrors): it lays the region out as the module does
 (ringdriver.layout), acks the helper's attach tokens when "interrupted"
 through its eventfd, submits requests, rings the doorbell only while
 need_wakeup is set, and reaps completions.
@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from kgpu_helper import abi
-from kgpu_helper.ivshmem import full_barrier
-from kgpu_helper.ringdriver import layout, write_header
-from kgpu_helper.transport import (_CQ_HEAD, _CQ_TAIL, _MASK32, _SQ_HEAD,
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ivshmem import full_barrier
+from kgpu_helper.rings.ringdriver import layout, write_header
+from kgpu_helper.rings.transport import (_CQ_HEAD, _CQ_TAIL, _MASK32, _SQ_HEAD,
                                    _SQ_TAIL, Region)
 
 _Q = struct.Struct("<q")

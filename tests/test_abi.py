@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from kgpu_helper import abi
-from kgpu_helper.ringdriver import layout
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ringdriver import layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(REPO, "kmod", "uapi", "kgpu.h")
@@ -127,8 +127,8 @@ def test_layout_read_only_part_first(entries, slots):
 
 _SCRIBBLE = r"""
 import sys, threading
-from kgpu_helper.ringdriver import RingDriver
-from kgpu_helper.transport import ShmTransport
+from kgpu_helper.rings.ringdriver import RingDriver
+from kgpu_helper.rings.transport import ShmTransport
 d = RingDriver(sys.argv[1], entries=8, data_size=1 << 20, key_slots=4)
 d.set_key(0, bytes(range(64)))
 box = []

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from kgpu_testbed.bench import CRYPT, RAID6, guest_script
+from kgpu_testbed.demo.bench import CRYPT, RAID6, guest_script
 
 
 @pytest.mark.parametrize("body, settings", [

@@ -3,7 +3,7 @@
 import click
 from click.testing import CliRunner
 
-from kgpu_helper.cli import cli, main
+from kgpu_helper.cli.main import cli, main
 
 
 def _commands(group, path=()):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kgpu_helper.crypt_cli import TableError, format_table, parse_crypt_table
-from kgpu_testbed.bench import summarize
+from kgpu_helper.cli.crypt import TableError, format_table, parse_crypt_table
+from kgpu_testbed.demo.bench import summarize
 
 HEX = "00" * 64
 LUKS2 = "0 1040384 crypt aes-xts-plain64 :64:logon:cryptsetup:3f2c-d0 0 7:0 32768"

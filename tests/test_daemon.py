@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kgpu_helper import abi
-from kgpu_helper.daemon import Helper, validate
-from kgpu_helper.ringdriver import DETACHED, RingDriver, sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.serve.daemon import Helper, validate
+from kgpu_helper.rings.ringdriver import DETACHED, RingDriver, sqe
 from kgpu_helper.services import get_backend
-from kgpu_helper.transport import ShmTransport
+from kgpu_helper.rings.transport import ShmTransport
 
 import raid6_ref
 
@@ -363,7 +363,7 @@ def test_key_slot_read_only_when_stable():
     """The key slots' sequence count (uapi/kgpu.h): a slot caught with an
     odd generation (the kernel rewriting it) is not cached; once even, the
     key is loaded, and a later change is picked up."""
-    from kgpu_helper.daemon import KeyCache
+    from kgpu_helper.serve.daemon import KeyCache
 
     slots = np.zeros(2, dtype=abi.KEY_SLOT)
     cache = KeyCache(slots)

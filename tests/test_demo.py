@@ -10,7 +10,8 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from kgpu_testbed import demo, fio, report
+from kgpu_testbed.demo import fio, report
+from kgpu_testbed.demo import run as demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -206,7 +207,7 @@ def test_summarize_points_median_and_range():
 
 
 def test_cli_bench_stack_refuses_bad_members(tmp_path):
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
     r = CliRunner().invoke(cli, ["bench", "stack"])
     assert r.exit_code != 0 and "--members or --loop" in r.output
@@ -241,7 +242,7 @@ def _gpu_files():
 
 def test_gpu_results_join_the_report(tmp_path):
     """kgpu report --gpu-results with JSON stored from an H200 run."""
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
     report.write_report(_results(), str(tmp_path))
     args = ["report", "--dir", str(tmp_path)]
@@ -282,7 +283,7 @@ def test_gpu_findings_follow_the_numbers():
 
 
 def test_report_refuses_files_that_are_not_bench_json(tmp_path):
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
     bad = tmp_path / "x.json"
     bad.write_text('{"hello": 1}')

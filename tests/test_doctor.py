@@ -2,7 +2,7 @@
 
 import resource
 
-from kgpu_helper import doctor
+from kgpu_helper.cli import doctor
 
 
 class FakeHost(doctor.Host):

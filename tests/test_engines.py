@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 import test_daemon as td
-from kgpu_helper import abi, daemon
-from kgpu_helper.batch import cqes
-from kgpu_helper.ringdriver import sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.serve import daemon
+from kgpu_helper.serve.batch import cqes
+from kgpu_helper.rings.ringdriver import sqe
 
 
 class FakeChunk:

@@ -11,8 +11,9 @@ import raid6_ref
 import test_daemon as td
 import test_engines as te
 from gpu_util import require_cuda
-from kgpu_helper import abi, daemon
-from kgpu_helper.ringdriver import sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.serve import daemon
+from kgpu_helper.rings.ringdriver import sqe
 
 pytestmark = pytest.mark.gpu
 

@@ -5,8 +5,9 @@ batches (no GPU)."""
 import numpy as np
 import pytest
 
-from kgpu_helper import abi, fastpath
-from kgpu_helper.daemon import Helper, _cqes, validate
+from kgpu_helper.rings import abi
+from kgpu_helper.serve import fastpath
+from kgpu_helper.serve.daemon import Helper, _cqes, validate
 from kgpu_helper.native import NativeUnavailable, build
 
 from test_daemon import Served, bad_requests

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from kgpu_helper.sdnotify import notify
+from kgpu_helper.serve.sdnotify import notify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMD = os.path.join(REPO, "helper", "systemd")
@@ -161,14 +161,14 @@ def test_dkms_conf_names_what_the_makefile_builds():
 
 
 def test_raid6_stop_needs_its_config(tmp_path):
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
     r = CliRunner().invoke(cli, ["raid6", "stop", "--scan", "--config",
                                   str(tmp_path / "none.conf")])
     assert r.exit_code == 1 and "no " in r.output, r.output
 
 
 def test_crypttab_lines():
-    from kgpu_helper.crypt_cli import parse_crypttab
+    from kgpu_helper.cli.crypt import parse_crypttab
     tab = parse_crypttab(
         "# name device key options\n"
         "data /dev/mapper/r6 /etc/kgpu-test.key luks,discard\n"
@@ -185,7 +185,7 @@ def test_crypttab_lines():
 def test_takeover_without_key_or_crypttab_line_says_what_to_do(tmp_path):
     import click
 
-    from kgpu_helper.crypt_cli import volume_key_from_crypttab
+    from kgpu_helper.cli.crypt import volume_key_from_crypttab
     tab = tmp_path / "crypttab"
     tab.write_text("other /dev/sdx /k luks\nhome /dev/sdy none luks\n")
     for name, why in (("data", "has no line for it"),
@@ -199,8 +199,8 @@ def test_raid6_stop_removes_the_configs_gpu_raid6_devices(tmp_path,
                                                           monkeypatch):
     import subprocess as sp
 
-    from kgpu_helper import raid6_cli
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli import raid6 as raid6_cli
+    from kgpu_helper.cli.main import cli
     conf = tmp_path / "raid6.conf"
     conf.write_text("ARRAY a UUID=00000000:00000000:00000000:00000001\n"
                     "ARRAY b UUID=00000000:00000000:00000000:00000002\n"

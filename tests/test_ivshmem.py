@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kgpu_helper import abi
-from kgpu_helper.ivshmem_server import server_pid
-from kgpu_helper.ringdriver import sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ivshmem_server import server_pid
+from kgpu_helper.rings.ringdriver import sqe
 
 import raid6_ref
 from ivshmem_fake import FakeGuest, FakeQemu
@@ -507,7 +507,7 @@ def test_server_exits_on_a_bye_queued_behind_a_guest_disconnect(tmp_path):
     (EPIPE) with the BYE still unread. A clean stop all the same: with no
     guest and no helper it exits (it used to keep running: a flake of
     test_qemu_reconnect_gets_fresh_memory's teardown on a loaded machine)."""
-    from kgpu_helper.ivshmem import ServerLink
+    from kgpu_helper.rings.ivshmem import ServerLink
 
     sock = str(tmp_path / "a.sock")
     link = ServerLink(sock, region_size=4 << 20)     # starts the server

@@ -3,13 +3,13 @@ own encoder and decoder (no kernel needed)."""
 
 import pytest
 
-from kgpu_helper import abi
+from kgpu_helper.rings import abi
 
 # pyroute2 is a dependency of the package, but a GPU host that only runs
 # the helper on a user-space ring may lack it: skip with the reason.
 pytest.importorskip("pyroute2", reason="kgpu status needs pyroute2")
 
-from kgpu_helper.netlink import (NLA_MAP, crossover_request, format_stats,
+from kgpu_helper.rings.netlink import (NLA_MAP, crossover_request, format_stats,
                                  kgpumsg, parse_stats)
 
 

@@ -9,8 +9,8 @@ test_cli_opens_mdadm_array runs the same parser against the real mdadm.
 import pytest
 from click.testing import CliRunner
 
-from kgpu_helper.cli import cli
-from kgpu_helper.raid6_cli import (Raid6Error, describe_status,
+from kgpu_helper.cli.main import cli
+from kgpu_helper.cli.raid6 import (Raid6Error, describe_status,
                                    geometry_from_examines, parse_status,
                                    replace_member, md_array_name,
                                    length_from_members, parse_chunk,

@@ -17,10 +17,12 @@ import time
 import numpy as np
 import pytest
 
-from kgpu_helper import abi, resident
+from kgpu_helper.rings import abi
+from kgpu_helper.serve import resident
 from kgpu_helper.cuda import SOURCE_DIR
-from kgpu_helper.ringdriver import layout, sqe, write_header
-from kgpu_helper.transport import KernelTransport, Region, ShmTransport
+from kgpu_helper.rings.ringdriver import layout, sqe, write_header
+from kgpu_helper.rings.transport import (KernelTransport, Region, ShmTransport,
+                                        TransportError)
 from kgpu_helper.services import aes_tables
 
 HARNESS = r"""
@@ -373,7 +375,7 @@ def test_host_thread_for_each_transport():
         == resident.HOST_KGPU
     assert resident.host_mode(ShmTransport.__new__(ShmTransport)) \
         == resident.HOST_SOCKET
-    from kgpu_helper.ivshmem import IvshmemTransport
+    from kgpu_helper.rings.ivshmem import IvshmemTransport
     with pytest.raises(resident.ResidentError, match="ivshmem"):
         resident.host_mode(IvshmemTransport.__new__(IvshmemTransport))
     with pytest.raises(resident.ResidentError, match="ivshmem"):
@@ -434,7 +436,7 @@ def test_spill_transport_drain_and_post():
         os.eventfd_write(efd, 1)
         t._clear()
         t.hangup = lambda: True
-        with pytest.raises(resident.TransportError):
+        with pytest.raises(TransportError):
             t._clear()
     finally:
         os.close(efd)
@@ -445,7 +447,7 @@ def test_failover_plan_from_host_memory(tmp_path):
     and the spill rings alone: held requests answered -EIO unless their CQE
     is out, spill answers forwarded unless already in the CQ, and the SQ
     read on from the first index no block took."""
-    from kgpu_helper.ringdriver import RingDriver
+    from kgpu_helper.rings.ringdriver import RingDriver
     entries = 16
     drv = RingDriver(str(tmp_path / "r.sock"), entries=entries,
                      data_size=1 << 20)
@@ -546,7 +548,7 @@ def test_spill_transport_takes_the_ring_over():
 def test_cli_refuses_resident_with_ivshmem():
     from click.testing import CliRunner
 
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
     r = CliRunner().invoke(cli, ["helper", "--resident", "--ivshmem",
                                  "/nonexistent.sock"])
@@ -565,7 +567,7 @@ def test_kernel_cqe_flag_matches_the_abi():
 def test_cli_refuses_more_than_256_resident_servers():
     from click.testing import CliRunner
 
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
     r = CliRunner().invoke(cli, ["helper", "--resident", "--resident-blocks",
                                  "64", "--resident-servers", "8"])
@@ -573,7 +575,7 @@ def test_cli_refuses_more_than_256_resident_servers():
 
 
 def test_resident_crossover_sends_every_xts_size():
-    from kgpu_helper.commands import _resident_crossover
+    from kgpu_helper.cli.commands import _resident_crossover
     values = {abi.SVC_NOP: 0, abi.SVC_XTS_ENC: 65536,
               abi.SVC_XTS_DEC: 0xFFFFFFFF, abi.SVC_RAID6_GEN: 16384}
     _resident_crossover(values)

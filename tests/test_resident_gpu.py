@@ -1,4 +1,4 @@
-"""The GPU-resident XTS path (kgpu_helper/resident.py) through the shm
+"""The GPU-resident XTS path (kgpu_helper.serve.resident) through the shm
 ring: byte-exact against the cryptography package and the cpu backend for
 4 KiB requests with several key slots, key rotation mid-stream, spilled
 requests (large, nop, invalid) answered by the serving loop, and a stop
@@ -12,8 +12,8 @@ import pytest
 
 import test_daemon as td
 from gpu_util import require_cuda
-from kgpu_helper import abi
-from kgpu_helper.ringdriver import RingDriver, sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ringdriver import RingDriver, sqe
 
 pytestmark = pytest.mark.gpu
 
@@ -34,8 +34,8 @@ class ResServed:
 
     def __init__(self, tmp_path, blocks=4, max_bytes=16 << 10, fault_at=0,
                  servers=2):
-        from kgpu_helper.daemon import Helper
-        from kgpu_helper.resident import ResidentXts
+        from kgpu_helper.serve.daemon import Helper
+        from kgpu_helper.serve.resident import ResidentXts
         from kgpu_helper.services import get_backend
 
         self.d = RingDriver(str(tmp_path / "ring.sock"), entries=64,

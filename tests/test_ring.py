@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from kgpu_helper import abi
-from kgpu_helper.ringdriver import DETACHED, RingDriver, sqe
-from kgpu_helper.transport import (KernelTransport, Region, ShmTransport,
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ringdriver import DETACHED, RingDriver, sqe
+from kgpu_helper.rings.transport import (KernelTransport, Region, ShmTransport,
                                    TransportError)
 
 

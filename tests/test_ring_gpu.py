@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import test_daemon as td
-from kgpu_helper import abi
-from kgpu_helper.ringdriver import sqe
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ringdriver import sqe
 
 pytestmark = pytest.mark.gpu
 

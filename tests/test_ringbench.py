@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from kgpu_helper import ringbench
+from kgpu_helper.bench import ring as ringbench
 from kgpu_helper.native import NativeUnavailable, build
 
 def _need_cc():
@@ -76,7 +76,7 @@ def test_report_says_what_the_resident_kernel_served():
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl")
 def test_openssl_anchor():
-    from kgpu_helper.anchor import format_anchor, openssl_xts
+    from kgpu_helper.bench.anchor import format_anchor, openssl_xts
     a = openssl_xts([4096], seconds=1)
     r = a["results"][0]
     assert r["size"] == 4096 and r["one_core_gbps"] > 0
@@ -90,14 +90,14 @@ def test_openssl_anchor():
 def test_openssl_anchor_skips_sizes_past_one_xts_data_unit():
     # openssl refuses an XTS input over 2^20 blocks and its speed test then
     # prints terabytes per second; such sizes are left out, and said so
-    from kgpu_helper.anchor import openssl_xts
+    from kgpu_helper.bench.anchor import openssl_xts
     a = openssl_xts([4096, 64 << 20], seconds=1)
     assert [r["size"] for r in a["results"]] == [4096]
     assert a["skipped_sizes"] == [64 << 20]
 
 
 def test_anchor_without_openssl(monkeypatch):
-    from kgpu_helper import anchor
+    from kgpu_helper.bench import anchor
     monkeypatch.setattr(anchor.shutil, "which", lambda _: None)
     assert anchor.openssl_xts([4096]) == {"error": "openssl is not installed"}
 
@@ -105,7 +105,7 @@ def test_anchor_without_openssl(monkeypatch):
 def test_compute_cupy_without_cuda_is_one_line(monkeypatch):
     """No traceback: one line that says what is missing."""
     from kgpu_helper import services
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
     monkeypatch.setattr(services, "cuda_available",
                         lambda: (False, "no CUDA here (test)"))
     r = CliRunner().invoke(cli, ["bench", "compute", "--backend", "cupy",

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from kgpu_testbed import vm
-from kgpu_testbed.kernels import Kernel
+from kgpu_testbed.harness import vm
+from kgpu_testbed.harness.kernels import Kernel
 
 FAKE_QEMU = textwrap.dedent(r'''
     #!{python}
@@ -157,8 +157,8 @@ def test_marker_is_not_echoed(fake, tmp_path, capsys):
 
 DRIVER = """
 import sys
-from kgpu_testbed import vm
-from kgpu_testbed.kernels import Kernel
+from kgpu_testbed.harness import vm
+from kgpu_testbed.harness.kernels import Kernel
 here = sys.argv[1]
 vm.initramfs_for = lambda kernel, log=None: here + "/initrd"
 vm.LOCK_PATH = here + "/lock"

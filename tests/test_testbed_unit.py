@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kgpu_testbed import fio
-from kgpu_testbed.kernels import Kernel, find_kernel, list_kernels
+from kgpu_testbed.demo import fio
+from kgpu_testbed.harness.kernels import Kernel, find_kernel, list_kernels
 
 
 def test_kernel_series():
@@ -74,7 +74,7 @@ def _listening(path):
 
 
 def test_ivshmem_argv_one_device_per_socket(tmp_path):
-    from kgpu_testbed.vm import ivshmem_argv
+    from kgpu_testbed.harness.vm import ivshmem_argv
 
     assert ivshmem_argv([]) == []
     assert ivshmem_argv(["/a/s0", "/b/s,1"]) == [
@@ -118,7 +118,7 @@ def test_missing_ivshmem_socket_is_a_clear_error(tmp_path):
 
 
 def test_present_ivshmem_socket_passes(tmp_path):
-    from kgpu_testbed.vm import check_ivshmem
+    from kgpu_testbed.harness.vm import check_ivshmem
 
     with _listening(tmp_path / "ok.sock"):
         check_ivshmem([str(tmp_path / "ok.sock")])
@@ -127,9 +127,9 @@ def test_present_ivshmem_socket_passes(tmp_path):
 def test_cli_ivshmem_missing_socket(tmp_path):
     from click.testing import CliRunner
 
-    from kgpu_helper.cli import cli
+    from kgpu_helper.cli.main import cli
 
-    from kgpu_testbed.vm import qemu_available
+    from kgpu_testbed.harness.vm import qemu_available
 
     if not list_kernels() or not qemu_available():
         pytest.skip("no guest kernel or no QEMU installed")
@@ -144,7 +144,7 @@ def test_guest_lock_nests_within_a_process(tmp_path, monkeypatch):
     import fcntl
     import os
 
-    from kgpu_testbed import vm
+    from kgpu_testbed.harness import vm
 
     lock = tmp_path / "lock"
     monkeypatch.setattr(vm, "LOCK_PATH", str(lock))
@@ -167,7 +167,8 @@ def test_guest_lock_nests_within_a_process(tmp_path, monkeypatch):
 
 
 def test_run_together_keeps_guests_apart(tmp_path, monkeypatch):
-    from kgpu_testbed import TestbedError, vm
+    from kgpu_testbed import TestbedError
+    from kgpu_testbed.harness import vm
 
     monkeypatch.setattr(vm, "LOCK_PATH", str(tmp_path / "lock"))
     seen = []
@@ -195,7 +196,7 @@ def test_run_together_keeps_guests_apart(tmp_path, monkeypatch):
 def test_bundle_unpack_rejects_foreign_archives(tmp_path, monkeypatch):
     import tarfile
 
-    from kgpu_testbed import bundle
+    from kgpu_testbed.harness import bundle
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(bundle.BundleError, match="no bundle at"):

@@ -11,6 +11,8 @@ the compiled binary in its on-disk kernel cache (``~/.cupy/kernel_cache``,
 or ``CUPY_CACHE_DIR``), keyed by the full source text and options, so a
 changed ``.cu`` file is compiled again. CuPy is imported only when a
 kernel is asked for, so this package imports on machines without CUDA.
+
+The bottom of the helper's layers: imports nothing of kgpu_helper.
 """
 
 import functools

@@ -2,7 +2,7 @@
 // serves small XTS requests straight from the ring, with no launch and no
 // Python per request.
 //
-// Compiled as one unit after xts.cu (kgpu_helper/resident.py puts
+// Compiled as one unit after xts.cu (kgpu_helper.serve.resident puts
 // "#define XTS_RK_LOAD(p) (*(p))" first: the key cache below changes while
 // the kernel runs, so round keys are plain loads, not __ldg).
 //

@@ -10,6 +10,8 @@ the source's hash (``$KGPU_NATIVE_CACHE``, else ``~/.cache/kgpu/native``),
 so an edited source is built again. No build step at install time and no
 dependency beyond a C compiler; without one, :class:`NativeUnavailable`
 says so and callers fall back to their Python paths.
+
+The bottom of the helper's layers: imports nothing of kgpu_helper.
 """
 
 import functools

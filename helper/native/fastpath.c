@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * fastpath: the helper's per-batch bookkeeping in one pass over the SQE
- * array, called through ctypes (kgpu_helper/fastpath.py).
+ * array, called through ctypes (helper/serve/fastpath.py).
  *
  * kgpu_classify() validates every request of a drained batch exactly as
  * daemon.validate() does (region bounds, XTS shape and key slot, RAID6

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * resident_host: the host thread of the GPU-resident XTS service
- * (kgpu_helper/resident.py, helper/cuda/resident.cu). A shared library,
+ * (helper/serve/resident/host.py, helper/cuda/resident.cu). A shared library,
  * loaded with ctypes; the thread runs without the GIL.
  *
  * The persistent kernel takes requests from the SQ and publishes CQEs and

@@ -3,7 +3,7 @@
  * ringsub: the kernel's side of the kgpu ring in the hot loop of
  * `kgpu bench ring`, in C, submitting and completing the way kgpu.ko does.
  *
- * The Python ring driver (kgpu_helper/ringdriver.py) creates the region,
+ * The Python ring driver (helper/rings/ringdriver.py) creates the region,
  * loads the keys, fills the buffers and accepts the helper; it then runs
  * this program with the region's memfd and the helper's doorbell socket
  * inherited, and a file of request templates (struct kgpu_sqe, one per

@@ -12,6 +12,9 @@ backends are ``cpu`` (numpy and OpenSSL, always there) and ``cupy`` (CUDA
 kernels from ``kgpu_helper/cuda``). The environment variable
 ``KGPU_BACKEND`` (auto, cupy, cpu) overrides the default choice.
 Importing this package never imports CuPy.
+
+May import cuda (the kernels' sources) and nothing else of kgpu_helper:
+the services know no ring.
 """
 
 import os

@@ -328,7 +328,7 @@ class CupyBackend(Backend):
         if hit is None or hit[0] != keys.version:
             if hit is not None and self.resident is not None:
                 # a device-wide wait would wait for the resident kernel
-                # (kgpu_helper/resident.py), which never ends: keep the
+                # (kgpu_helper.serve.resident), which never ends: keep the
                 # old copy instead (a few KiB; key changes are rare)
                 self.resident.append(hit[1])
             elif hit is not None:

@@ -4,7 +4,7 @@
  * helper process.
  *
  * Fixed-width fields only, no pointers, no unions, so that the Python
- * mirror (kgpu_helper/abi.py) describes every structure as a plain field
+ * mirror (helper/rings/abi.py) describes every structure as a plain field
  * list; a test compiles this header and checks every size and offset
  * against that mirror.
  *

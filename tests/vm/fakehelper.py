@@ -1,5 +1,5 @@
 """Misbehaving helpers for the core's VM tests, written against the raw ABI
-(kgpu_helper.abi) rather than the real daemon, so that the kernel's side
+(kgpu_helper.rings.abi) rather than the real daemon, so that the kernel's side
 is tested on its own.
 
     python3 fakehelper.py error    answer every request with -EIO
@@ -34,8 +34,8 @@ import time
 
 import numpy as np
 
-from kgpu_helper import abi
-from kgpu_helper.transport import Region, map_region
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.transport import Region, map_region
 
 
 def attach():
@@ -127,9 +127,9 @@ def fork_child(fd, parent):
 def serve_cpu(patch):
     """The real serving loop on the cpu backend over /dev/kgpu, after
     ``patch(transport)`` changed what it takes from the ring or posts."""
-    from kgpu_helper.daemon import Helper
+    from kgpu_helper.serve.daemon import Helper
     from kgpu_helper.services.cpu import CpuBackend
-    from kgpu_helper.transport import KernelTransport
+    from kgpu_helper.rings.transport import KernelTransport
 
     t = KernelTransport()
     patch(t)

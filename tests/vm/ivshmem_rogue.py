@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 
-from kgpu_helper import abi
-from kgpu_helper.ringdriver import layout, write_header
+from kgpu_helper.rings import abi
+from kgpu_helper.rings.ringdriver import layout, write_header
 
 PAGE = 4096
 

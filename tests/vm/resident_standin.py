@@ -37,12 +37,13 @@ import time
 
 import numpy as np
 
-from kgpu_helper import abi, resident
-from kgpu_helper.batch import KeyCache, cqes
-from kgpu_helper.daemon import Helper
-from kgpu_helper.engine_cpu import CpuEngine, cpu_run
+from kgpu_helper.rings import abi
+from kgpu_helper.serve import resident
+from kgpu_helper.serve.batch import KeyCache, cqes
+from kgpu_helper.serve.daemon import Helper
+from kgpu_helper.serve.engine_cpu import CpuEngine, cpu_run
 from kgpu_helper.services.cpu import CpuBackend
-from kgpu_helper.transport import KernelTransport
+from kgpu_helper.rings.transport import KernelTransport
 
 MASK = 0xFFFFFFFF
 SQ_TAIL, SQ_HEAD, CQ_TAIL = (o // 4 for o in (

@@ -202,7 +202,7 @@ def _stats(text):
 
 
 def _fio_errors(text):
-    from kgpu_testbed import fio
+    from kgpu_testbed.demo import fio
     job = fio.parse(text)[0]
     return job.errors, job.write.io_bytes, job.read.io_bytes
 
@@ -310,7 +310,7 @@ def test_stock_dm_crypt_reads_what_gpu_crypt_wrote(main_run):
 
 
 def _together(tmp, second_cmd):
-    from kgpu_testbed.vm import run_together
+    from kgpu_testbed.harness.vm import run_together
     socks = [os.path.join(tmp, f"g{i}.sock") for i in (1, 2)]
     helper = HostHelper(socks, tmp).start()
     try:

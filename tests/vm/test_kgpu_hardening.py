@@ -22,7 +22,7 @@ import re
 
 import pytest
 
-from kgpu_helper import abi
+from kgpu_helper.rings import abi
 from test_kgpu_core import boot, selftest_report
 
 pytestmark = pytest.mark.vm

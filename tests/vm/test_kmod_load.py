@@ -4,7 +4,7 @@ unloads cleanly, repeatedly, on both testbed kernels (one boot each)."""
 import pytest
 
 from conftest import build_modules
-from kgpu_helper.abi import ABI_VERSION
+from kgpu_helper.rings.abi import ABI_VERSION
 
 pytestmark = pytest.mark.vm
 

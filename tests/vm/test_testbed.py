@@ -38,7 +38,7 @@ def _qemu_pids():
 def test_hung_guest_is_killed(tb):
     from kgpu_testbed import TestbedError
 
-    from kgpu_testbed.vm import guest_lock
+    from kgpu_testbed.harness.vm import guest_lock
 
     # Timed from the lock's hold, not from waiting for other guests.
     with guest_lock():
@@ -70,7 +70,7 @@ def test_two_guests_at_once():
     # One hold of the testbed lock, two 6.12 guests running together,
     # each with its own output, files and exit status.
     from kgpu_testbed import Testbed, TestbedError
-    from kgpu_testbed.vm import TOGETHER_MEMORY_MB, run_together
+    from kgpu_testbed.harness.vm import TOGETHER_MEMORY_MB, run_together
 
     try:
         tb = Testbed(kernel="6.12", timeout=300)

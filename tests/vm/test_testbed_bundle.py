@@ -50,8 +50,8 @@ echo bundle-ok > "$KGPU_OUT/ok"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from kgpu_testbed import bundle as bundle_mod
-    from kgpu_testbed.kernels import find_kernel
+    from kgpu_testbed.harness import bundle as bundle_mod
+    from kgpu_testbed.harness.kernels import find_kernel
 
     try:
         kernel = find_kernel("6.12")
@@ -89,8 +89,8 @@ def _fake_ivshmem_server(path, size=1 << 20):
 
 
 def test_bundle_is_small_and_reproducible(bundle, tmp_path):
-    from kgpu_testbed import bundle as bundle_mod
-    from kgpu_testbed.kernels import find_kernel
+    from kgpu_testbed.harness import bundle as bundle_mod
+    from kgpu_testbed.harness.kernels import find_kernel
 
     out, summary = bundle
     assert summary["archive_bytes"] < 55e6

@@ -20,8 +20,8 @@ EXPECTED_CHECKS = (
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from kgpu_helper.cli import cli
-    from kgpu_testbed.kernels import find_kernel
+    from kgpu_helper.cli.main import cli
+    from kgpu_testbed.harness.kernels import find_kernel
 
     try:
         find_kernel("6.12")
@@ -55,7 +55,7 @@ def test_demo_used_the_helper_and_the_gpu_targets(demo_run):
 def test_demo_report(demo_run):
     from PIL import Image
 
-    from kgpu_testbed.report import FIG_PIXELS
+    from kgpu_testbed.demo.report import FIG_PIXELS
 
     _, res, out = demo_run
     targets = {p["target"] for p in res["sweep"]["points"]}
