@@ -59,7 +59,7 @@ pydeps:
 
 test: deps
 	@for k in $(TEST_KDIRS); do $(MAKE) -s modules KDIR=$$k || exit 1; done
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=40
 
 # The fast tier alone: no VM, no GPU.
 unit:
