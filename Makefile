@@ -86,8 +86,8 @@ DKMS_SRC = /usr/src/kgpu-$(VERSION)
 # they are installed).
 KERNELS ?= $(patsubst /lib/modules/%/build,%,$(wildcard /lib/modules/*/build))
 # CuPy for this host's CUDA: cuda11, cuda12, cuda13 (auto: the driver's
-# CUDA major from nvidia-smi, a newer one taking cuda13; none
-# without a GPU, the helper then runs on the CPU).
+# CUDA major from nvidia-smi, by helper/cli/cudaextra.py, the rule kgpu
+# doctor follows too; none without a GPU, the helper then runs on the CPU).
 CUDA ?= auto
 VENV_FLAGS ?=
 PIP_FLAGS ?=
@@ -118,10 +118,7 @@ install-python:
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "make install: $(PYTHON) cannot make a virtual environment (apt install python3-venv)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@extra='$(CUDA)'; \
-	if [ "$$extra" = auto ]; then \
-		major=$$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1); \
-		case "$$major" in 11|12|13) extra=cuda$$major ;; 1[4-9]) extra=cuda13 ;; *) extra=none ;; esac; \
-	fi; \
+	if [ "$$extra" = auto ]; then extra=$$($(PYTHON) helper/cli/cudaextra.py) || exit 1; fi; \
 	spec=.; [ "$$extra" = none ] || spec=".[$$extra]"; \
 	echo "$(VENV)/bin/pip install $(PIP_FLAGS) '$$spec'  (CuPy: $$extra)"; \
 	$(VENV)/bin/pip install -q --disable-pip-version-check $(PIP_FLAGS) "$$spec"

@@ -8,12 +8,13 @@ checks run the same against a fake host in the unit tests.
 
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
 
 import click
+
+from kgpu_helper.cli.cudaextra import extra_for
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MODULES = ("kgpu", "dm_gpu_crypt", "dm_gpu_raid6")
@@ -151,14 +152,10 @@ def check_helper(host, results):
 
 
 def cuda_extra(host):
-    """The CuPy extra for this host's driver (its CUDA major, as
-    nvidia-smi says; a newer one than 13 takes cuda13), or None. The
-    Makefile's install-python picks the same in shell: keep them alike."""
+    """The CuPy extra for this host's driver (cudaextra.py's rule, the one
+    make install follows), or None."""
     rc, out = host.run("nvidia-smi")
-    m = re.search(r"CUDA Version: *(\d+)", out) if rc == 0 else None
-    if not m or int(m.group(1)) < 11:
-        return None
-    return f"cuda{min(int(m.group(1)), 13)}"
+    return extra_for(out) if rc == 0 else None
 
 
 def check_cuda(host, results):
