@@ -10,8 +10,9 @@
 // reads sq_tail, the SQEs and the data, and writes the data, the CQEs and
 // cq_tail, over PCIe with system-scope loads and stores. The key slots
 // (the region's read-only part) are registered read-only. `ctl` is a small
-// mapped pinned buffer shared with the helper process (resident.py: CTL_*
-// words, the spill rings); `dst` is device memory (D_* words).
+// mapped pinned buffer shared with the helper process
+// (serve/resident/layout.py: CTL_* words, the spill rings); `dst` is
+// device memory (D_* words).
 //
 // Work. Each block (RES_THREADS threads, its own copy of the AES tables
 // in shared memory) holds RES_SERVERS servers of RES_SRV_THREADS threads;
@@ -53,8 +54,8 @@
 // over is kept in host memory as it happens, with plain posted stores (no
 // fence: they cost nothing on the request's path): per server, the SQ
 // index it holds and what it is doing with it (CTL_BLK_*), and how many
-// spill answers server 0 has forwarded (CTL_FWD). resident.py's failover
-// reads them; a request a server held is answered -EIO unless its CQE is
+// spill answers server 0 has forwarded (CTL_FWD). failover_plan
+// (serve/resident/failover.py) reads them; a request a server held is answered -EIO unless its CQE is
 // in the CQ (its data may be half written: the kernel module then computes
 // it on its CPU from its own copy). `fault_at` (tests only) makes the
 // server that takes the fault_at-th request (counted from 1) trap in the
@@ -72,7 +73,7 @@ typedef uint8_t u8;
 
 #define RES_THREADS 256
 // servers per block: each serves its own request with RES_SRV_THREADS
-// threads, sharing the block's tables (resident.py defines it)
+// threads, sharing the block's tables (serve/resident/layout.py defines it)
 #ifndef RES_SERVERS
 #define RES_SERVERS 2
 #endif
@@ -83,7 +84,8 @@ typedef uint8_t u8;
 #define IDX_SQ_HEAD 16
 #define IDX_CQ_TAIL 32
 
-// ctl words (mapped host memory), one 64-byte line each; resident.py
+// ctl words (mapped host memory), one 64-byte line each; mirrored in
+// serve/resident/layout.py
 #define CTL_STOP 0           // host: 1 = stop
 #define CTL_SPILL_TAIL 16    // GPU: spill SQ entries published
 #define CTL_SPILL_HEAD 32    // host: spill SQ entries taken
@@ -224,7 +226,7 @@ __device__ __forceinline__ void res_expand_key(u32* w, const u32* key, u32 key_l
 
 #ifndef RES_HOST_TEST
 
-struct ResArgs {           // resident.py's _ResArgs
+struct ResArgs {           // serve/resident/launch.py's _ResArgs
     unsigned char* region; // the region's device pointer (its host address)
     const unsigned char* keys;  // struct kgpu_key_slot array
     unsigned int* ctl;     // mapped host control block
