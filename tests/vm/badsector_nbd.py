@@ -77,7 +77,10 @@ def serve(sock, path, badlist):
         h = struct.pack(">Q", handle)
         if cmd == CMD_READ:
             if hit:
-                print("read-error", hit[0], flush=True, file=out)
+                # the whole request fails, as a drive's would: its range
+                # says which neighbours failed with the bad sector
+                print("read-error", hit[0], off >> 9, length >> 9,
+                      flush=True, file=out)
                 sock.sendall(REPLY.pack(REPLY_MAGIC, errno.EIO, h))
             else:
                 sock.sendall(REPLY.pack(REPLY_MAGIC, 0, h)
