@@ -216,9 +216,9 @@ def demo(kernel, report_dir, quick, reps, seconds_per_run, no_live):
       5. md assembles what gpu-raid6 wrote: parity check, reads
       6. member 2 fails under fio; reads and writes go on and verify
       7. each gpu target beside its stock twin across block sizes
-    The fio suite is testbed/demo/jobs/*.fio, each with verify=crc32c. Ends with
-    a verdict, and writes report.md, report.json and PNG plots to
-    --report-dir. Exit status 1 when any check failed.
+    The fio suite is testbed/demo/jobs/*.fio, each with verify=crc32c.
+    Ends with a verdict, and writes report.md, report.json and PNG plots
+    to --report-dir. Exit status 1 when any check failed.
     """
     from kgpu_testbed.demo.run import Progress, run_in_testbed, settings_for
 

@@ -185,41 +185,34 @@ def test_no_cupy_names_the_extra_for_this_driver():
     assert "on a host with an NVIDIA driver: make install" in text, text
 
 
-def test_a_driver_older_than_cuda_11_gets_no_extra():
-    smi = dict(MODINFO)
-    smi[("nvidia-smi",)] = (0, "| Driver Version: 450.80   CUDA Version: 11.0 |\n")
-    assert doctor.cuda_extra(FakeHost(GOOD, smi)) == "cuda11"
-    smi[("nvidia-smi",)] = (0, "| Driver Version: 440.33   CUDA Version: 10.2 |\n")
-    assert doctor.cuda_extra(FakeHost(GOOD, smi)) is None
-    smi[("nvidia-smi",)] = (0, "| CUDA Version: 14.1 |\n")
-    assert doctor.cuda_extra(FakeHost(GOOD, smi)) == "cuda13"
-
-
 def test_make_install_and_doctor_pick_the_extra_by_one_rule(tmp_path):
     """make install runs helper/cli/cudaextra.py with the system's Python
     (no kgpu installed yet); doctor imports it. A fake nvidia-smi on PATH
-    gives the driver's CUDA major."""
+    gives the driver's CUDA major: older than 11 gets no extra, newer than
+    13 gets cuda13."""
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "helper", "cli", "cudaextra.py")
-    make = open(os.path.join(os.path.dirname(os.path.dirname(script)), "..",
-                             "Makefile")).read()
-    assert "$(PYTHON) helper/cli/cudaextra.py" in make
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "helper", "cli", "cudaextra.py")
+    assert "$(PYTHON) helper/cli/cudaextra.py" in \
+        open(os.path.join(root, "Makefile")).read()
     smi = tmp_path / "nvidia-smi"
-    for out, want in [("| Driver Version: 550.54  CUDA Version: 12.4 |", "cuda12"),
-                      ("| CUDA Version: 13.0 |", "cuda13"),
-                      ("| CUDA Version: 10.2 |", "none")]:
+    for out, want in [
+            ("| Driver Version: 450.80   CUDA Version: 11.0 |", "cuda11"),
+            ("| Driver Version: 550.54  CUDA Version: 12.4 |", "cuda12"),
+            ("| CUDA Version: 13.0 |", "cuda13"),
+            ("| CUDA Version: 14.1 |", "cuda13"),
+            ("| Driver Version: 440.33   CUDA Version: 10.2 |", "none")]:
         smi.write_text(f"#!/bin/sh\necho '{out}'\n")
         smi.chmod(0o755)
         env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin")
         p = subprocess.run([sys.executable, "-S", script], env=env,
                            capture_output=True, text=True)
         assert p.returncode == 0 and p.stdout.strip() == want, (out, p)
-        smi_ = dict(MODINFO)
-        smi_[("nvidia-smi",)] = (0, out + "\n")
-        assert (doctor.cuda_extra(FakeHost(GOOD, smi_)) or "none") == want
+        host = dict(MODINFO)
+        host[("nvidia-smi",)] = (0, out + "\n")
+        assert (doctor.cuda_extra(FakeHost(GOOD, host)) or "none") == want
     smi.unlink()
     p = subprocess.run([sys.executable, "-S", script], capture_output=True,
                        text=True, env=dict(os.environ, PATH=str(tmp_path)))

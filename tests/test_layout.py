@@ -33,8 +33,8 @@ CROSS = {("kgpu_helper", "cli"): {("kgpu_testbed", "cli")}}
 
 def layer_of(package, parts):
     """The layer of module ``package.parts...``: its first part when that
-    is a subpackage, else "" (the package itself; top-level modules such
-    as kgpu_testbed.cli are their own layer)."""
+    names a layer (a subpackage, or a top-level module such as
+    kgpu_testbed.cli), else "" (the package itself)."""
     layers = PACKAGES[package][1]
     return parts[0] if parts and parts[0] in layers else ""
 
@@ -76,8 +76,6 @@ def violations(root=ROOT):
                 if rel[-1] == "__init__":
                     rel = rel[:-1]
                 src = layer_of(pkg, rel)
-                if rel and rel[0] == "cli" and len(rel) == 1:
-                    src = "cli"  # kgpu_testbed/cli.py
                 module = ".".join([pkg] + rel)
                 for name in imports(path, module):
                     parts = name.split(".")

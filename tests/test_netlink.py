@@ -9,8 +9,8 @@ from kgpu_helper.rings import abi
 # the helper on a user-space ring may lack it: skip with the reason.
 pytest.importorskip("pyroute2", reason="kgpu status needs pyroute2")
 
-from kgpu_helper.rings.netlink import (NLA_MAP, crossover_request, format_stats,
-                                 kgpumsg, parse_stats)
+from kgpu_helper.rings.netlink import (NLA_MAP, crossover_request,
+                                       format_stats, kgpumsg, parse_stats)
 
 
 def roundtrip(msg):

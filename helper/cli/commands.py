@@ -264,7 +264,8 @@ def _start_resident(t, be, blocks, max_size, sleep_us, spin_us, servers=2,
 
 def _helper_ivshmem(backend, gpus, sockets, region_size, crossover, spin_us,
                     cpu_threads, verbose):
-    """kgpu helper --ivshmem: one thread per socket (kgpu_helper.rings.ivshmem)."""
+    """kgpu helper --ivshmem: one thread per socket
+    (kgpu_helper.rings.ivshmem)."""
     from kgpu_helper.rings import ivshmem
     from kgpu_helper.bench.services import parse_size
     from kgpu_helper.serve.daemon import Helper

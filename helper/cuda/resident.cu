@@ -55,11 +55,11 @@
 // fence: they cost nothing on the request's path): per server, the SQ
 // index it holds and what it is doing with it (CTL_BLK_*), and how many
 // spill answers server 0 has forwarded (CTL_FWD). failover_plan
-// (serve/resident/failover.py) reads them; a request a server held is answered -EIO unless its CQE is
-// in the CQ (its data may be half written: the kernel module then computes
-// it on its CPU from its own copy). `fault_at` (tests only) makes the
-// server that takes the fault_at-th request (counted from 1) trap in the
-// middle of it.
+// (serve/resident/failover.py) reads them; a request a server held is
+// answered -EIO unless its CQE is in the CQ (its data may be half written:
+// the kernel module then computes it on its CPU from its own copy).
+// `fault_at` (tests only) makes the server that takes the fault_at-th
+// request (counted from 1) trap in the middle of it.
 
 #ifdef RES_HOST_TEST
 // gcc builds the part above the kernel alone (tests/test_resident.py)

@@ -98,9 +98,9 @@ def start_server(path, region_size, timeout=10.0):
     try:
         with open(log_path(path), "ab") as logf:
             p = subprocess.Popen(
-                [sys.executable, "-m", "kgpu_helper.rings.ivshmem_server", path,
-                 "--region-size", str(region_size), "--ready-fd", str(w),
-                 "--detach"],
+                [sys.executable, "-m", "kgpu_helper.rings.ivshmem_server",
+                 path, "--region-size", str(region_size),
+                 "--ready-fd", str(w), "--detach"],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 pass_fds=(w,), start_new_session=True)
         os.close(w)

@@ -13,9 +13,10 @@ Where things are:
 - :mod:`kgpu_helper.serve.batch`: key slots (KeyCache), validation, CQEs;
   :mod:`kgpu_helper.serve.fastpath` does validation, grouping, CQEs and XTS
   descriptors in one C pass where a C compiler is at hand.
-- :mod:`kgpu_helper.serve.engine_cpu`: CpuEngine, the cpu backend on the region.
-- :mod:`kgpu_helper.serve.engine_gpu`: GpuEngine (one per GPU), zero-copy and
-  copy paths, failover.
+- :mod:`kgpu_helper.serve.engine_cpu`: CpuEngine, the cpu backend on the
+  region.
+- :mod:`kgpu_helper.serve.engine_gpu`: GpuEngine (one per GPU), zero-copy
+  and copy paths, failover.
 - :mod:`kgpu_helper.serve.calibrate`: the start-up crossover measurement.
 
 Several GPU engines (``--gpus 0,1``): each chunk goes to the live engine

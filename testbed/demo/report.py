@@ -266,7 +266,8 @@ def plot_gpu(gpu, path):
 # -- GPU results from a GPU host ----------------------------------------------------
 
 def _openssl(rep):
-    """openssl speed -evp aes-256-xts of a bench report (helper/bench/anchor.py):
+    """openssl speed -evp aes-256-xts of a bench report
+    (helper/bench/anchor.py):
     {"version", "cores", "by_size": {size: {"one": GB/s, "all": GB/s}}},
     or None when the report has none."""
     o = rep.get("openssl")
@@ -483,8 +484,8 @@ def render_md(results):
         md += ["## fio suite on the whole stack", "",
                "ext4 on crypt on RAID6 over 6 members: stock = dm-crypt on "
                "md RAID6, kgpu = gpu-crypt on gpu-raid6. Job files: "
-               "`testbed/demo/jobs/`; every phase ends with fio's crc32c verify. "
-               "Latency is fio's completion latency; CPU is fio's own "
+               "`testbed/demo/jobs/`; every phase ends with fio's crc32c "
+               "verify. Latency is fio's completion latency; CPU is fio's own "
                "(user / system % of one CPU).", "",
                "| job | phase | stock MB/s | kgpu MB/s | stock IOPS | kgpu "
                "IOPS | stock lat p50/p99/p99.9 µs | kgpu lat p50/p99/p99.9 "
